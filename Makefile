@@ -1,0 +1,41 @@
+# pyllama: `make run` sets up and runs the default model, `make test` sets up and runs the tests.
+# Needs Python 3.10+, a C/C++ compiler, cmake and pip; everything else is installed into .venv.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PROMPT ?= The three primary colors are
+# Extra CMake options, e.g. CMAKE_ARGS="-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90".
+export CMAKE_ARGS
+
+.PHONY: all setup vendor build run test wheel clean
+
+all: build
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.deps: pyproject.toml | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "scikit-build-core>=0.10" "cython>=3.0" "cython-cmake>=0.2" ninja
+	touch $@
+
+setup: $(VENV)/.deps
+
+vendor: | $(PY)
+	$(PY) vendor/fetch.py
+
+# Editable install over a persistent build folder (build/): rebuilds are incremental.
+build: setup vendor
+	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+
+run: build
+	$(VENV)/bin/pyllama generate -p "$(PROMPT)" -n 64
+
+test: build
+	$(PY) -m pytest -q tests
+
+wheel: setup vendor
+	$(PY) -m pip wheel --no-build-isolation --no-deps -w dist .
+
+clean:
+	rm -rf build dist

@@ -1,0 +1,87 @@
+"""The `pyllama` command line.
+
+`pyllama generate` loads a model (the default model unless -m is given) and streams a
+completion of a prompt to standard output as tokens are sampled.
+Imports: `errors`, `models`, and the public `engine` names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import logging
+import sys
+
+from pyllama import __version__
+from pyllama.errors import PyllamaError
+
+logger = logging.getLogger(__name__)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pyllama", description="Run GGUF models with llama.cpp.")
+    parser.add_argument("--version", action="version", version=f"pyllama {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="complete a prompt and stream the text")
+    gen.add_argument("-p", "--prompt", required=True, help="the text to continue")
+    gen.add_argument("-m", "--model", help="GGUF file (default: gemma-3-270m Q4_K_M)")
+    gen.add_argument("-n", "--n-predict", type=int, default=128,
+                     help="tokens to generate, -1 = until end of text (default: 128)")
+    gen.add_argument("-c", "--ctx-size", type=int, default=4096, help="context size (default: 4096)")
+    gen.add_argument("-b", "--batch-size", type=int, default=2048, help="logical batch (default: 2048)")
+    gen.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all)")
+    gen.add_argument("-ngl", "--n-gpu-layers", type=int, default=-1,
+                     help="layers to offload to the GPU (default: all; CPU builds ignore it)")
+    gen.add_argument("--temp", type=float, default=0.8, help="temperature, <= 0 = greedy (default: 0.8)")
+    gen.add_argument("--top-k", type=int, default=40, help="top-k, 0 = off (default: 40)")
+    gen.add_argument("--top-p", type=float, default=0.95, help="top-p, 1.0 = off (default: 0.95)")
+    gen.add_argument("--min-p", type=float, default=0.05, help="min-p, 0 = off (default: 0.05)")
+    gen.add_argument("-s", "--seed", type=int, default=-1, help="RNG seed, -1 = random (default: -1)")
+    gen.add_argument("--no-echo", action="store_true", help="do not print the prompt first")
+    gen.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log")
+    return parser
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from pyllama.engine import Context, Model, SamplerChain, set_log_level
+    from pyllama.models import default_model_path
+
+    set_log_level(logging.INFO if args.verbose else logging.ERROR)
+    path = args.model or default_model_path()
+    model = Model(path, n_gpu_layers=args.n_gpu_layers)
+    context = Context(model, n_ctx=args.ctx_size, n_batch=args.batch_size, n_threads=args.threads)
+    sampler = SamplerChain(model, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
+                           min_p=args.min_p, seed=args.seed)
+    prompt = model.tokenize(args.prompt, add_special=True, parse_special=False)
+
+    out = sys.stdout
+    if not args.no_echo:
+        out.write(args.prompt)
+        out.flush()
+    # Token pieces can split a UTF-8 character; the incremental decoder holds partial bytes.
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token in context.generate(prompt, sampler, max_tokens=args.n_predict):
+        text = decoder.decode(model.token_to_piece(token))
+        if text:
+            out.write(text)
+            out.flush()
+    out.write(decoder.decode(b"", final=True) + "\n")
+    out.flush()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line and return the process exit code."""
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "generate":
+            return _generate(args)
+    except PyllamaError as exc:
+        print(f"pyllama: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 2

@@ -1,0 +1,20 @@
+"""The inference engine: models, contexts and sampling over libllama.
+
+Imports: the compiled engine modules and `errors`; never falcon or the server.
+"""
+
+from pyllama.engine._context import Context, default_threads
+from pyllama.engine._model import Model, llama_version, set_log_level, supports_gpu_offload, system_info
+from pyllama.engine._sampling import DEFAULT_SEED, SamplerChain
+
+__all__ = [
+    "DEFAULT_SEED",
+    "Context",
+    "Model",
+    "SamplerChain",
+    "default_threads",
+    "llama_version",
+    "set_log_level",
+    "supports_gpu_offload",
+    "system_info",
+]

@@ -1,0 +1,19 @@
+# cython: language_level=3
+from pyllama cimport _llama as L
+from pyllama.engine._model cimport Model
+
+
+cdef class Context:
+    cdef L.llama_context * ptr
+    cdef L.llama_batch batch
+    cdef readonly Model model
+    cdef readonly bint embeddings
+
+    cdef void _free(self) noexcept
+    cdef int _require_open(self) except -1
+    cdef int decode_c(self, int n_tokens) except -1
+    cdef void _batch_set(self, int i, L.llama_token token, L.llama_pos pos,
+                         L.llama_seq_id seq_id, bint logits) noexcept
+
+
+cdef int check_decode(int rc) except -1

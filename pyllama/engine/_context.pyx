@@ -1,0 +1,303 @@
+# cython: language_level=3, embedsignature=True
+"""Context: one llama_context over a Model, its reusable batch, and single-sequence generation.
+
+`check_decode` is the one place where llama_decode's return codes become exceptions.
+Imports: `_llama`, `_model`, `_sampling`, `errors`. A Context belongs to one thread at a time.
+"""
+
+import os
+
+from libc.stdint cimport int32_t
+
+from pyllama cimport _llama as L
+from pyllama.engine._model cimport Model
+from pyllama.engine._sampling cimport SamplerChain
+
+from pyllama.errors import (
+    ContextCreationError,
+    ContextLengthExceededError,
+    DecodeError,
+    InvalidRequestError,
+    ModelLoadError,
+)
+
+# Cache types llama-server accepts for --cache-type-k / --cache-type-v (common/arg.cpp).
+KV_CACHE_TYPES = {
+    "f32": L.GGML_TYPE_F32,
+    "f16": L.GGML_TYPE_F16,
+    "bf16": L.GGML_TYPE_BF16,
+    "q8_0": L.GGML_TYPE_Q8_0,
+    "q4_0": L.GGML_TYPE_Q4_0,
+    "q4_1": L.GGML_TYPE_Q4_1,
+    "iq4_nl": L.GGML_TYPE_IQ4_NL,
+    "q5_0": L.GGML_TYPE_Q5_0,
+    "q5_1": L.GGML_TYPE_Q5_1,
+}
+FLASH_ATTN = {
+    "auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO,
+    "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+    "off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+}
+POOLING = {
+    None: L.LLAMA_POOLING_TYPE_UNSPECIFIED,
+    "none": L.LLAMA_POOLING_TYPE_NONE,
+    "mean": L.LLAMA_POOLING_TYPE_MEAN,
+    "cls": L.LLAMA_POOLING_TYPE_CLS,
+    "last": L.LLAMA_POOLING_TYPE_LAST,
+    "rank": L.LLAMA_POOLING_TYPE_RANK,
+}
+
+
+def default_threads():
+    """The CPUs this process may run on (llama-server's default is the physical cores)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+cdef int check_decode(int rc) except -1:
+    # The one translation of llama_decode / llama_encode return codes (llama.h).
+    if rc == 0:
+        return 0
+    if rc == 1:
+        raise DecodeError("no KV cache slot for the batch: the context is full", code=rc)
+    if rc == 2:
+        raise DecodeError("decode aborted", code=rc)
+    if rc == -1:
+        raise DecodeError("invalid batch (token ids, positions or sequence ids)", code=rc)
+    raise DecodeError(f"llama_decode failed with fatal error {rc}", code=rc)
+
+
+cdef class Context:
+    """A llama_context: KV cache, compute buffers and a reusable batch.
+
+    Args:
+        model: the loaded model.
+        n_ctx: total context in tokens; 0 takes the model's training context.
+        n_batch: most tokens one decode call takes.
+        n_ubatch: physical micro-batch size.
+        n_seq_max: sequences (parallel slots) the context holds.
+        n_threads: threads for generation; None uses every available CPU.
+        n_threads_batch: threads for prompt processing; None = n_threads.
+        flash_attn: "on", "off" or "auto".
+        type_k, type_v: KV cache types ("f16", "q8_0", ...).
+        embeddings: compute embeddings instead of logits.
+        pooling: None (the model's), "none", "mean", "cls", "last" or "rank".
+        kv_unified: one KV buffer shared by all sequences.
+        swa_full: full-size cache for sliding-window attention layers.
+        offload_kqv: keep the KV cache on the GPU (GPU builds).
+
+    Raises:
+        InvalidRequestError: a parameter is out of range.
+        ContextCreationError: libllama could not create the context.
+
+    Not thread-safe: one thread owns a Context.
+    """
+
+    def __cinit__(self, Model model, *, int n_ctx=0, int n_batch=2048, int n_ubatch=512,
+                  int n_seq_max=1, n_threads=None, n_threads_batch=None, flash_attn="auto",
+                  str type_k="f16", str type_v="f16", bint embeddings=False, pooling=None,
+                  bint kv_unified=False, bint swa_full=False, bint offload_kqv=True):
+        self.ptr = NULL
+        self.batch.token = NULL
+        self.model = model
+        self.embeddings = embeddings
+        if model.ptr == NULL:
+            raise ModelLoadError("model is closed")
+        if n_ctx < 0 or n_batch < 1 or n_ubatch < 1 or n_seq_max < 1:
+            raise InvalidRequestError("n_ctx must be >= 0 and n_batch, n_ubatch, n_seq_max >= 1")
+        if n_seq_max > L.llama_max_parallel_sequences():
+            raise InvalidRequestError(
+                f"n_seq_max must be <= {L.llama_max_parallel_sequences()}", param="n_seq_max")
+        if isinstance(flash_attn, bool):
+            flash_attn = "on" if flash_attn else "off"
+        if flash_attn not in FLASH_ATTN:
+            raise InvalidRequestError(f"flash_attn must be on, off or auto, got {flash_attn!r}")
+        for name, value in (("type_k", type_k), ("type_v", type_v)):
+            if value not in KV_CACHE_TYPES:
+                raise InvalidRequestError(
+                    f"{name} must be one of {', '.join(KV_CACHE_TYPES)}, got {value!r}", param=name)
+        if pooling not in POOLING:
+            raise InvalidRequestError(f"pooling must be one of none, mean, cls, last, rank")
+        threads = default_threads() if n_threads is None else int(n_threads)
+        threads_batch = threads if n_threads_batch is None else int(n_threads_batch)
+        if threads < 1 or threads_batch < 1:
+            raise InvalidRequestError("n_threads must be >= 1")
+
+        cdef L.llama_context_params params = L.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = n_batch
+        params.n_ubatch = min(n_ubatch, n_batch)
+        params.n_seq_max = n_seq_max
+        params.n_threads = threads
+        params.n_threads_batch = threads_batch
+        params.flash_attn_type = FLASH_ATTN[flash_attn]
+        params.type_k = KV_CACHE_TYPES[type_k]
+        params.type_v = KV_CACHE_TYPES[type_v]
+        params.embeddings = embeddings
+        params.pooling_type = POOLING[pooling]
+        params.kv_unified = kv_unified
+        params.swa_full = swa_full
+        params.offload_kqv = offload_kqv
+        params.no_perf = True
+        with nogil:
+            self.ptr = L.llama_init_from_model(model.ptr, params)
+        if self.ptr == NULL:
+            raise ContextCreationError(
+                "failed to create the llama context (see the pyllama.llama_cpp log)")
+        self.batch = L.llama_batch_init(L.llama_n_batch(self.ptr), 0, 1)
+
+    def __dealloc__(self):
+        self._free()
+
+    cdef void _free(self) noexcept:
+        if self.batch.token != NULL:
+            L.llama_batch_free(self.batch)
+            self.batch.token = NULL
+        if self.ptr != NULL:
+            L.llama_free(self.ptr)
+            self.ptr = NULL
+
+    def close(self):
+        """Free the context and its batch."""
+        self._free()
+
+    cdef int _require_open(self) except -1:
+        if self.ptr == NULL:
+            raise ContextCreationError("context is closed")
+        return 0
+
+    @property
+    def n_ctx(self):
+        self._require_open()
+        return L.llama_n_ctx(self.ptr)
+
+    @property
+    def n_ctx_seq(self):
+        """Context available to each sequence."""
+        self._require_open()
+        return L.llama_n_ctx_seq(self.ptr)
+
+    @property
+    def n_batch(self):
+        self._require_open()
+        return L.llama_n_batch(self.ptr)
+
+    @property
+    def n_ubatch(self):
+        self._require_open()
+        return L.llama_n_ubatch(self.ptr)
+
+    @property
+    def n_seq_max(self):
+        self._require_open()
+        return L.llama_n_seq_max(self.ptr)
+
+    @property
+    def n_threads(self):
+        self._require_open()
+        return L.llama_n_threads(self.ptr)
+
+    @property
+    def n_threads_batch(self):
+        self._require_open()
+        return L.llama_n_threads_batch(self.ptr)
+
+    def clear(self):
+        """Empty the KV cache of every sequence."""
+        self._require_open()
+        L.llama_memory_clear(L.llama_get_memory(self.ptr), True)
+
+    def seq_pos_max(self, int seq_id=0):
+        """Largest position stored for a sequence, -1 when it is empty."""
+        self._require_open()
+        return L.llama_memory_seq_pos_max(L.llama_get_memory(self.ptr), seq_id)
+
+    cdef int decode_c(self, int n_tokens) except -1:
+        # Decodes the first n_tokens entries of self.batch. Owner thread; releases the GIL.
+        cdef int rc
+        self.batch.n_tokens = n_tokens
+        with nogil:
+            rc = L.llama_decode(self.ptr, self.batch)
+        return check_decode(rc)
+
+    def generate(self, prompt, SamplerChain sampler, *, int max_tokens=-1, int seq_id=0,
+                 bint stop_at_eog=True):
+        """Run a prompt through the model and yield sampled token ids.
+
+        The sequence's KV cells are cleared first, and the sampler is reset, so the same
+        prompt and seed give the same tokens on every call.
+
+        Args:
+            prompt: token ids (see Model.tokenize).
+            sampler: the chain that picks each token.
+            max_tokens: most tokens to generate; -1 runs until an end-of-generation token or
+                the end of the context.
+            seq_id: the sequence to use.
+            stop_at_eog: stop (without yielding it) at an end-of-generation token.
+
+        Yields:
+            Token ids. The generator's return value is the stop reason: "eos", "limit"
+            (max_tokens) or "context" (the sequence's context is full).
+
+        Raises:
+            InvalidRequestError: empty prompt or bad arguments.
+            InvalidTokenError: a prompt token outside the vocabulary.
+            ContextLengthExceededError: the prompt does not fit the sequence's context.
+            DecodeError: libllama failed to decode.
+        """
+        self._require_open()
+        if sampler.model is not self.model:
+            raise InvalidRequestError("the sampler was built for another model")
+        if seq_id < 0 or seq_id >= <int>L.llama_n_seq_max(self.ptr):
+            raise InvalidRequestError(f"seq_id must be in [0, {L.llama_n_seq_max(self.ptr)})")
+        tokens = list(prompt)
+        cdef int n_prompt = len(tokens)
+        cdef int n_ctx_seq = L.llama_n_ctx_seq(self.ptr)
+        cdef int n_batch = L.llama_n_batch(self.ptr)
+        if n_prompt == 0:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        for t in tokens:
+            self.model.check_token(t)
+        if n_prompt >= n_ctx_seq:
+            raise ContextLengthExceededError(
+                f"the prompt has {n_prompt} tokens, which does not fit the context of "
+                f"{n_ctx_seq} tokens", n_prompt_tokens=n_prompt, n_ctx=n_ctx_seq)
+
+        L.llama_memory_seq_rm(L.llama_get_memory(self.ptr), seq_id, -1, -1)
+        L.llama_sampler_reset(sampler.ptr)
+
+        cdef int pos = 0, i, n_chunk
+        while pos < n_prompt:
+            n_chunk = min(n_batch, n_prompt - pos)
+            for i in range(n_chunk):
+                self._batch_set(i, tokens[pos + i], pos + i, seq_id, pos + i == n_prompt - 1)
+            self.decode_c(n_chunk)
+            pos += n_chunk
+
+        cdef L.llama_token tok
+        cdef int n_generated = 0
+        cdef const L.llama_vocab * vocab = self.model.vocab
+        while True:
+            with nogil:
+                tok = sampler.sample_c(self.ptr, -1)
+            if stop_at_eog and L.llama_vocab_is_eog(vocab, tok):
+                return "eos"
+            yield tok
+            n_generated += 1
+            if max_tokens >= 0 and n_generated >= max_tokens:
+                return "limit"
+            if pos >= n_ctx_seq:
+                return "context"
+            self._batch_set(0, tok, pos, seq_id, True)
+            self.decode_c(1)
+            pos += 1
+
+    cdef void _batch_set(self, int i, L.llama_token token, L.llama_pos pos,
+                                L.llama_seq_id seq_id, bint logits) noexcept:
+        self.batch.token[i] = token
+        self.batch.pos[i] = pos
+        self.batch.n_seq_id[i] = 1
+        self.batch.seq_id[i][0] = seq_id
+        self.batch.logits[i] = logits

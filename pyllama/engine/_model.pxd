@@ -1,0 +1,15 @@
+# cython: language_level=3
+from libc.stdint cimport int32_t
+
+from pyllama cimport _llama as L
+
+
+cdef class Model:
+    cdef L.llama_model * ptr
+    cdef const L.llama_vocab * vocab
+    cdef readonly int32_t n_vocab
+    cdef readonly str path
+
+    cdef int _require_open(self) except -1
+    cdef int check_token(self, L.llama_token token) except -1
+    cdef bytes piece_c(self, L.llama_token token, bint special)

@@ -1,0 +1,401 @@
+# cython: language_level=3, embedsignature=True
+"""Model: a loaded GGUF model, its metadata and its vocabulary (tokenize / detokenize).
+
+Also owns the process-wide libllama setup: backend init and the log callback that routes
+llama.cpp's log lines into Python logging.
+Imports: `_llama`, `errors`. Vocabulary methods only read the model and are thread-safe.
+"""
+
+import logging
+import os
+from collections import deque
+
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.stdint cimport int32_t, uint64_t
+from libc.stdlib cimport free, malloc
+from libcpp.vector cimport vector
+
+from pyllama cimport _llama as L
+
+from pyllama.errors import InvalidModelError, InvalidTokenError, ModelLoadError, ModelNotFoundError
+
+llama_logger = logging.getLogger("pyllama.llama_cpp")
+
+# --- llama.cpp logging -------------------------------------------------------------------------
+# PERF: the level gate is a C int, so filtered-out lines (most of load-time DEBUG/INFO) never
+# take the GIL. Errors always pass: the last ones explain a failed load.
+cdef int _log_min_level = L.GGML_LOG_LEVEL_WARN
+cdef int _log_last_level = L.GGML_LOG_LEVEL_INFO
+_recent_errors = deque(maxlen=8)
+
+_PY_LEVELS = {
+    L.GGML_LOG_LEVEL_DEBUG: logging.DEBUG,
+    L.GGML_LOG_LEVEL_INFO: logging.INFO,
+    L.GGML_LOG_LEVEL_WARN: logging.WARNING,
+    L.GGML_LOG_LEVEL_ERROR: logging.ERROR,
+}
+
+
+cdef void _log_callback(L.ggml_log_level level, const char * text, void * user_data) noexcept nogil:
+    # Any thread, GIL not held. CONT lines continue the previous line's level (progress dots).
+    global _log_last_level
+    cdef int lvl = <int>level
+    if lvl == L.GGML_LOG_LEVEL_CONT:
+        return
+    _log_last_level = lvl
+    if lvl < _log_min_level and lvl != L.GGML_LOG_LEVEL_ERROR:
+        return
+    with gil:
+        try:
+            line = (<bytes>text).decode("utf-8", "replace").rstrip()
+            if not line:
+                return
+            if lvl == L.GGML_LOG_LEVEL_ERROR:
+                _recent_errors.append(line)
+            pylevel = _PY_LEVELS.get(lvl, logging.INFO)
+            if llama_logger.isEnabledFor(pylevel):
+                llama_logger.log(pylevel, "%s", line)
+        except BaseException:
+            pass
+
+
+def set_log_level(level):
+    """Set the lowest llama.cpp log level forwarded to the `pyllama.llama_cpp` logger.
+
+    Args:
+        level: a `logging` level (DEBUG, INFO, WARNING, ERROR).
+    """
+    global _log_min_level
+    level = int(level)
+    if level <= logging.DEBUG:
+        _log_min_level = L.GGML_LOG_LEVEL_DEBUG
+    elif level <= logging.INFO:
+        _log_min_level = L.GGML_LOG_LEVEL_INFO
+    elif level <= logging.WARNING:
+        _log_min_level = L.GGML_LOG_LEVEL_WARN
+    else:
+        _log_min_level = L.GGML_LOG_LEVEL_ERROR
+
+
+L.llama_log_set(_log_callback, NULL)
+L.llama_backend_init()
+set_log_level(llama_logger.getEffectiveLevel())
+
+
+def llama_version():
+    """Return libllama's version string."""
+    return (<bytes>L.llama_version()).decode()
+
+
+def system_info():
+    """Return llama.cpp's description of the CPU features and backends in use."""
+    return (<bytes>L.llama_print_system_info()).decode()
+
+
+def supports_gpu_offload():
+    """Say whether this build has a GPU backend."""
+    return bool(L.llama_supports_gpu_offload())
+
+
+_GGUF_MAGIC = b"GGUF"
+
+
+cdef object _token_or_none(L.llama_token tok):
+    return None if tok == L.LLAMA_TOKEN_NULL else tok
+
+
+cdef str _meta_string(int32_t n, char * buf, size_t size):
+    return buf[:n].decode("utf-8", "replace") if n >= 0 else None
+
+
+cdef class Model:
+    """A GGUF model loaded with libllama.
+
+    Args:
+        path: the .gguf file.
+        n_gpu_layers: layers to offload to the GPU; -1 offloads all, 0 none (CPU builds ignore it).
+        use_mmap: map the file instead of reading it into memory.
+        use_mlock: keep the model in RAM.
+        vocab_only: load the vocabulary and metadata only, no weights.
+        check_tensors: validate tensor data while loading.
+
+    Raises:
+        ModelNotFoundError: the path does not exist or is not a file.
+        InvalidModelError: the file is not a GGUF model, or is damaged or truncated.
+        ModelLoadError: libllama refused the model for another reason.
+
+    Thread-safe for reads once constructed.
+    """
+
+    def __cinit__(self, path, *, int n_gpu_layers=-1, bint use_mmap=True, bint use_mlock=False,
+                  bint vocab_only=False, bint check_tensors=False):
+        self.ptr = NULL
+        self.vocab = NULL
+        self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise ModelNotFoundError(f"model file not found: {self.path}")
+        with open(self.path, "rb") as f:
+            if f.read(4) != _GGUF_MAGIC:
+                raise InvalidModelError(f"not a GGUF file (bad magic): {self.path}")
+
+        cdef L.llama_model_params params = L.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        if use_mmap:
+            params.load_mode = L.LLAMA_LOAD_MODE_MMAP_MLOCK if use_mlock else L.LLAMA_LOAD_MODE_MMAP
+        else:
+            params.load_mode = L.LLAMA_LOAD_MODE_MLOCK if use_mlock else L.LLAMA_LOAD_MODE_NONE
+        params.vocab_only = vocab_only
+        params.check_tensors = check_tensors
+
+        cdef bytes cpath = os.fsencode(self.path)
+        cdef const char * c_path = cpath
+        _recent_errors.clear()
+        with nogil:
+            self.ptr = L.llama_model_load_from_file(c_path, params)
+        if self.ptr == NULL:
+            detail = "; ".join(_recent_errors) or "libllama gave no reason"
+            raise InvalidModelError(f"failed to load model {self.path}: {detail}")
+        self.vocab = L.llama_model_get_vocab(self.ptr)
+        self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
+
+    def __dealloc__(self):
+        if self.ptr != NULL:
+            L.llama_model_free(self.ptr)
+            self.ptr = NULL
+
+    def close(self):
+        """Free the model. Contexts made from it must be closed first."""
+        if self.ptr != NULL:
+            L.llama_model_free(self.ptr)
+            self.ptr = NULL
+            self.vocab = NULL
+
+    def __repr__(self):
+        return f"<Model {self.path!r} {self.architecture} n_vocab={self.n_vocab}>"
+
+    cdef int _require_open(self) except -1:
+        if self.ptr == NULL:
+            raise ModelLoadError("model is closed")
+        return 0
+
+    # --- metadata --------------------------------------------------------------------------
+    def meta(self, str key, default=None):
+        """Return one GGUF metadata value as a string (arrays are summarised by libllama)."""
+        self._require_open()
+        cdef bytes ckey = key.encode()
+        cdef vector[char] buf = vector[char](256)
+        cdef int32_t n = L.llama_model_meta_val_str(self.ptr, ckey, buf.data(), buf.size())
+        if n < 0:
+            return default
+        if <size_t>n >= buf.size():
+            buf.resize(n + 1)
+            n = L.llama_model_meta_val_str(self.ptr, ckey, buf.data(), buf.size())
+        return _meta_string(n, buf.data(), buf.size())
+
+    @property
+    def metadata(self):
+        """All GGUF metadata key/value pairs, as strings."""
+        self._require_open()
+        cdef int32_t count = L.llama_model_meta_count(self.ptr)
+        cdef vector[char] buf = vector[char](256)
+        cdef int32_t i, n
+        out = {}
+        for i in range(count):
+            n = L.llama_model_meta_key_by_index(self.ptr, i, buf.data(), buf.size())
+            if <size_t>n >= buf.size():
+                buf.resize(n + 1)
+                n = L.llama_model_meta_key_by_index(self.ptr, i, buf.data(), buf.size())
+            key = _meta_string(n, buf.data(), buf.size())
+            n = L.llama_model_meta_val_str_by_index(self.ptr, i, buf.data(), buf.size())
+            if <size_t>n >= buf.size():
+                buf.resize(n + 1)
+                n = L.llama_model_meta_val_str_by_index(self.ptr, i, buf.data(), buf.size())
+            out[key] = _meta_string(n, buf.data(), buf.size())
+        return out
+
+    @property
+    def general(self):
+        """The `general.*` metadata keys, without the prefix."""
+        return {k[8:]: v for k, v in self.metadata.items() if k.startswith("general.")}
+
+    @property
+    def architecture(self):
+        return self.meta("general.architecture")
+
+    @property
+    def name(self):
+        return self.meta("general.name")
+
+    @property
+    def description(self):
+        """libllama's one-line description (architecture, size, quantisation)."""
+        self._require_open()
+        cdef char buf[256]
+        cdef int32_t n = L.llama_model_desc(self.ptr, buf, sizeof(buf))
+        return _meta_string(min(n, 255), buf, sizeof(buf))
+
+    @property
+    def n_ctx_train(self):
+        self._require_open()
+        return L.llama_model_n_ctx_train(self.ptr)
+
+    @property
+    def n_embd(self):
+        self._require_open()
+        return L.llama_model_n_embd(self.ptr)
+
+    @property
+    def n_layer(self):
+        self._require_open()
+        return L.llama_model_n_layer(self.ptr)
+
+    @property
+    def n_head(self):
+        self._require_open()
+        return L.llama_model_n_head(self.ptr)
+
+    @property
+    def n_params(self):
+        self._require_open()
+        return L.llama_model_n_params(self.ptr)
+
+    @property
+    def size(self):
+        """Total size of the model's tensors in bytes."""
+        self._require_open()
+        return L.llama_model_size(self.ptr)
+
+    @property
+    def has_encoder(self):
+        self._require_open()
+        return bool(L.llama_model_has_encoder(self.ptr))
+
+    @property
+    def chat_template(self):
+        """The chat template embedded in the GGUF, or None."""
+        self._require_open()
+        cdef const char * tmpl = L.llama_model_chat_template(self.ptr, NULL)
+        return None if tmpl == NULL else (<bytes>tmpl).decode("utf-8", "replace")
+
+    # --- special tokens --------------------------------------------------------------------
+    @property
+    def token_bos(self):
+        return _token_or_none(L.llama_vocab_bos(self.vocab))
+
+    @property
+    def token_eos(self):
+        return _token_or_none(L.llama_vocab_eos(self.vocab))
+
+    @property
+    def token_eot(self):
+        return _token_or_none(L.llama_vocab_eot(self.vocab))
+
+    @property
+    def token_nl(self):
+        return _token_or_none(L.llama_vocab_nl(self.vocab))
+
+    @property
+    def add_bos(self):
+        """Whether the vocabulary asks for BOS at the start of a prompt."""
+        return bool(L.llama_vocab_get_add_bos(self.vocab))
+
+    @property
+    def add_eos(self):
+        return bool(L.llama_vocab_get_add_eos(self.vocab))
+
+    def is_eog(self, L.llama_token token):
+        """Say whether `token` ends generation (EOS, EOT and the like)."""
+        self.check_token(token)
+        return bool(L.llama_vocab_is_eog(self.vocab, token))
+
+    def is_control(self, L.llama_token token):
+        self.check_token(token)
+        return bool(L.llama_vocab_is_control(self.vocab, token))
+
+    def token_text(self, L.llama_token token):
+        """The token's text as stored in the vocabulary (no byte decoding)."""
+        self.check_token(token)
+        return (<bytes>L.llama_vocab_get_text(self.vocab, token)).decode("utf-8", "replace")
+
+    # --- tokenization ----------------------------------------------------------------------
+    cdef int check_token(self, L.llama_token token) except -1:
+        if self.vocab == NULL:
+            raise ModelLoadError("model is closed")
+        if token < 0 or token >= self.n_vocab:
+            raise InvalidTokenError(f"invalid token id {token}: the vocabulary has {self.n_vocab} tokens")
+        return 0
+
+    def tokenize(self, text, *, bint add_special=True, bint parse_special=False):
+        """Turn text into token ids.
+
+        Args:
+            text: str or UTF-8 bytes.
+            add_special: add BOS/EOS as the vocabulary asks.
+            parse_special: recognise special-token text such as "<start_of_turn>".
+
+        Returns:
+            A list of token ids. Thread-safe.
+        """
+        self._require_open()
+        cdef bytes data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        cdef const char * c_text = data
+        cdef int32_t n_text = len(data)
+        cdef vector[L.llama_token] out = vector[L.llama_token](n_text + 2 * add_special + 1)
+        cdef int32_t n
+        with nogil:
+            n = L.llama_tokenize(self.vocab, c_text, n_text, out.data(), out.size(),
+                                 add_special, parse_special)
+            if n < 0:
+                out.resize(-n)
+                n = L.llama_tokenize(self.vocab, c_text, n_text, out.data(), out.size(),
+                                     add_special, parse_special)
+        if n < 0:
+            raise InvalidTokenError("tokenization failed: the text is too long")
+        return [out[i] for i in range(n)]
+
+    cdef bytes piece_c(self, L.llama_token token, bint special):
+        cdef char buf[128]
+        cdef int32_t n = L.llama_token_to_piece(self.vocab, token, buf, sizeof(buf), 0, special)
+        cdef vector[char] big
+        if n >= 0:
+            return PyBytes_FromStringAndSize(buf, n)
+        big.resize(-n)
+        n = L.llama_token_to_piece(self.vocab, token, big.data(), big.size(), 0, special)
+        return PyBytes_FromStringAndSize(big.data(), n)
+
+    def token_to_piece(self, L.llama_token token, *, bint special=False):
+        """Return the bytes of one token (may be part of a multi-byte character).
+
+        Args:
+            token: a token id.
+            special: render special tokens as their text (otherwise they give b"").
+        """
+        self.check_token(token)
+        return self.piece_c(token, special)
+
+    def detokenize(self, tokens, *, bint remove_special=False, bint unparse_special=False):
+        """Turn token ids back into text.
+
+        Args:
+            tokens: token ids.
+            remove_special: drop a leading BOS / trailing EOS the vocabulary adds.
+            unparse_special: render special tokens as their text.
+
+        Returns:
+            The text; bytes that are not valid UTF-8 become U+FFFD. Thread-safe.
+        """
+        self._require_open()
+        cdef vector[L.llama_token] toks
+        for t in tokens:
+            self.check_token(t)
+            toks.push_back(t)
+        cdef vector[char] buf = vector[char](toks.size() * 8 + 16)
+        cdef int32_t n
+        with nogil:
+            n = L.llama_detokenize(self.vocab, toks.data(), toks.size(), buf.data(), buf.size(),
+                                   remove_special, unparse_special)
+            if n < 0:
+                buf.resize(-n)
+                n = L.llama_detokenize(self.vocab, toks.data(), toks.size(), buf.data(), buf.size(),
+                                       remove_special, unparse_special)
+        return buf.data()[:n].decode("utf-8", "replace")

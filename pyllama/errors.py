@@ -1,0 +1,112 @@
+"""The PyllamaError hierarchy: every error pyllama raises on purpose.
+
+Each class carries the HTTP status and the OpenAI-style `type` that llama-server answers with,
+so the server maps any of them to upstream's JSON error shape in one place.
+Imports: stdlib only.
+"""
+
+from __future__ import annotations
+
+
+class PyllamaError(Exception):
+    """Base of every pyllama error."""
+
+    status: int = 500
+    type: str = "server_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequestError(PyllamaError):
+    """A request or argument that cannot be served as given."""
+
+    status = 400
+    type = "invalid_request_error"
+
+
+class ContextLengthExceededError(InvalidRequestError):
+    """A prompt that does not fit the context window."""
+
+    type = "exceed_context_size_error"
+
+    def __init__(self, message: str, *, n_prompt_tokens: int, n_ctx: int) -> None:
+        super().__init__(message)
+        self.n_prompt_tokens = n_prompt_tokens
+        self.n_ctx = n_ctx
+
+
+class InvalidTokenError(InvalidRequestError):
+    """A token id outside the model's vocabulary."""
+
+
+class AuthenticationError(PyllamaError):
+    """A missing or wrong API key."""
+
+    status = 401
+    type = "authentication_error"
+
+
+class PermissionDeniedError(PyllamaError):
+    """An action the server is configured to refuse."""
+
+    status = 403
+    type = "permission_error"
+
+
+class NotFoundError(PyllamaError):
+    """Something that does not exist: an endpoint, a slot, a file."""
+
+    status = 404
+    type = "not_found_error"
+
+
+class NotSupportedError(PyllamaError):
+    """A feature this build or model does not offer."""
+
+    status = 501
+    type = "not_supported_error"
+
+
+class UnavailableError(PyllamaError):
+    """The server cannot serve now: loading, or shutting down."""
+
+    status = 503
+    type = "unavailable_error"
+
+
+class EngineError(PyllamaError):
+    """A failure inside the inference engine."""
+
+    status = 500
+    type = "server_error"
+
+
+class ModelLoadError(EngineError):
+    """A model file that could not be loaded."""
+
+
+class ModelNotFoundError(ModelLoadError, FileNotFoundError):
+    """A model path that does not exist or is not a file."""
+
+
+class InvalidModelError(ModelLoadError):
+    """A file that is not a GGUF model, or a damaged one."""
+
+
+class ContextCreationError(EngineError):
+    """A llama_context that could not be created (memory, bad parameters)."""
+
+
+class DecodeError(EngineError):
+    """llama_decode failed; `code` is its return value."""
+
+    def __init__(self, message: str, *, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class DefaultModelMissingError(ModelLoadError):
+    """The default model's packages are not installed."""

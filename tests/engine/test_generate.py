@@ -1,0 +1,148 @@
+"""Contexts, decoding and sampling through llama.cpp's sampler chain."""
+
+from __future__ import annotations
+
+import pytest
+
+from pyllama.engine import Context, Model, SamplerChain
+from pyllama.errors import ContextLengthExceededError, InvalidRequestError, InvalidTokenError
+
+PROMPT = "The three primary colors are"
+
+
+@pytest.fixture(scope="module")
+def ctx(gemma):
+    context = Context(gemma, n_ctx=512, n_batch=64)
+    yield context
+    context.close()
+
+
+def _run(ctx, model, sampler, n=24, prompt=PROMPT):
+    return list(ctx.generate(model.tokenize(prompt), sampler, max_tokens=n))
+
+
+def test_context_parameters(gemma):
+    c = Context(gemma, n_ctx=1024, n_batch=256, n_ubatch=128, n_seq_max=2, n_threads=1,
+                flash_attn="off", type_k="q8_0", type_v="f16", kv_unified=True)
+    assert c.n_ctx == 1024 and c.n_batch == 256 and c.n_ubatch == 128 and c.n_seq_max == 2
+    assert c.n_ctx_seq == 1024  # unified KV: every sequence may use the whole context
+    assert c.n_threads == 1
+    split = Context(gemma, n_ctx=1024, n_seq_max=4)
+    assert split.n_ctx_seq == 256
+    default = Context(gemma, n_ctx=0)
+    assert default.n_ctx == gemma.n_ctx_train
+
+
+def test_greedy_is_deterministic_and_coherent(ctx, gemma):
+    first = _run(ctx, gemma, SamplerChain.greedy(gemma))
+    second = _run(ctx, gemma, SamplerChain.greedy(gemma))
+    assert first == second and len(first) == 24
+    text = gemma.detokenize(first)
+    assert "red" in text and "blue" in text
+
+
+def test_seeded_sampling_is_deterministic(ctx, gemma):
+    def sampler(seed):
+        return SamplerChain(gemma, temperature=1.0, top_k=40, top_p=0.95, min_p=0.05, seed=seed)
+
+    a = _run(ctx, gemma, sampler(1234), n=32)
+    b = _run(ctx, gemma, sampler(1234), n=32)
+    assert a == b
+    # The same chain re-run gives the same tokens too (generate resets it).
+    chain = sampler(99)
+    assert _run(ctx, gemma, chain, n=32) == _run(ctx, gemma, chain, n=32)
+    others = {tuple(_run(ctx, gemma, sampler(seed), n=32)) for seed in (1, 2, 3)}
+    assert len(others | {tuple(a)}) > 1
+    # upstream names the temperature sampler "?temp" (it may pass logits through unchanged)
+    assert [n.lstrip("?") for n in chain.names] == ["top-k", "top-p", "min-p", "temp", "dist"]
+
+
+def test_stop_reasons(ctx, gemma):
+    gen = ctx.generate(gemma.tokenize(PROMPT), SamplerChain.greedy(gemma), max_tokens=3)
+    assert len(list(gen)) == 3
+    gen = ctx.generate(gemma.tokenize(PROMPT), SamplerChain.greedy(gemma), max_tokens=2)
+    with pytest.raises(StopIteration) as info:
+        while True:
+            next(gen)
+    assert info.value.value == "limit"
+
+
+def test_generation_stops_at_the_end_of_the_context(gemma):
+    small = Context(gemma, n_ctx=256, n_batch=256)
+    prompt = gemma.tokenize(PROMPT)
+    tokens = list(small.generate(prompt, SamplerChain(gemma, seed=5), max_tokens=-1,
+                                 stop_at_eog=False))
+    assert len(prompt) + len(tokens) == 256 + 1 or len(prompt) + len(tokens) == 256
+
+
+def test_prompt_longer_than_the_context(gemma):
+    small = Context(gemma, n_ctx=256)
+    prompt = gemma.tokenize("word " * 400)
+    with pytest.raises(ContextLengthExceededError) as info:
+        list(small.generate(prompt, SamplerChain.greedy(gemma)))
+    assert info.value.n_prompt_tokens == len(prompt) and info.value.n_ctx == 256
+    assert info.value.status == 400 and info.value.type == "exceed_context_size_error"
+
+
+def test_long_prompt_is_decoded_in_batches(gemma):
+    c = Context(gemma, n_ctx=1024, n_batch=32, n_ubatch=32)
+    prompt = gemma.tokenize("One two three four five six seven eight nine ten. " * 12)
+    assert len(prompt) > 100
+    full = Context(gemma, n_ctx=1024, n_batch=1024)
+    greedy = SamplerChain.greedy(gemma)
+    assert list(c.generate(prompt, greedy, max_tokens=8)) == list(
+        full.generate(prompt, greedy, max_tokens=8))
+
+
+def test_bad_generate_arguments(ctx, gemma, synthetic):
+    greedy = SamplerChain.greedy(gemma)
+    with pytest.raises(InvalidRequestError, match="empty"):
+        list(ctx.generate([], greedy))
+    with pytest.raises(InvalidTokenError):
+        list(ctx.generate([2, 999999], greedy))
+    with pytest.raises(InvalidTokenError):
+        list(ctx.generate([-5], greedy))
+    with pytest.raises(InvalidRequestError, match="seq_id"):
+        list(ctx.generate([2], greedy, seq_id=3))
+    with pytest.raises(InvalidRequestError, match="another model"):
+        list(ctx.generate([2], SamplerChain.greedy(synthetic)))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(flash_attn="maybe"), dict(type_k="q3"), dict(n_batch=0), dict(pooling="max"),
+     dict(n_seq_max=100000), dict(n_threads=0)],
+)
+def test_bad_context_parameters(gemma, kwargs):
+    with pytest.raises(InvalidRequestError):
+        Context(gemma, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [dict(top_p=1.5), dict(min_p=-0.1), dict(min_keep=-1)])
+def test_bad_sampler_parameters(gemma, kwargs):
+    with pytest.raises(InvalidRequestError):
+        SamplerChain(gemma, **kwargs)
+
+
+def test_synthetic_model_loads_and_decodes(synthetic):
+    assert synthetic.architecture == "llama" and synthetic.n_vocab == 297
+    assert synthetic.detokenize(synthetic.tokenize("Hello world", add_special=False)) == "Hello world"
+    c = Context(synthetic, n_ctx=128)
+    greedy = SamplerChain.greedy(synthetic)
+    prompt = synthetic.tokenize("the end")
+    out = list(c.generate(prompt, greedy, max_tokens=16, stop_at_eog=False))
+    assert len(out) == 16 and all(0 <= t < synthetic.n_vocab for t in out)
+    assert out == list(c.generate(prompt, greedy, max_tokens=16, stop_at_eog=False))
+
+
+def test_closed_objects_raise_instead_of_crashing(synthetic_path):
+    model = Model(synthetic_path)
+    c = Context(model, n_ctx=64)
+    c.close()
+    with pytest.raises(Exception):
+        _ = c.n_ctx
+    with pytest.raises(Exception):
+        list(c.generate([1, 2], SamplerChain.greedy(model)))
+    model.close()
+    with pytest.raises(Exception):
+        model.tokenize("x")

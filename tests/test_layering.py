@@ -1,0 +1,48 @@
+"""The layer boundaries of shared/STYLE.md, checked on the source."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1] / "pyllama"
+
+
+def _imports(path: Path) -> set[str]:
+    if path.suffix == ".py":
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+        return names
+    text = path.read_text()
+    return set(re.findall(r"^\s*(?:from|c?import)\s+([\w.]+)", text, re.M))
+
+
+def test_errors_imports_nothing_from_pyllama():
+    assert not [n for n in _imports(PKG / "errors.py") if n.startswith("pyllama")]
+
+
+def test_engine_never_imports_http_or_server():
+    for path in (PKG / "engine").iterdir():
+        if path.suffix in (".py", ".pyx", ".pxd"):
+            bad = [n for n in _imports(path)
+                   if n.split(".")[0] in ("falcon", "gunicorn", "json") or n.startswith("pyllama.server")]
+            assert not bad, f"{path.name} imports {bad}"
+
+
+def test_llama_h_is_declared_once():
+    externs = [p for p in PKG.rglob("*.px[di]") if 'cdef extern from "llama.h"' in p.read_text()]
+    assert [p.name for p in externs] == ["_llama.pxd"]
+
+
+def test_importing_pyllama_loads_no_engine():
+    import subprocess
+    import sys
+
+    code = "import sys, pyllama; print(any(m.startswith('pyllama.engine') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,116 @@
+"""vendor/fetch.py: hash check, atomic extraction, the ninja-safe mtimes, the .git drop."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FETCH = ROOT / "vendor" / "fetch.py"
+
+
+def _load_fetch():
+    spec = importlib.util.spec_from_file_location("pyllama_vendor_fetch", FETCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _make_sdist(path: Path, prefix: str) -> str:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in {
+            f"{prefix}/CMakeLists.txt": b"project(x)\n",
+            f"{prefix}/src/llama.cpp": b"// source\n",
+            f"{prefix}/docs/big.md": b"not needed\n",
+            f"{prefix}/.git": b"gitdir: ../../.git/modules/vendor/llama.cpp\n",
+            "other/file.txt": b"outside the prefix\n",
+        }.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 4102444800  # 2100: a future mtime, as ninja hates
+            tar.addfile(info, io.BytesIO(data))
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _pin(sha: str) -> dict:
+    return {"package": "llama-cpp-python", "version": "0.0.0", "filename": "x.tar.gz",
+            "sha256": sha, "commit": "abc", "prefix": "pkg/vendor/llama.cpp",
+            "build": ["CMakeLists.txt", "src"]}
+
+
+def test_wrong_hash_is_rejected_with_one_line(tmp_path):
+    archive = tmp_path / "llama_cpp_python-0.3.36.tar.gz"
+    archive.write_bytes(b"not the pinned archive")
+    dest = tmp_path / "llama.cpp"
+    proc = subprocess.run([sys.executable, str(FETCH), "--archive", str(archive), "--dest", str(dest)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "llama-cpp-python==0.3.36" in lines[0] and "sha256" in lines[0]
+    assert "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e" in lines[0]
+    assert not dest.exists()
+
+
+def test_extracts_only_the_build_folders(tmp_path):
+    fetch = _load_fetch()
+    archive = tmp_path / "x.tar.gz"
+    pin = _pin(_make_sdist(archive, "pkg/vendor/llama.cpp"))
+    dest = tmp_path / "out" / "llama.cpp"
+    fetch.check_hash(archive, pin)
+    fetch.extract(archive, pin, dest, pin["build"])
+    assert (dest / "CMakeLists.txt").read_bytes() == b"project(x)\n"
+    assert (dest / "src" / "llama.cpp").exists()
+    assert not (dest / "docs").exists() and not (dest / ".git").exists()
+    assert fetch.up_to_date(dest, pin, pin["build"])
+    mtime = (dest / "src" / "llama.cpp").stat().st_mtime
+    assert mtime < 4102444800  # normalised to now
+    assert [p.name for p in dest.parent.iterdir()] == ["llama.cpp"]  # no temp dir left
+
+
+def test_corrupt_archive_leaves_nothing_behind(tmp_path):
+    fetch = _load_fetch()
+    good = tmp_path / "good.tar.gz"
+    _make_sdist(good, "pkg/vendor/llama.cpp")
+    corrupt = tmp_path / "x.tar.gz"
+    corrupt.write_bytes(good.read_bytes()[:-40])
+    pin = _pin(hashlib.sha256(corrupt.read_bytes()).hexdigest())
+    dest = tmp_path / "out" / "llama.cpp"
+    with pytest.raises(fetch.FetchError, match="not a readable"):
+        fetch.extract(corrupt, pin, dest, pin["build"])
+    assert not dest.exists()
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_wrong_prefix_is_an_error(tmp_path):
+    fetch = _load_fetch()
+    archive = tmp_path / "x.tar.gz"
+    pin = _pin(_make_sdist(archive, "elsewhere"))
+    with pytest.raises(fetch.FetchError, match="holds nothing"):
+        fetch.extract(archive, pin, tmp_path / "llama.cpp", pin["build"])
+
+
+def test_the_real_pin_is_extracted_here():
+    fetch = _load_fetch()
+    pin = fetch.load_pin()
+    dest = ROOT / "vendor" / "llama.cpp"
+    assert fetch.up_to_date(dest, pin, list(pin["build"]))
+    assert (dest / "include" / "llama.h").exists()
+    assert (dest / "tools" / "server" / "README.md").exists()
+    assert not (dest / ".git").exists()
+
+
+def test_no_upstream_source_is_tracked():
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if tracked.returncode != 0:
+        pytest.skip("not a git checkout")
+    files = tracked.stdout.splitlines()
+    assert not [f for f in files if f.startswith("vendor/llama.cpp/")]
+    assert not [f for f in files if f.endswith((".gguf", ".safetensors"))]
