@@ -303,6 +303,7 @@ cdef extern from "llama.h" nogil:
     bint llama_vocab_get_add_bos(const llama_vocab * vocab)
     bint llama_vocab_get_add_eos(const llama_vocab * vocab)
     bint llama_vocab_get_add_sep(const llama_vocab * vocab)
+    const llama_token * llama_vocab_get_suppress_tokens(const llama_vocab * vocab, int32_t * n_suppress_tokens)
     llama_token llama_vocab_fim_pre(const llama_vocab * vocab)
     llama_token llama_vocab_fim_suf(const llama_vocab * vocab)
     llama_token llama_vocab_fim_mid(const llama_vocab * vocab)
@@ -348,11 +349,16 @@ cdef extern from "llama.h" nogil:
     llama_sampler * llama_sampler_init_mirostat(int32_t n_vocab, uint32_t seed, float tau, float eta, int32_t m)
     llama_sampler * llama_sampler_init_mirostat_v2(uint32_t seed, float tau, float eta)
     llama_sampler * llama_sampler_init_grammar(const llama_vocab * vocab, const char * grammar_str, const char * grammar_root)
+    llama_sampler * llama_sampler_init_grammar_lazy_patterns(const llama_vocab * vocab, const char * grammar_str,
+                                                             const char * grammar_root,
+                                                             const char ** trigger_patterns, size_t num_trigger_patterns,
+                                                             const llama_token * trigger_tokens, size_t num_trigger_tokens)
     llama_sampler * llama_sampler_init_penalties(int32_t n_vocab, int32_t penalty_last_n, float penalty_repeat,
                                                  float penalty_freq, float penalty_present)
     llama_sampler * llama_sampler_init_dry(const llama_vocab * vocab, float dry_multiplier, float dry_base,
                                            int32_t dry_allowed_length, int32_t dry_penalty_last_n,
                                            const char ** seq_breakers, size_t num_breakers)
+    llama_sampler * llama_sampler_init_adaptive_p(float target, float decay, uint32_t seed)
     llama_sampler * llama_sampler_init_logit_bias(int32_t n_vocab, int32_t n_logit_bias, const llama_logit_bias * logit_bias)
     llama_sampler * llama_sampler_init_infill(const llama_vocab * vocab)
     uint32_t llama_sampler_get_seed(const llama_sampler * smpl)

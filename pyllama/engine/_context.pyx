@@ -266,7 +266,7 @@ cdef class Context:
                 f"{n_ctx_seq} tokens", n_prompt_tokens=n_prompt, n_ctx=n_ctx_seq)
 
         L.llama_memory_seq_rm(L.llama_get_memory(self.ptr), seq_id, -1, -1)
-        L.llama_sampler_reset(sampler.ptr)
+        sampler.reset()
 
         cdef int pos = 0, i, n_chunk
         while pos < n_prompt:

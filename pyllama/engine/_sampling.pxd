@@ -1,11 +1,26 @@
 # cython: language_level=3
+from libc.stdint cimport int32_t
+
 from pyllama cimport _llama as L
 from pyllama.engine._model cimport Model
 
 
+cdef struct SamplerState:
+    # One request's sampling state. Owned by a SamplerChain; used by one thread at a time.
+    L.llama_sampler * chain
+    L.llama_sampler * grammar        # NULL without a grammar
+    L.llama_token_data * cur         # n_vocab candidates, reused every token
+    L.llama_token_data_array cur_p   # the candidates after the last sample (post-sampling probs)
+    int32_t n_vocab
+
+
+cdef L.llama_token sampler_sample(SamplerState * s, const float * logits) noexcept nogil
+cdef void sampler_accept(SamplerState * s, L.llama_token token) noexcept nogil
+
+
 cdef class SamplerChain:
-    cdef L.llama_sampler * ptr
+    cdef SamplerState * state
     cdef readonly Model model
-    cdef readonly dict params
+    cdef readonly object params
 
     cdef L.llama_token sample_c(self, L.llama_context * ctx, int idx) noexcept nogil

@@ -1,88 +1,267 @@
 # cython: language_level=3, embedsignature=True
-"""SamplerChain: one llama.cpp sampler chain (llama_sampler_chain_*) built from parameters.
+"""Per-request sampler chains built from SamplingParams, and the C sampling step.
 
-The chain order follows upstream's common_sampler_init (common/sampling.cpp) for the samplers
-built here; a chain with temperature <= 0 is greedy, as in llama-server.
-Imports: `_llama`, `_model`, `errors`. A chain belongs to one thread at a time.
+The chain mirrors upstream's common_sampler_init (common/sampling.cpp): logit biases (plus the
+model's suppressed tokens), then the `samplers` list in order, then dist (or adaptive-p); with
+mirostat 1/2, temperature + mirostat instead. A grammar is applied as upstream's
+common_sampler_sample does: sample without it, and resample with it first only when the
+chosen token breaks the grammar.
+Imports: `_llama`, `_model`, `engine.types`, `errors`. A chain belongs to one thread at a time;
+`sampler_sample` runs without the GIL.
 """
 
-from libc.stdint cimport uint32_t
+from libc.math cimport INFINITY
+from libc.stdint cimport int32_t, uint32_t
+from libc.stdlib cimport free, malloc
+from libcpp.vector cimport vector
 
 from pyllama cimport _llama as L
 from pyllama.engine._model cimport Model
 
+from pyllama.engine.types import DEFAULT_SEED, SamplingParams
 from pyllama.errors import InvalidRequestError
 
-DEFAULT_SEED = L.LLAMA_DEFAULT_SEED
+
+cdef inline void _load_logits(SamplerState * s, const float * logits) noexcept nogil:
+    cdef int32_t i
+    for i in range(s.n_vocab):
+        s.cur[i].id = i
+        s.cur[i].logit = logits[i]
+        s.cur[i].p = 0.0
+    s.cur_p.data = s.cur
+    s.cur_p.size = s.n_vocab
+    s.cur_p.selected = -1
+    s.cur_p.sorted = False
+
+
+cdef L.llama_token sampler_sample(SamplerState * s, const float * logits) noexcept nogil:
+    # Picks a token from one logits row; does not accept it. Any thread, no GIL.
+    cdef L.llama_token_data single
+    cdef L.llama_token_data_array single_p
+    cdef L.llama_token token
+    _load_logits(s, logits)
+    L.llama_sampler_apply(s.chain, &s.cur_p)
+    token = s.cur_p.data[s.cur_p.selected].id
+    if s.grammar == NULL:
+        return token
+    # Grammar-based rejection sampling (common_sampler_sample).
+    single.id = token
+    single.logit = 1.0
+    single.p = 0.0
+    single_p.data = &single
+    single_p.size = 1
+    single_p.selected = -1
+    single_p.sorted = False
+    L.llama_sampler_apply(s.grammar, &single_p)
+    if single.logit != -INFINITY:
+        return token
+    _load_logits(s, logits)
+    L.llama_sampler_apply(s.grammar, &s.cur_p)
+    L.llama_sampler_apply(s.chain, &s.cur_p)
+    return s.cur_p.data[s.cur_p.selected].id
+
+
+cdef void sampler_accept(SamplerState * s, L.llama_token token) noexcept nogil:
+    # Records the chosen token in the grammar and in the chain (penalties, DRY, mirostat).
+    if s.grammar != NULL:
+        L.llama_sampler_accept(s.grammar, token)
+    L.llama_sampler_accept(s.chain, token)
 
 
 cdef class SamplerChain:
-    """A llama.cpp sampler chain for one sequence.
+    """The llama.cpp sampler chain of one request.
 
     Args:
         model: the model whose vocabulary the chain samples from.
-        temperature: <= 0 samples greedily (the most likely token).
-        top_k: keep the k most likely tokens; <= 0 disables.
-        top_p: nucleus sampling; 1.0 disables.
-        min_p: drop tokens below min_p times the top probability; 0 disables.
-        seed: RNG seed; -1 (or 0xFFFFFFFF) picks a random one.
-        min_keep: tokens every truncating sampler keeps at least.
+        params: a SamplingParams; keyword arguments override its fields
+            (e.g. `SamplerChain(model, temperature=0, seed=7)`).
 
     Raises:
-        InvalidRequestError: a parameter is out of range.
+        InvalidRequestError: a parameter is out of range or the grammar does not parse.
     """
 
-    def __cinit__(self, Model model, *, float temperature=0.8, int top_k=40, float top_p=0.95,
-                  float min_p=0.05, long long seed=-1, int min_keep=0):
-        self.ptr = NULL
+    def __cinit__(self, Model model, params=None, **overrides):
+        self.state = NULL
         self.model = model
-        if not (0.0 <= top_p <= 1.0):
-            raise InvalidRequestError(f"top_p must be between 0 and 1, got {top_p}", param="top_p")
-        if not (0.0 <= min_p <= 1.0):
-            raise InvalidRequestError(f"min_p must be between 0 and 1, got {min_p}", param="min_p")
-        if min_keep < 0:
-            raise InvalidRequestError("min_keep must be >= 0", param="min_keep")
-        cdef uint32_t c_seed = DEFAULT_SEED if seed < 0 else <uint32_t>(seed & 0xFFFFFFFF)
-        self.params = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                           seed=seed, min_keep=min_keep)
+        if params is None:
+            params = SamplingParams(**overrides)
+        elif overrides:
+            params = SamplingParams(**{**params.__dict__, **overrides})
+        if not (0.0 <= params.top_p <= 1.0):
+            raise InvalidRequestError(f"top_p must be between 0 and 1, got {params.top_p}", param="top_p")
+        if not (0.0 <= params.min_p <= 1.0):
+            raise InvalidRequestError(f"min_p must be between 0 and 1, got {params.min_p}", param="min_p")
+        self.params = params
 
-        cdef L.llama_sampler_chain_params cparams = L.llama_sampler_chain_default_params()
-        cparams.no_perf = True
-        self.ptr = L.llama_sampler_chain_init(cparams)
-        if temperature <= 0.0:
-            L.llama_sampler_chain_add(self.ptr, L.llama_sampler_init_greedy())
-            return
-        if top_k > 0:
-            L.llama_sampler_chain_add(self.ptr, L.llama_sampler_init_top_k(top_k))
-        if top_p < 1.0:
-            L.llama_sampler_chain_add(self.ptr, L.llama_sampler_init_top_p(top_p, min_keep))
-        if min_p > 0.0:
-            L.llama_sampler_chain_add(self.ptr, L.llama_sampler_init_min_p(min_p, min_keep))
-        L.llama_sampler_chain_add(self.ptr, L.llama_sampler_init_temp(temperature))
-        L.llama_sampler_chain_add(self.ptr, L.llama_sampler_init_dist(c_seed))
+        self.state = <SamplerState *> malloc(sizeof(SamplerState))
+        self.state.chain = NULL
+        self.state.grammar = NULL
+        self.state.n_vocab = model.n_vocab
+        self.state.cur = <L.llama_token_data *> malloc(sizeof(L.llama_token_data) * model.n_vocab)
+        if self.state.cur == NULL:
+            raise MemoryError()
+        self.state.cur_p.data = self.state.cur
+        self.state.cur_p.size = 0
+        self.state.cur_p.selected = -1
+        if params.grammar:
+            self.state.grammar = _make_grammar(model, params)
+        self.state.chain = _make_chain(model, params)
+
+    def __dealloc__(self):
+        if self.state != NULL:
+            if self.state.chain != NULL:
+                L.llama_sampler_free(self.state.chain)
+            if self.state.grammar != NULL:
+                L.llama_sampler_free(self.state.grammar)
+            free(self.state.cur)
+            free(self.state)
+            self.state = NULL
 
     @staticmethod
     def greedy(Model model):
         """Return a chain that always picks the most likely token."""
         return SamplerChain(model, temperature=0.0)
 
-    def __dealloc__(self):
-        if self.ptr != NULL:
-            L.llama_sampler_free(self.ptr)
-            self.ptr = NULL
-
     def reset(self):
-        """Forget accepted tokens and restart the RNG stream state."""
-        L.llama_sampler_reset(self.ptr)
+        """Forget accepted tokens and restart the RNG from the seed."""
+        L.llama_sampler_reset(self.state.chain)
+        if self.state.grammar != NULL:
+            L.llama_sampler_reset(self.state.grammar)
+
+    def accept(self, L.llama_token token):
+        """Record a token as if it had been sampled (prompt tokens for penalties)."""
+        self.model.check_token(token)
+        sampler_accept(self.state, token)
 
     @property
     def names(self):
         """The names of the samplers in the chain, in order."""
         cdef int i
-        return [(<bytes>L.llama_sampler_name(L.llama_sampler_chain_get(self.ptr, i))).decode()
-                for i in range(L.llama_sampler_chain_n(self.ptr))]
+        return [(<bytes>L.llama_sampler_name(L.llama_sampler_chain_get(self.state.chain, i))).decode()
+                for i in range(L.llama_sampler_chain_n(self.state.chain))]
+
+    @property
+    def seed(self):
+        """The seed in use (the random one picked when the params asked for -1)."""
+        return L.llama_sampler_get_seed(self.state.chain)
 
     cdef L.llama_token sample_c(self, L.llama_context * ctx, int idx) noexcept nogil:
-        # Samples from the logits of output row `idx` of the last decode and accepts the token.
-        # Engine thread, GIL not needed.
-        return L.llama_sampler_sample(self.ptr, ctx, idx)
+        # Samples from output row `idx` of the last decode and accepts the token. Owner thread.
+        cdef L.llama_token token = sampler_sample(self.state, L.llama_get_logits_ith(ctx, idx))
+        sampler_accept(self.state, token)
+        return token
+
+
+cdef L.llama_sampler * _make_grammar(Model model, params) except NULL:
+    cdef bytes grammar = params.grammar.encode()
+    cdef vector[const char *] patterns
+    cdef vector[L.llama_token] trigger_tokens
+    cdef L.llama_sampler * smpl
+    words = [_regex_escape(w).encode() for w in params.grammar_trigger_words]
+    if params.grammar_lazy:
+        for w in words:
+            patterns.push_back(<const char *> w)
+        for t in params.grammar_trigger_tokens:
+            trigger_tokens.push_back(t)
+        smpl = L.llama_sampler_init_grammar_lazy_patterns(
+            model.vocab, grammar, b"root", patterns.data(), patterns.size(),
+            trigger_tokens.data(), trigger_tokens.size())
+    else:
+        smpl = L.llama_sampler_init_grammar(model.vocab, grammar, b"root")
+    if smpl == NULL:
+        raise InvalidRequestError("Failed to initialize samplers: failed to parse grammar",
+                                  param="grammar")
+    return smpl
+
+
+def _regex_escape(text):
+    # std::regex ECMAScript escaping, as upstream's regex_escape.
+    import re
+    return re.sub(r"([.^$|()\[\]{}*+?\\])", r"\\\1", text)
+
+
+cdef L.llama_sampler * _make_chain(Model model, params) except NULL:
+    cdef L.llama_sampler_chain_params cparams = L.llama_sampler_chain_default_params()
+    cparams.no_perf = True
+    cdef L.llama_sampler * chain = L.llama_sampler_chain_init(cparams)
+    cdef uint32_t seed = params.seed
+    cdef vector[L.llama_logit_bias] biases
+    cdef L.llama_logit_bias bias
+    cdef int32_t n_suppress = 0, i
+    cdef const L.llama_token * suppress = L.llama_vocab_get_suppress_tokens(model.vocab, &n_suppress)
+    cdef vector[const char *] breakers
+    try:
+        for token, value in params.logit_bias:
+            if 0 <= token < model.n_vocab:
+                bias.token = token
+                bias.bias = value
+                biases.push_back(bias)
+        if params.ignore_eos:
+            for token in range(model.n_vocab):
+                if L.llama_vocab_is_eog(model.vocab, token):
+                    bias.token = token
+                    bias.bias = -INFINITY
+                    biases.push_back(bias)
+        for i in range(n_suppress):
+            bias.token = suppress[i]
+            bias.bias = -INFINITY
+            biases.push_back(bias)
+        if biases.size():
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_logit_bias(
+                model.n_vocab, biases.size(), biases.data()))
+
+        if params.mirostat == 1:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(params.temperature))
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_mirostat(
+                model.n_vocab, seed, params.mirostat_tau, params.mirostat_eta, 100))
+            return chain
+        if params.mirostat == 2:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(params.temperature))
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_mirostat_v2(
+                seed, params.mirostat_tau, params.mirostat_eta))
+            return chain
+
+        use_adaptive_p = False
+        breaker_bytes = [b.encode() for b in params.dry_sequence_breakers]
+        for b in breaker_bytes:
+            breakers.push_back(<const char *> b)
+        for name in params.samplers:
+            if name == "dry":
+                L.llama_sampler_chain_add(chain, L.llama_sampler_init_dry(
+                    model.vocab, params.dry_multiplier, params.dry_base, params.dry_allowed_length,
+                    params.dry_penalty_last_n, breakers.data(), breakers.size()))
+            elif name == "top_k":
+                L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_k(params.top_k))
+            elif name == "top_p":
+                L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_p(params.top_p, params.min_keep))
+            elif name == "top_n_sigma":
+                L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_n_sigma(params.top_n_sigma))
+            elif name == "min_p":
+                L.llama_sampler_chain_add(chain, L.llama_sampler_init_min_p(params.min_p, params.min_keep))
+            elif name == "xtc":
+                L.llama_sampler_chain_add(chain, L.llama_sampler_init_xtc(
+                    params.xtc_probability, params.xtc_threshold, params.min_keep, seed))
+            elif name == "typ_p":
+                L.llama_sampler_chain_add(chain, L.llama_sampler_init_typical(params.typical_p, params.min_keep))
+            elif name == "temperature":
+                L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp_ext(
+                    params.temperature, params.dynatemp_range, params.dynatemp_exponent))
+            elif name == "infill":
+                L.llama_sampler_chain_add(chain, L.llama_sampler_init_infill(model.vocab))
+            elif name == "penalties":
+                L.llama_sampler_chain_add(chain, L.llama_sampler_init_penalties(
+                    model.n_vocab, params.repeat_last_n, params.repeat_penalty,
+                    params.frequency_penalty, params.presence_penalty))
+            elif name == "adaptive_p":
+                use_adaptive_p = True
+            else:
+                raise InvalidRequestError(f"unknown sampler {name!r}", param="samplers")
+        if use_adaptive_p:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_adaptive_p(
+                params.adaptive_target, params.adaptive_decay, seed))
+        else:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed))
+        return chain
+    except BaseException:
+        L.llama_sampler_free(chain)
+        raise

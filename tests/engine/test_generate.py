@@ -53,8 +53,12 @@ def test_seeded_sampling_is_deterministic(ctx, gemma):
     assert _run(ctx, gemma, chain, n=32) == _run(ctx, gemma, chain, n=32)
     others = {tuple(_run(ctx, gemma, sampler(seed), n=32)) for seed in (1, 2, 3)}
     assert len(others | {tuple(a)}) > 1
-    # upstream names the temperature sampler "?temp" (it may pass logits through unchanged)
-    assert [n.lstrip("?") for n in chain.names] == ["top-k", "top-p", "min-p", "temp", "dist"]
+    # upstream's default chain; "?" marks samplers that pass logits through at these values
+    assert [n.lstrip("?") for n in chain.names] == [
+        "penalties", "dry", "top-n-sigma", "top-k", "typical", "top-p", "min-p", "xtc",
+        "temp-ext", "dist"]
+    assert [n.lstrip("?") for n in SamplerChain(gemma, mirostat=2).names] == ["temp", "mirostat-v2"]
+    assert SamplerChain(gemma, seed=1234).seed == 1234
 
 
 def test_stop_reasons(ctx, gemma):
@@ -118,7 +122,9 @@ def test_bad_context_parameters(gemma, kwargs):
         Context(gemma, **kwargs)
 
 
-@pytest.mark.parametrize("kwargs", [dict(top_p=1.5), dict(min_p=-0.1), dict(min_keep=-1)])
+@pytest.mark.parametrize("kwargs", [dict(top_p=1.5), dict(min_p=-0.1), dict(min_keep=-1),
+                                    dict(grammar="root ::= ("), dict(mirostat=3),
+                                    dict(repeat_penalty=0.0)])
 def test_bad_sampler_parameters(gemma, kwargs):
     with pytest.raises(InvalidRequestError):
         SamplerChain(gemma, **kwargs)
