@@ -4,12 +4,34 @@ Imports: the compiled engine modules and `errors`; never falcon or the server.
 """
 
 from pyllama.engine._context import Context, default_threads
+from pyllama.engine.client import Engine, RequestHandle
 from pyllama.engine._model import Model, llama_version, set_log_level, supports_gpu_offload, system_info
-from pyllama.engine._sampling import DEFAULT_SEED, SamplerChain
+from pyllama.engine._sampling import SamplerChain
+from pyllama.engine.types import (
+    DEFAULT_SEED,
+    ErrorEvent,
+    FinishEvent,
+    FinishReason,
+    Request,
+    SamplingParams,
+    Timings,
+    TokenEvent,
+    TokenProb,
+)
 
 __all__ = [
     "DEFAULT_SEED",
     "Context",
+    "Engine",
+    "ErrorEvent",
+    "FinishEvent",
+    "FinishReason",
+    "Request",
+    "RequestHandle",
+    "SamplingParams",
+    "Timings",
+    "TokenEvent",
+    "TokenProb",
     "Model",
     "SamplerChain",
     "default_threads",

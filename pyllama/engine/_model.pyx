@@ -118,6 +118,7 @@ cdef class Model:
         use_mlock: keep the model in RAM.
         vocab_only: load the vocabulary and metadata only, no weights.
         check_tensors: validate tensor data while loading.
+        repack: let the CPU backend repack weights for faster kernels (llama-server's --repack).
 
     Raises:
         ModelNotFoundError: the path does not exist or is not a file.
@@ -128,7 +129,7 @@ cdef class Model:
     """
 
     def __cinit__(self, path, *, int n_gpu_layers=-1, bint use_mmap=True, bint use_mlock=False,
-                  bint vocab_only=False, bint check_tensors=False):
+                  bint vocab_only=False, bint check_tensors=False, bint repack=True):
         self.ptr = NULL
         self.vocab = NULL
         self.path = os.fspath(path)
@@ -146,6 +147,7 @@ cdef class Model:
             params.load_mode = L.LLAMA_LOAD_MODE_MLOCK if use_mlock else L.LLAMA_LOAD_MODE_NONE
         params.vocab_only = vocab_only
         params.check_tensors = check_tensors
+        params.use_extra_bufts = repack
 
         cdef bytes cpath = os.fsencode(self.path)
         cdef const char * c_path = cpath

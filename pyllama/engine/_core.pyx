@@ -1,0 +1,606 @@
+# cython: language_level=3, embedsignature=True
+"""EngineCore: llama-server's slots over one llama_context, one shared batch per step.
+
+Each `step()` puts the next token of every generating slot and then prompt chunks of the
+slots being filled into ONE batch (at most n_batch tokens), decodes it with the GIL released,
+samples every slot that produced logits (in parallel across CPU threads), then publishes one
+event per request. Mirrors upstream's server_context::update_slots / process_token
+(tools/server/server-context.cpp).
+Engine thread only: the thread that created an EngineCore is the only one that may call it.
+Imports: `_llama`, `_model`, `_context`, `_sampling`, `engine.types`, `errors`.
+"""
+
+import logging
+import time
+
+from cython.parallel cimport prange
+from libc.math cimport exp
+from libc.stdint cimport int32_t, int64_t
+from libc.stdlib cimport free, malloc
+from libcpp.vector cimport vector
+
+from pyllama cimport _llama as L
+from pyllama.engine._context cimport Context
+from pyllama.engine._model cimport Model
+from pyllama.engine._sampling cimport SamplerChain, SamplerState, sampler_accept, sampler_sample
+
+from pyllama.engine.types import (
+    ErrorEvent,
+    FinishEvent,
+    FinishReason,
+    Timings,
+    TokenEvent,
+    TokenProb,
+)
+from pyllama.errors import ContextLengthExceededError, EngineError, InvalidRequestError
+
+logger = logging.getLogger("pyllama.engine")
+
+cdef enum SlotState:
+    SLOT_IDLE = 0
+    SLOT_PREFILL = 1
+    SLOT_GENERATING = 2
+
+
+cdef struct SlotC:
+    # Per-slot state the C loop reads; the Python Slot holds the rest.
+    int32_t state
+    int32_t n_past          # tokens in the KV cache for this sequence
+    int32_t i_batch         # output row of this slot in the current batch, -1 if none
+    L.llama_token sampled
+    SamplerState * sampler  # borrowed from the request's SamplerChain
+    const float * logits
+
+
+cdef int utf8_complete_len(bytes data):
+    # Length of the longest prefix of `data` that does not end inside a UTF-8 character.
+    cdef Py_ssize_t n = len(data), i, need
+    cdef unsigned char c
+    i = n - 1
+    while i >= 0 and i >= n - 4:
+        c = data[i]
+        if c & 0xC0 != 0x80:  # a lead byte (or ASCII)
+            if c < 0x80:
+                need = 1
+            elif c >= 0xF0:
+                need = 4
+            elif c >= 0xE0:
+                need = 3
+            elif c >= 0xC0:
+                need = 2
+            else:
+                need = 1
+            return n if n - i >= need else i
+        i -= 1
+    return n
+
+
+def _find_partial_stop(str text, str word):
+    # Start of the longest suffix of `text` that is a proper prefix of `word`, or -1.
+    cdef Py_ssize_t k
+    for k in range(min(len(word) - 1, len(text)), 0, -1):
+        if text.endswith(word[:k]):
+            return len(text) - k
+    return -1
+
+
+cdef class Slot:
+    """One sequence of the context and the request it serves. Engine thread only."""
+
+    cdef public int id
+    cdef vector[L.llama_token] cache_tokens  # what the KV cache holds for this sequence
+    cdef vector[L.llama_token] prompt
+    cdef int n_prompt_done
+    cdef public object request
+    cdef public object channel
+    cdef public SamplerChain sampler
+    cdef public double t_last_used
+    # per-request progress
+    cdef int n_decoded
+    cdef int n_predict
+    cdef int n_cached
+    cdef bytes pending_bytes
+    cdef str generated_text
+    cdef int n_sent
+    cdef list generated_tokens
+    cdef bint truncated
+    cdef double t_start
+    cdef double t_prompt_done
+    cdef bint has_new_line
+
+    def __init__(self, int slot_id):
+        self.id = slot_id
+        self.request = None
+        self.channel = None
+        self.sampler = None
+        self.t_last_used = 0.0
+
+    @property
+    def cached_tokens(self):
+        return [t for t in self.cache_tokens]
+
+    @property
+    def busy(self):
+        return self.request is not None
+
+
+cdef class EngineCore:
+    """The continuous-batching loop over one Context (see the module docstring).
+
+    Args:
+        context: the Context, with n_seq_max = the number of slots.
+        n_predict: the server-wide default generation cap (-1 = unlimited).
+        ctx_shift: shift the context instead of stopping when a slot's context fills.
+        slot_prompt_similarity: least prefix share that picks a slot by its cache.
+        n_threads_sampling: threads that sample slots in parallel (1 = on the engine thread).
+    """
+
+    cdef readonly Context context
+    cdef readonly Model model
+    cdef SlotC * slots_c
+    cdef readonly list slots
+    cdef readonly int n_slots
+    cdef readonly int n_ctx_slot
+    cdef readonly int n_batch
+    cdef int n_swa
+    cdef public int n_predict_default
+    cdef public bint ctx_shift
+    cdef public double slot_prompt_similarity
+    cdef public int n_threads_sampling
+    cdef list prefill_order
+    cdef vector[int] sample_slots
+    # counters (tests and /metrics read them)
+    cdef readonly int64_t n_steps
+    cdef readonly int64_t n_decode_calls
+    cdef readonly int64_t n_tokens_predicted_total
+    cdef readonly int64_t n_prompt_tokens_total
+    cdef readonly double t_decode_total
+    cdef readonly double t_step_total
+
+    def __cinit__(self, Context context, *, int n_predict=-1, bint ctx_shift=False,
+                  double slot_prompt_similarity=0.1, int n_threads_sampling=1):
+        self.slots_c = NULL
+        self.context = context
+        self.model = context.model
+        self.n_slots = L.llama_n_seq_max(context.ptr)
+        self.n_ctx_slot = L.llama_n_ctx_seq(context.ptr)
+        self.n_batch = L.llama_n_batch(context.ptr)
+        self.n_swa = L.llama_model_n_swa(self.model.ptr)
+        self.n_predict_default = n_predict
+        self.ctx_shift = ctx_shift and L.llama_memory_can_shift(L.llama_get_memory(context.ptr))
+        self.slot_prompt_similarity = slot_prompt_similarity
+        self.n_threads_sampling = max(1, n_threads_sampling)
+        self.slots_c = <SlotC *> malloc(sizeof(SlotC) * self.n_slots)
+        self.slots = []
+        cdef int i
+        for i in range(self.n_slots):
+            self.slots_c[i].state = SLOT_IDLE
+            self.slots_c[i].n_past = 0
+            self.slots_c[i].i_batch = -1
+            self.slots_c[i].sampler = NULL
+            self.slots.append(Slot(i))
+        self.prefill_order = []
+
+    def __dealloc__(self):
+        free(self.slots_c)
+        self.slots_c = NULL
+
+    # --- admission ---------------------------------------------------------------------------
+    def free_slot_for(self, request):
+        """Return the slot a request should take now, or None to defer it (server_context::get_available_slot)."""
+        cdef Slot slot, best = None
+        cdef int lcp
+        if request.id_slot >= 0:
+            slot = self.slots[request.id_slot % self.n_slots]
+            return None if slot.busy else slot
+        idle = [s for s in self.slots if not (<Slot>s).busy]
+        if not idle:
+            return None
+        if self.slot_prompt_similarity > 0 and request.cache_prompt:
+            best_share = 0.0
+            for s in idle:
+                slot = <Slot>s
+                if slot.cache_tokens.size() == 0:
+                    continue
+                lcp = _common_prefix(slot.cache_tokens, request.prompt)
+                share = lcp / max(1, len(request.prompt))
+                if share > best_share:
+                    best, best_share = slot, share
+            if best is not None and best_share > self.slot_prompt_similarity:
+                return best
+        return min(idle, key=lambda s: (<Slot>s).t_last_used)
+
+    def admit(self, Slot slot, request, SamplerChain sampler, channel):
+        """Start `request` on `slot`: reuse the cached prefix, queue the rest for prefill.
+
+        Raises:
+            ContextLengthExceededError: the prompt does not fit the slot's context.
+            InvalidRequestError: an empty prompt or a token outside the vocabulary.
+        """
+        cdef int n_prompt = len(request.prompt)
+        if n_prompt == 0:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        for t in request.prompt:
+            self.model.check_token(t)
+        if n_prompt >= self.n_ctx_slot:
+            raise ContextLengthExceededError(
+                f"request ({n_prompt} tokens) exceeds the available context size "
+                f"({self.n_ctx_slot} tokens), try increasing it",
+                n_prompt_tokens=n_prompt, n_ctx=self.n_ctx_slot)
+        cdef SlotC * sc = &self.slots_c[slot.id]
+        cdef L.llama_memory_t mem = L.llama_get_memory(self.context.ptr)
+        cdef int keep = 0
+        if request.cache_prompt:
+            keep = min(_common_prefix(slot.cache_tokens, request.prompt), n_prompt - 1)
+            if keep > 0 and self.n_swa > 0:
+                # SWA caches drop old cells: reuse only if the cells still cover the prefix.
+                if L.llama_memory_seq_pos_min(mem, slot.id) > max(0, keep - self.n_swa):
+                    keep = 0
+        if not L.llama_memory_seq_rm(mem, slot.id, keep, -1):
+            keep = 0
+            L.llama_memory_seq_rm(mem, slot.id, -1, -1)
+        slot.cache_tokens.resize(keep)
+        slot.prompt.clear()
+        for t in request.prompt:
+            slot.prompt.push_back(t)
+        slot.n_prompt_done = keep
+        slot.request = request
+        slot.channel = channel
+        slot.sampler = sampler
+        slot.n_decoded = 0
+        slot.n_predict = request.n_predict if request.n_predict != -1 else self.n_predict_default
+        slot.n_cached = keep
+        slot.pending_bytes = b""
+        slot.generated_text = ""
+        slot.n_sent = 0
+        slot.generated_tokens = []
+        slot.truncated = False
+        slot.has_new_line = False
+        slot.t_start = time.perf_counter()
+        slot.t_prompt_done = 0.0
+        sampler.reset()
+        sc.state = SLOT_PREFILL
+        sc.n_past = keep
+        sc.i_batch = -1
+        sc.sampler = sampler.state
+        self.prefill_order.append(slot)
+        logger.debug("slot %d: request %d, %d prompt tokens, %d cached", slot.id, request.id,
+                     n_prompt, keep)
+
+    def cancel(self, int request_id):
+        """Stop a request now; its slot is free on return. Returns whether it was running."""
+        for s in self.slots:
+            if (<Slot>s).busy and (<Slot>s).request.id == request_id:
+                self._release(<Slot>s, FinishReason.CANCELLED, "")
+                return True
+        return False
+
+    @property
+    def n_busy(self):
+        return sum(1 for s in self.slots if (<Slot>s).busy)
+
+    # --- the step ------------------------------------------------------------------------------
+    def step(self):
+        """Run one decode over every busy slot. Returns False when there was nothing to do."""
+        cdef double t0 = time.perf_counter(), t1
+        cdef int n = 0, i, take, j, k
+        cdef Slot slot
+        cdef SlotC * sc
+        cdef Context ctx = self.context
+        cdef L.llama_memory_t mem = L.llama_get_memory(ctx.ptr)
+
+        # 1. the next token of every generating slot
+        for i in range(self.n_slots):
+            sc = &self.slots_c[i]
+            sc.i_batch = -1
+            if sc.state != SLOT_GENERATING:
+                continue
+            slot = <Slot>self.slots[i]
+            if sc.n_past + 1 >= self.n_ctx_slot and self.ctx_shift:
+                self._context_shift(slot)
+            ctx._batch_set(n, sc.sampled, sc.n_past, i, True)
+            slot.cache_tokens.push_back(sc.sampled)
+            sc.i_batch = n
+            sc.n_past += 1
+            n += 1
+
+        # 2. prompt chunks fill the rest of the batch, in admission order
+        for slot in list(self.prefill_order):
+            if n >= self.n_batch:
+                break
+            sc = &self.slots_c[slot.id]
+            take = min(self.n_batch - n, <int>slot.prompt.size() - slot.n_prompt_done)
+            for j in range(take):
+                k = slot.n_prompt_done + j
+                ctx._batch_set(n, slot.prompt[k], sc.n_past, slot.id,
+                               k == <int>slot.prompt.size() - 1)
+                slot.cache_tokens.push_back(slot.prompt[k])
+                sc.n_past += 1
+                n += 1
+            slot.n_prompt_done += take
+            if slot.n_prompt_done == <int>slot.prompt.size():
+                sc.i_batch = n - 1
+                sc.state = SLOT_GENERATING
+                self.prefill_order.remove(slot)
+                self.n_prompt_tokens_total += <int>slot.prompt.size() - slot.n_cached
+
+        if n == 0:
+            return False
+
+        # 3. decode, GIL released
+        t1 = time.perf_counter()
+        try:
+            ctx.decode_c(n)
+        except EngineError as exc:
+            self._abort_all(exc)
+            return True
+        self.t_decode_total += time.perf_counter() - t1
+        self.n_decode_calls += 1
+
+        # 4. sample every slot with logits: rows fetched here, chains run in parallel
+        self.sample_slots.clear()
+        L.llama_get_logits(ctx.ptr)  # resolves the output order once, on this thread
+        for i in range(self.n_slots):
+            sc = &self.slots_c[i]
+            if sc.i_batch >= 0:
+                sc.logits = L.llama_get_logits_ith(ctx.ptr, sc.i_batch)
+                self.sample_slots.push_back(i)
+        self._sample_all()
+
+        # 5. publish
+        for j in range(<int>self.sample_slots.size()):
+            i = self.sample_slots[j]
+            self._process_token(<Slot>self.slots[i])
+        self.n_steps += 1
+        self.t_step_total += time.perf_counter() - t0
+        return True
+
+    cdef void _sample_all(self) noexcept:
+        cdef int n = self.sample_slots.size(), j, i
+        cdef int nthreads = min(self.n_threads_sampling, n)
+        cdef SlotC * slots_c = self.slots_c
+        cdef int * idx = self.sample_slots.data()
+        if nthreads > 1:
+            # PERF: each slot's chain runs on its own logits row; upstream does this serially.
+            for j in prange(n, nogil=True, num_threads=nthreads, schedule="static"):
+                slots_c[idx[j]].sampled = sampler_sample(slots_c[idx[j]].sampler, slots_c[idx[j]].logits)
+                sampler_accept(slots_c[idx[j]].sampler, slots_c[idx[j]].sampled)
+        else:
+            with nogil:
+                for j in range(n):
+                    i = idx[j]
+                    slots_c[i].sampled = sampler_sample(slots_c[i].sampler, slots_c[i].logits)
+                    sampler_accept(slots_c[i].sampler, slots_c[i].sampled)
+
+    cdef void _context_shift(self, Slot slot) except *:
+        # server_context::update_slots, "context shift": drop half of what follows n_keep.
+        cdef SlotC * sc = &self.slots_c[slot.id]
+        cdef L.llama_memory_t mem = L.llama_get_memory(self.context.ptr)
+        request = slot.request
+        cdef int n_keep = request.n_keep if request.n_keep >= 0 else <int>slot.prompt.size()
+        n_keep += 1 if L.llama_vocab_get_add_bos(self.model.vocab) else 0
+        n_keep = min(self.n_ctx_slot - 4, n_keep)
+        cdef int n_left = sc.n_past - n_keep
+        cdef int n_discard = request.n_discard if request.n_discard else n_left // 2
+        n_discard = max(0, min(n_discard, n_left - 1))
+        L.llama_memory_seq_rm(mem, slot.id, n_keep, n_keep + n_discard)
+        L.llama_memory_seq_add(mem, slot.id, n_keep + n_discard, sc.n_past, -n_discard)
+        cdef int i
+        for i in range(n_keep + n_discard, <int>slot.cache_tokens.size()):
+            slot.cache_tokens[i - n_discard] = slot.cache_tokens[i]
+        slot.cache_tokens.resize(slot.cache_tokens.size() - n_discard)
+        sc.n_past -= n_discard
+        slot.truncated = True
+        logger.debug("slot %d: context shift, n_keep = %d, n_discard = %d", slot.id, n_keep, n_discard)
+
+    cdef void _process_token(self, Slot slot) except *:
+        # server_context::process_token: text, stop strings, limits, EOG; one event per step.
+        cdef SlotC * sc = &self.slots_c[slot.id]
+        cdef L.llama_token token = sc.sampled
+        request = slot.request
+        cdef double now = time.perf_counter()
+        if slot.n_decoded == 0:
+            slot.t_prompt_done = now
+            if slot.n_predict == 0:
+                # n_predict = 0 only fills the cache; the sampled token is not used.
+                slot.cache_tokens.resize(sc.n_past)
+                self._release(slot, FinishReason.LIMIT, "")
+                return
+        slot.n_decoded += 1
+        self.n_tokens_predicted_total += 1
+        slot.generated_tokens.append(token)
+        cdef bint is_eog = L.llama_vocab_is_eog(self.model.vocab, token)
+        probs = self._token_probs(slot, token) if request.sampling.n_probs > 0 else None
+
+        piece = self.model.piece_c(token, request.special)
+        data = slot.pending_bytes + piece
+        cdef int n_ok = utf8_complete_len(data)
+        new_text = data[:n_ok].decode("utf-8", "replace")
+        slot.pending_bytes = data[n_ok:]
+        slot.generated_text += new_text
+
+        reason = None
+        stopping_word = ""
+        if not slot.pending_bytes:
+            reason, stopping_word = self._check_stop_strings(slot, len(new_text), is_eog)
+        send_upto = len(slot.generated_text)
+        if reason is None and not is_eog:
+            send_upto = self._partial_stop_at(slot)
+        text = slot.generated_text[slot.n_sent:send_upto]
+        slot.n_sent = max(slot.n_sent, send_upto)
+
+        if reason is None:
+            if not self.ctx_shift and sc.n_past + 1 >= self.n_ctx_slot:
+                slot.truncated = True
+                reason = FinishReason.LIMIT
+            elif slot.n_predict >= 0 and slot.n_decoded >= slot.n_predict:
+                reason = FinishReason.LIMIT
+            elif "\n" in new_text and request.t_max_predict_ms > 0 and \
+                    (now - slot.t_prompt_done) * 1e3 > request.t_max_predict_ms:
+                reason = FinishReason.LIMIT
+            elif is_eog:
+                reason = FinishReason.EOS
+        if text or probs is not None:
+            slot.channel.put(TokenEvent(text, [token], [probs] if probs is not None else None))
+        if reason is not None:
+            self._release(slot, reason, stopping_word)
+
+    cdef tuple _check_stop_strings(self, Slot slot, int n_new, bint is_eog):
+        # A full stop string in the unsent text cuts the text there (find_stopping_strings).
+        cdef str unsent = slot.generated_text[slot.n_sent:]
+        best = -1
+        word_found = ""
+        for word in slot.request.stop:
+            start = max(0, len(unsent) - (len(word) + n_new))
+            pos = unsent.find(word, start)
+            if pos >= 0 and (best < 0 or pos < best):
+                best, word_found = pos, word
+        if best < 0:
+            return None, ""
+        slot.generated_text = slot.generated_text[:slot.n_sent + best]
+        return FinishReason.WORD, word_found
+
+    cdef int _partial_stop_at(self, Slot slot):
+        # Hold back a suffix that may still grow into a stop string.
+        cdef str text = slot.generated_text
+        cdef int hold = len(text)
+        for word in slot.request.stop:
+            pos = _find_partial_stop(text[slot.n_sent:], word)
+            if pos >= 0:
+                hold = min(hold, slot.n_sent + pos)
+        return hold
+
+    cdef object _token_probs(self, Slot slot, L.llama_token token):
+        # Top n_probs candidates: from the full distribution, or after the sampler chain.
+        cdef SlotC * sc = &self.slots_c[slot.id]
+        cdef int n_probs = slot.request.sampling.n_probs
+        cdef vector[L.llama_token] ids
+        cdef vector[float] ps
+        cdef float chosen_p = 0.0
+        cdef SamplerState * st = sc.sampler
+        cdef int i
+        if slot.request.sampling.post_sampling_probs:
+            _top_from_candidates(&st.cur_p, n_probs, token, ids, ps, &chosen_p)
+        else:
+            _top_from_logits(sc.logits, self.model.n_vocab, n_probs, token, ids, ps, &chosen_p)
+        special = slot.request.special
+        top = [TokenProb(ids[i], self.model.piece_c(ids[i], special), ps[i]) for i in range(ids.size())]
+        return (TokenProb(token, self.model.piece_c(token, special), chosen_p), top)
+
+    cdef void _release(self, Slot slot, reason, str stopping_word) except *:
+        cdef SlotC * sc = &self.slots_c[slot.id]
+        cdef double now = time.perf_counter()
+        request = slot.request
+        if slot in self.prefill_order:
+            self.prefill_order.remove(slot)
+        # The KV cache keeps exactly cache_tokens: a later request can reuse them.
+        if <int>slot.cache_tokens.size() != sc.n_past:
+            slot.cache_tokens.resize(sc.n_past)
+        t_prompt_done = slot.t_prompt_done or now
+        n_evaluated = slot.n_prompt_done - slot.n_cached
+        timings = Timings(prompt_n=n_evaluated, prompt_ms=(t_prompt_done - slot.t_start) * 1e3,
+                          predicted_n=slot.n_decoded,
+                          predicted_ms=(now - t_prompt_done) * 1e3 if slot.t_prompt_done else 0.0,
+                          cache_n=slot.n_cached)
+        if slot.pending_bytes:
+            tail = slot.pending_bytes.decode("utf-8", "replace")
+            slot.generated_text += tail
+            slot.pending_bytes = b""
+        if slot.n_sent < len(slot.generated_text) and reason != FinishReason.CANCELLED:
+            slot.channel.put(TokenEvent(slot.generated_text[slot.n_sent:], []))
+            slot.n_sent = len(slot.generated_text)
+        slot.channel.put(FinishEvent(
+            reason=reason, text=slot.generated_text, tokens=slot.generated_tokens,
+            stopping_word=stopping_word, truncated=slot.truncated,
+            n_prompt_tokens=<int>slot.prompt.size(), tokens_evaluated=<int>slot.prompt.size(),
+            tokens_cached=sc.n_past, timings=timings, id_slot=slot.id))
+        logger.debug("slot %d: request %d done (%s), %d tokens", slot.id, request.id,
+                     reason.value, slot.n_decoded)
+        slot.request = None
+        slot.channel = None
+        slot.sampler = None
+        slot.t_last_used = now
+        sc.state = SLOT_IDLE
+        sc.i_batch = -1
+        sc.sampler = NULL
+
+    cdef void _abort_all(self, exc) except *:
+        # A failed decode: every busy request ends with the error, their KV is dropped.
+        cdef L.llama_memory_t mem = L.llama_get_memory(self.context.ptr)
+        logger.error("decode failed, aborting %d requests: %s", self.n_busy, exc)
+        for s in self.slots:
+            slot = <Slot>s
+            if slot.busy:
+                slot.channel.put(ErrorEvent(exc))
+                slot.request = None
+                slot.channel = None
+                slot.sampler = None
+                self.slots_c[slot.id].state = SLOT_IDLE
+                self.slots_c[slot.id].sampler = NULL
+            L.llama_memory_seq_rm(mem, slot.id, -1, -1)
+            slot.cache_tokens.clear()
+            self.slots_c[slot.id].n_past = 0
+        self.prefill_order.clear()
+
+    def stats(self):
+        """Counters since start (steps, decodes, tokens, seconds in decode and in steps)."""
+        return dict(n_steps=self.n_steps, n_decode_calls=self.n_decode_calls,
+                    n_tokens_predicted=self.n_tokens_predicted_total,
+                    n_prompt_tokens=self.n_prompt_tokens_total,
+                    t_decode=self.t_decode_total, t_step=self.t_step_total,
+                    n_busy=self.n_busy)
+
+
+cdef int _common_prefix(vector[L.llama_token] & cached, prompt):
+    cdef int n = min(<int>cached.size(), len(prompt)), i = 0
+    while i < n and cached[i] == prompt[i]:
+        i += 1
+    return i
+
+
+cdef void _push_top(vector[L.llama_token] & ids, vector[float] & ps, int k, L.llama_token tok,
+                    float p) noexcept:
+    # Keeps (ids, ps) as the k largest so far, sorted descending.
+    cdef int n = ps.size(), i
+    if n == k and p <= ps[n - 1]:
+        return
+    if n < k:
+        ids.push_back(tok)
+        ps.push_back(p)
+        n += 1
+    i = n - 1
+    while i > 0 and ps[i - 1] < p:
+        ids[i] = ids[i - 1]
+        ps[i] = ps[i - 1]
+        i -= 1
+    ids[i] = tok
+    ps[i] = p
+
+
+cdef void _top_from_logits(const float * logits, int n_vocab, int k, L.llama_token chosen,
+                           vector[L.llama_token] & ids, vector[float] & ps, float * chosen_p) noexcept:
+    # Softmax over the whole vocabulary (upstream's populate_token_probs, pre-sampling).
+    cdef float mx = logits[0]
+    cdef double total = 0.0
+    cdef int i
+    for i in range(1, n_vocab):
+        if logits[i] > mx:
+            mx = logits[i]
+    for i in range(n_vocab):
+        total += exp(logits[i] - mx)
+    for i in range(n_vocab):
+        _push_top(ids, ps, k, i, <float>(exp(logits[i] - mx) / total))
+    chosen_p[0] = <float>(exp(logits[chosen] - mx) / total)
+
+
+cdef void _top_from_candidates(L.llama_token_data_array * cur_p, int k, L.llama_token chosen,
+                               vector[L.llama_token] & ids, vector[float] & ps,
+                               float * chosen_p) noexcept:
+    # The candidates left by the chain, with the probabilities it computed (post-sampling).
+    cdef size_t i
+    chosen_p[0] = 0.0
+    for i in range(cur_p.size):
+        if cur_p.data[i].id == chosen:
+            chosen_p[0] = cur_p.data[i].p
+        if cur_p.data[i].p > 0.0:
+            _push_top(ids, ps, k, cur_p.data[i].id, cur_p.data[i].p)

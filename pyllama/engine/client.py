@@ -1,0 +1,241 @@
+"""Engine and RequestHandle: the thread-safe face of the engine.
+
+`Engine` owns one model, one context and the engine thread that runs the continuous-batching
+loop (`EngineCore.step`). Any thread may `submit()` a Request and iterate the returned handle
+for its events; `cancel()` stops a request within one step.
+Imports: engine internals, `engine.types`, `errors`; never falcon or the server.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+from typing import Iterator
+
+from pyllama.engine._context import Context
+from pyllama.engine._core import EngineCore
+from pyllama.engine._model import Model
+from pyllama.engine._sampling import SamplerChain
+from pyllama.engine.types import ErrorEvent, FinishEvent, FinishReason, Request, Timings, TokenEvent
+from pyllama.errors import EngineError, PyllamaError, UnavailableError
+
+logger = logging.getLogger(__name__)
+
+
+class RequestHandle:
+    """The caller's side of one request: iterate it for TokenEvents, then a Finish/ErrorEvent.
+
+    Thread-safe: one consumer thread iterates, any thread may cancel.
+    """
+
+    def __init__(self, engine: "Engine", request: Request) -> None:
+        self._engine = engine
+        self.request = request
+        self.id = request.id
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self.result: FinishEvent | None = None
+
+    def put(self, event) -> None:  # engine thread
+        self._events.put(event)
+
+    def get(self, timeout: float | None = None):
+        """Return the next event, or None when `timeout` seconds pass without one."""
+        try:
+            return self._events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def __iter__(self) -> Iterator[TokenEvent | FinishEvent]:
+        """Yield TokenEvents and then the FinishEvent; an ErrorEvent raises its error."""
+        while True:
+            event = self._events.get()
+            if isinstance(event, ErrorEvent):
+                raise event.error
+            yield event
+            if isinstance(event, FinishEvent):
+                self.result = event
+                return
+
+    def cancel(self) -> None:
+        """Stop the request; its slot is freed within one engine step."""
+        self._engine.cancel(self.id)
+
+    def wait(self) -> FinishEvent:
+        """Consume the events and return the FinishEvent."""
+        for _ in self:
+            pass
+        return self.result
+
+
+class Engine:
+    """One model, one context, n_parallel slots and the engine thread that serves them.
+
+    Args:
+        model_path: the GGUF file.
+        n_parallel: slots (sequences) served at once.
+        n_ctx: total context; 0 = the model's training context. Each slot gets n_ctx /
+            n_parallel, or the whole n_ctx with kv_unified.
+        n_batch, n_ubatch, n_threads, n_threads_batch, flash_attn, type_k, type_v,
+        kv_unified, swa_full, n_gpu_layers, use_mmap: as for Model and Context.
+        n_predict: default cap for requests that set none (-1 = unlimited).
+        ctx_shift: shift the context instead of stopping when a slot fills.
+        slot_prompt_similarity: prefix share needed to pick a slot by its cache.
+        n_threads_sampling: threads sampling slots in parallel (None = n_threads).
+    """
+
+    def __init__(self, model_path, *, n_parallel: int = 1, n_ctx: int = 4096, n_batch: int = 2048,
+                 n_ubatch: int = 512, n_threads: int | None = None, n_threads_batch: int | None = None,
+                 flash_attn="auto", type_k: str = "f16", type_v: str = "f16",
+                 kv_unified: bool = False, swa_full: bool = False, n_gpu_layers: int = -1,
+                 use_mmap: bool = True, repack: bool = True, n_predict: int = -1, ctx_shift: bool = False,
+                 slot_prompt_similarity: float = 0.1, n_threads_sampling: int | None = None) -> None:
+        self._lock = threading.Condition()
+        self._pending: collections.deque = collections.deque()
+        self._cancels: list[int] = []
+        self._running = True
+        self._ready = threading.Event()
+        self._startup_error: BaseException | None = None
+        self._params = dict(
+            model_path=model_path, n_parallel=n_parallel, n_ctx=n_ctx, n_batch=n_batch,
+            n_ubatch=n_ubatch, n_threads=n_threads, n_threads_batch=n_threads_batch,
+            flash_attn=flash_attn, type_k=type_k, type_v=type_v, kv_unified=kv_unified,
+            swa_full=swa_full, n_gpu_layers=n_gpu_layers, use_mmap=use_mmap, repack=repack, n_predict=n_predict,
+            ctx_shift=ctx_shift, slot_prompt_similarity=slot_prompt_similarity,
+            n_threads_sampling=n_threads_sampling)
+        self.model: Model | None = None
+        self.core: EngineCore | None = None
+        self._thread = threading.Thread(target=self._run, name="pyllama-engine", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._startup_error is not None:
+            raise self._startup_error
+
+    # --- any thread --------------------------------------------------------------------------
+    def submit(self, request: Request) -> RequestHandle:
+        """Queue a request; it starts when a slot is free (FIFO). Thread-safe.
+
+        Raises:
+            UnavailableError: the engine is shut down.
+        """
+        handle = RequestHandle(self, request)
+        with self._lock:
+            if not self._running:
+                raise UnavailableError("the engine is shutting down")
+            self._pending.append(handle)
+            self._lock.notify()
+        return handle
+
+    def cancel(self, request_id: int) -> None:
+        """Stop a queued or running request. Thread-safe."""
+        with self._lock:
+            self._cancels.append(request_id)
+            self._lock.notify()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Cancel everything, stop the engine thread and free the model."""
+        with self._lock:
+            self._running = False
+            self._lock.notify()
+        self._thread.join(timeout)
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def n_slots(self) -> int:
+        return self.core.n_slots
+
+    @property
+    def n_ctx_slot(self) -> int:
+        return self.core.n_ctx_slot
+
+    def stats(self) -> dict:
+        """Engine counters (read without locking; approximate while running)."""
+        stats = self.core.stats()
+        stats["n_pending"] = len(self._pending)
+        return stats
+
+    # --- engine thread -----------------------------------------------------------------------
+    def _run(self) -> None:
+        p = self._params
+        try:
+            self.model = Model(p["model_path"], n_gpu_layers=p["n_gpu_layers"], use_mmap=p["use_mmap"],
+                               repack=p["repack"])
+            context = Context(self.model, n_ctx=p["n_ctx"], n_batch=p["n_batch"], n_ubatch=p["n_ubatch"],
+                              n_seq_max=p["n_parallel"], n_threads=p["n_threads"],
+                              n_threads_batch=p["n_threads_batch"], flash_attn=p["flash_attn"],
+                              type_k=p["type_k"], type_v=p["type_v"], kv_unified=p["kv_unified"],
+                              swa_full=p["swa_full"])
+            self.core = EngineCore(context, n_predict=p["n_predict"], ctx_shift=p["ctx_shift"],
+                                   slot_prompt_similarity=p["slot_prompt_similarity"],
+                                   n_threads_sampling=p["n_threads_sampling"] or context.n_threads)
+        except BaseException as exc:  # reported to the constructor's thread
+            self._startup_error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        deferred: collections.deque = collections.deque()
+        try:
+            while True:
+                with self._lock:
+                    while self._running and not self._pending and not self._cancels \
+                            and not deferred and self.core.n_busy == 0:
+                        self._lock.wait()
+                    if not self._running:
+                        break
+                    deferred.extend(self._pending)
+                    self._pending.clear()
+                    cancels, self._cancels = self._cancels, []
+                for request_id in cancels:
+                    self._cancel_now(request_id, deferred)
+                self._admit(deferred)
+                self.core.step()
+        except BaseException as exc:  # never leave callers waiting
+            logger.exception("engine thread failed")
+            self._fail_all(EngineError(f"engine thread failed: {exc}"), deferred)
+            return
+        self._fail_all(UnavailableError("the engine is shutting down"), deferred)
+
+    def _cancel_now(self, request_id: int, deferred: collections.deque) -> None:
+        if self.core.cancel(request_id):
+            return
+        for handle in deferred:
+            if handle.id == request_id:
+                deferred.remove(handle)
+                handle.put(FinishEvent(reason=FinishReason.CANCELLED, text="", tokens=[],
+                                       stopping_word="", truncated=False,
+                                       n_prompt_tokens=len(handle.request.prompt),
+                                       tokens_evaluated=0, tokens_cached=0,
+                                       timings=Timings(),
+                                       id_slot=-1))
+                return
+
+    def _admit(self, deferred: collections.deque) -> None:
+        # FIFO, except that a request pinned to a busy slot does not block the others.
+        for handle in list(deferred):
+            slot = self.core.free_slot_for(handle.request)
+            if slot is None:
+                continue
+            deferred.remove(handle)
+            try:
+                sampler = SamplerChain(self.model, handle.request.sampling)
+                self.core.admit(slot, handle.request, sampler, handle)
+            except PyllamaError as exc:
+                handle.put(ErrorEvent(exc))
+
+    def _fail_all(self, error: Exception, deferred: collections.deque) -> None:
+        with self._lock:
+            self._running = False
+            deferred.extend(self._pending)
+            self._pending.clear()
+        for handle in deferred:
+            handle.put(ErrorEvent(error))
+        if self.core is not None:
+            for slot in self.core.slots:
+                if slot.busy:
+                    self.core.cancel(slot.request.id)

@@ -1,0 +1,234 @@
+"""The continuous-batching engine: slots, prompt cache, limits, stop strings, cancellation."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from pyllama.engine.client import Engine
+from pyllama.engine.types import ErrorEvent, FinishEvent, FinishReason, Request, SamplingParams, TokenEvent
+from pyllama.errors import ContextLengthExceededError
+
+GREEDY = SamplingParams(temperature=0.0)
+PROMPTS = ["The three primary colors are", "Once upon a time", "The capital of France is",
+           "def fibonacci(n):", "My favourite food is", "In 1969, astronauts", "The quick brown fox",
+           "Water boils at"]
+
+
+@pytest.fixture(scope="module")
+def engine(gemma_path):
+    eng = Engine(gemma_path, n_parallel=4, n_ctx=4096, n_batch=256)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def synthetic_engine(synthetic_path):
+    eng = Engine(synthetic_path, n_parallel=8, n_ctx=2048, n_batch=64)
+    yield eng
+    eng.close()
+
+
+def _run(engine, text, sampling=GREEDY, n=24, **kwargs):
+    request = Request(prompt=engine.model.tokenize(text), sampling=sampling, n_predict=n, **kwargs)
+    handle = engine.submit(request)
+    events = list(handle)
+    text = "".join(e.text for e in events if isinstance(e, TokenEvent))
+    return text, handle.result, events
+
+
+def _concurrently(fn, args):
+    results = [None] * len(args)
+
+    def work(i):
+        results[i] = fn(*args[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(args))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    return results
+
+
+def test_streamed_text_equals_the_final_text(engine):
+    text, result, events = _run(engine, PROMPTS[0])
+    assert isinstance(events[-1], FinishEvent) and result.reason == FinishReason.LIMIT
+    assert text == result.text and "red" in text
+    assert len(result.tokens) == 24 and result.n_prompt_tokens == len(engine.model.tokenize(PROMPTS[0]))
+    assert result.timings.predicted_n == 24 and result.timings.prompt_ms > 0
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SamplingParams(temperature=0.9, seed=1234)])
+def test_eight_at_once_equal_each_alone(synthetic_engine, sampling):
+    # F32 weights: every CPU kernel gives the same numbers whatever the batch (see the
+    # closing note for the quantised model, where upstream's batched kernels differ too).
+    sampling = SamplingParams(**{**sampling.__dict__, "ignore_eos": True})
+    alone = [_run(synthetic_engine, p, sampling, n=32, cache_prompt=False)[1].tokens for p in PROMPTS]
+    together = _concurrently(lambda p: _run(synthetic_engine, p, sampling, n=32, cache_prompt=False)[1].tokens,
+                             [(p,) for p in PROMPTS])
+    assert together == alone
+    assert len({tuple(t) for t in alone}) > 1
+
+
+def test_a_ninth_request_waits_for_a_slot(synthetic_engine):
+    sampling = SamplingParams(temperature=0.0, ignore_eos=True)
+    results = _concurrently(lambda p: _run(synthetic_engine, p, sampling, n=40)[1],
+                            [(p,) for p in PROMPTS + ["one more request"]])
+    assert all(r.reason == FinishReason.LIMIT and len(r.tokens) == 40 for r in results)
+    assert len({r.id_slot for r in results}) == 8
+
+
+def test_same_prefix_evaluates_only_the_suffix(engine):
+    prefix = "Here is a long shared system prompt about colours and painting. " * 4
+    first = _run(engine, prefix + "Question one: what is red?", n=4)[1]
+    second = _run(engine, prefix + "Question two: what is blue?", n=4)[1]
+    n_prefix = len(engine.model.tokenize(prefix + "Question"))
+    assert first.id_slot == second.id_slot
+    assert second.timings.cache_n >= n_prefix - 1
+    assert second.timings.prompt_n == second.n_prompt_tokens - second.timings.cache_n
+    assert second.timings.prompt_n < 12
+    again = _run(engine, prefix + "Question two: what is blue?", n=4)[1]
+    assert again.timings.cache_n == again.n_prompt_tokens - 1 and again.timings.prompt_n == 1
+    nocache = _run(engine, prefix + "Question two: what is blue?", n=4, cache_prompt=False)[1]
+    assert nocache.timings.cache_n == 0 and nocache.timings.prompt_n == nocache.n_prompt_tokens
+
+
+def test_cached_prefix_never_leaks_between_conversations(synthetic_engine):
+    # Conversations that share a prefix alternate over the slots, alone and side by side; each
+    # answer must equal a fresh evaluation (F32 model: batch composition changes no number).
+    eng = synthetic_engine
+    sampling = SamplingParams(temperature=0.0, ignore_eos=True)
+    convs = ["Conversation A: my dog is called Rex and he likes",
+             "Conversation B: my cat is called Tom and he likes",
+             "Conversation A: my dog is called Rex and he likes to run"]
+    fresh = [_run(eng, c, sampling, n=16, cache_prompt=False)[1].tokens for c in convs]
+    for _ in range(2):
+        for c, expected in zip(convs, fresh):
+            assert _run(eng, c, sampling, n=16)[1].tokens == expected
+        got = _concurrently(lambda c: _run(eng, c, sampling, n=16)[1].tokens, [(c,) for c in convs])
+        assert got == fresh
+
+
+def test_cancel_frees_the_slot_within_a_step(engine):
+    request = Request(prompt=engine.model.tokenize(PROMPTS[1]),
+                      sampling=SamplingParams(temperature=0.0, ignore_eos=True), n_predict=100000)
+    handle = engine.submit(request)
+    first = handle.get(timeout=60)
+    assert isinstance(first, TokenEvent)
+    handle.cancel()
+    events = []
+    while True:
+        event = handle.get(timeout=30)
+        assert event is not None
+        events.append(event)
+        if isinstance(event, FinishEvent):
+            break
+    assert events[-1].reason == FinishReason.CANCELLED
+    assert len(events) <= 3  # at most one more step ran
+    deadline = time.time() + 5
+    while engine.core.n_busy and time.time() < deadline:
+        time.sleep(0.01)
+    assert engine.core.n_busy == 0
+
+
+def test_stop_strings_cut_the_text_and_never_leak(engine):
+    text, result, events = _run(engine, PROMPTS[0], n=40, stop=("yellow",))
+    assert result.reason == FinishReason.WORD and result.stopping_word == "yellow"
+    assert "yellow" not in text and text == result.text and text.endswith("red, ")
+    for stop in ("ye", "yel low", ", and"):
+        text, result, events = _run(engine, PROMPTS[0], n=30, stop=(stop,))
+        streamed = ""
+        for e in events:
+            if isinstance(e, TokenEvent):
+                streamed += e.text
+                assert stop not in streamed
+        assert streamed == result.text
+
+
+def test_eos_and_ignore_eos(engine):
+    tokens = engine.model.tokenize(PROMPTS[0])
+    eot = engine.model.token_eot  # this base model rarely ends by itself: bias it up
+    push = ((eot, 50.0),)
+    result = engine.submit(Request(prompt=tokens, n_predict=20,
+                                   sampling=SamplingParams(temperature=0.0, logit_bias=push))).wait()
+    assert result.reason == FinishReason.EOS and result.tokens == [eot] and result.text == ""
+    ignored = engine.submit(Request(prompt=tokens, n_predict=8, sampling=SamplingParams(
+        temperature=0.0, logit_bias=push, ignore_eos=True))).wait()
+    assert ignored.reason == FinishReason.LIMIT and len(ignored.tokens) == 8
+    assert not any(engine.model.is_eog(t) for t in ignored.tokens)
+    special = engine.submit(Request(prompt=tokens, n_predict=20, special=True,
+                                    sampling=SamplingParams(temperature=0.0, logit_bias=push))).wait()
+    assert special.text == "<end_of_turn>"
+
+
+def test_prompt_longer_than_the_slot_context(gemma_path):
+    with Engine(gemma_path, n_parallel=2, n_ctx=512) as eng:
+        assert eng.n_ctx_slot == 256
+        handle = eng.submit(Request(prompt=eng.model.tokenize("word " * 300), sampling=GREEDY))
+        with pytest.raises(ContextLengthExceededError) as info:
+            handle.wait()
+        assert info.value.n_ctx == 256
+        # the engine keeps serving
+        assert eng.submit(Request(prompt=eng.model.tokenize("Hi"), sampling=GREEDY, n_predict=2)).wait()
+
+
+def test_context_full_stops_or_shifts(gemma_path):
+    prompt = "Count: one two three four five"
+    sampling = SamplingParams(temperature=0.0, ignore_eos=True)
+    with Engine(gemma_path, n_parallel=1, n_ctx=256) as eng:
+        tokens = eng.model.tokenize(prompt)
+        result = eng.submit(Request(prompt=tokens, sampling=sampling)).wait()
+        assert result.reason == FinishReason.LIMIT and result.truncated
+        assert len(tokens) + len(result.tokens) == 256
+    with Engine(gemma_path, n_parallel=1, n_ctx=256, ctx_shift=True) as eng:
+        result = eng.submit(Request(prompt=tokens, sampling=sampling, n_predict=400, n_keep=4)).wait()
+        assert result.reason == FinishReason.LIMIT and result.truncated
+        assert len(result.tokens) == 400
+
+
+def test_multibyte_characters_survive_streaming(engine):
+    # Each event's text is valid on its own: no character is split across two events.
+    text, result, events = _run(engine, "日本語の文章: 今日は", n=24)
+    pieces = [e.text for e in events if isinstance(e, TokenEvent)]
+    assert "\ufffd" not in "".join(pieces)
+    assert "".join(pieces) == result.text
+    assert any(ord(c) > 0x2E80 for c in result.text)
+
+
+def test_n_probs(engine):
+    sampling = SamplingParams(temperature=0.0, n_probs=5)
+    _, result, events = _run(engine, PROMPTS[0], sampling, n=3)
+    probs = [p for e in events if isinstance(e, TokenEvent) and e.probs for p in e.probs]
+    assert len(probs) == 3
+    chosen, top = probs[0]
+    assert len(top) == 5 and top[0].id == chosen.id and abs(top[0].prob - chosen.prob) < 1e-6
+    assert all(top[i].prob >= top[i + 1].prob for i in range(4))
+    post = SamplingParams(temperature=0.0, n_probs=5, post_sampling_probs=True)
+    _, _, events = _run(engine, PROMPTS[0], post, n=2)
+    chosen, top = [p for e in events if isinstance(e, TokenEvent) and e.probs for p in e.probs][0]
+    assert chosen.prob == pytest.approx(1.0) and len(top) == 1  # greedy leaves one candidate
+
+
+def test_grammar_constrains_the_output(engine):
+    grammar = 'root ::= "{" ws "\\"answer\\":" ws ("\\"yes\\"" | "\\"no\\"") ws "}"\nws ::= [ \\t]*'
+    sampling = SamplingParams(temperature=0.7, seed=3, grammar=grammar)
+    text, result, _ = _run(engine, "Is the sky blue? Answer in JSON:", sampling, n=40)
+    import json
+
+    assert json.loads(text)["answer"] in ("yes", "no")
+    assert result.reason == FinishReason.EOS
+
+
+def test_seeded_sampling_alone_and_batched_on_gemma(engine):
+    sampling = SamplingParams(temperature=0.8, seed=77)
+    a = _run(engine, PROMPTS[1], sampling, n=16)[1].tokens
+    b = _run(engine, PROMPTS[1], sampling, n=16)[1].tokens
+    assert a == b
+
+
+def test_n_predict_zero_only_fills_the_cache(engine):
+    text, result, _ = _run(engine, PROMPTS[2], n=0)
+    assert text == "" and result.tokens == [] and result.reason == FinishReason.LIMIT
