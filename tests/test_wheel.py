@@ -34,6 +34,7 @@ def test_wheel_installs_and_runs_in_a_clean_venv(tmp_path, synthetic_path):
         names = zf.namelist()
         symlinks = [i.filename for i in zf.infolist() if (i.external_attr >> 16) & 0o170000 == 0o120000]
     assert "pyllama/lib/libllama.so" in names and "pyllama/lib/LICENSE.llama.cpp" in names
+    assert "pyllama/lib/libllama-common.so" in names
     assert any(n.startswith("pyllama/engine/_context.") and n.endswith(".so") for n in names)
     assert not [n for n in names if n.endswith((".pyx", ".cxx"))]
     assert not [n for n in names if n.startswith(("include/", "lib/", "bin/"))]  # no upstream installs

@@ -6,7 +6,7 @@ Imports: the compiled engine modules and `errors`; never falcon or the server.
 from pyllama.engine._context import Context, default_threads
 from pyllama.engine.client import Engine, RequestHandle
 from pyllama.engine._model import Model, llama_version, set_log_level, supports_gpu_offload, system_info
-from pyllama.engine._sampling import SamplerChain
+from pyllama.engine._sampling import SamplerChain, json_schema_to_grammar
 from pyllama.engine.types import (
     DEFAULT_SEED,
     ErrorEvent,
@@ -35,6 +35,7 @@ __all__ = [
     "Model",
     "SamplerChain",
     "default_threads",
+    "json_schema_to_grammar",
     "llama_version",
     "set_log_level",
     "supports_gpu_offload",

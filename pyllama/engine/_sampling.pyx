@@ -13,13 +13,41 @@ Imports: `_llama`, `_model`, `engine.types`, `errors`. A chain belongs to one th
 from libc.math cimport INFINITY
 from libc.stdint cimport int32_t, uint32_t
 from libc.stdlib cimport free, malloc
+from libcpp.string cimport string
 from libcpp.vector cimport vector
 
 from pyllama cimport _llama as L
+from pyllama._bridge cimport pyllama_json_schema_to_grammar
 from pyllama.engine._model cimport Model
 
 from pyllama.engine.types import DEFAULT_SEED, SamplingParams
 from pyllama.errors import InvalidRequestError
+
+
+def json_schema_to_grammar(schema):
+    """Convert a JSON schema to a GBNF grammar with llama.cpp's own converter.
+
+    Args:
+        schema: the schema, as a dict/list or as JSON text.
+
+    Returns:
+        The grammar text. Thread-safe.
+
+    Raises:
+        InvalidRequestError: the schema is not valid JSON or cannot be turned into a grammar;
+            the message says why (upstream's words).
+    """
+    import json
+
+    text = schema if isinstance(schema, str) else json.dumps(schema)
+    cdef string c_text = text.encode()
+    cdef string out
+    try:
+        with nogil:
+            out = pyllama_json_schema_to_grammar(c_text)
+    except Exception as exc:
+        raise InvalidRequestError(f"\"json_schema\": {exc}", param="json_schema") from None
+    return out.decode()
 
 
 cdef inline void _load_logits(SamplerState * s, const float * logits) noexcept nogil:
@@ -91,6 +119,10 @@ cdef class SamplerChain:
             raise InvalidRequestError(f"top_p must be between 0 and 1, got {params.top_p}", param="top_p")
         if not (0.0 <= params.min_p <= 1.0):
             raise InvalidRequestError(f"min_p must be between 0 and 1, got {params.min_p}", param="min_p")
+        if params.json_schema is not None and not params.grammar:
+            # As llama-server: json_schema becomes a grammar; an explicit grammar wins.
+            params = SamplingParams(**{**params.__dict__, "grammar": json_schema_to_grammar(params.json_schema),
+                                       "json_schema": None})
         self.params = params
 
         self.state = <SamplerState *> malloc(sizeof(SamplerState))

@@ -9,6 +9,7 @@ Imports: engine internals, `engine.types`, `errors`; never falcon or the server.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import queue
 import threading
@@ -17,7 +18,7 @@ from typing import Iterator
 from pyllama.engine._context import Context
 from pyllama.engine._core import EngineCore
 from pyllama.engine._model import Model
-from pyllama.engine._sampling import SamplerChain
+from pyllama.engine._sampling import SamplerChain, json_schema_to_grammar
 from pyllama.engine.types import ErrorEvent, FinishEvent, FinishReason, Request, Timings, TokenEvent
 from pyllama.errors import EngineError, PyllamaError, UnavailableError
 
@@ -118,7 +119,13 @@ class Engine:
 
         Raises:
             UnavailableError: the engine is shut down.
+            InvalidRequestError: the json_schema cannot be turned into a grammar.
         """
+        sampling = request.sampling
+        if sampling.json_schema is not None and not sampling.grammar:
+            # Converted here, on the caller's thread, so a bad schema fails before queueing.
+            request.sampling = dataclasses.replace(
+                sampling, grammar=json_schema_to_grammar(sampling.json_schema), json_schema=None)
         handle = RequestHandle(self, request)
         with self._lock:
             if not self._running:

@@ -92,6 +92,7 @@ class SamplingParams:
     ignore_eos: bool = False
     samplers: tuple[str, ...] = DEFAULT_SAMPLERS
     grammar: str = ""
+    json_schema: object = None  # dict or JSON text; turned into `grammar` (grammar wins)
     grammar_lazy: bool = False
     grammar_trigger_words: tuple[str, ...] = ()
     grammar_trigger_tokens: tuple[int, ...] = ()

@@ -232,3 +232,49 @@ def test_seeded_sampling_alone_and_batched_on_gemma(engine):
 def test_n_predict_zero_only_fills_the_cache(engine):
     text, result, _ = _run(engine, PROMPTS[2], n=0)
     assert text == "" and result.tokens == [] and result.reason == FinishReason.LIMIT
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "colors": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "maxItems": 3},
+    },
+    "required": ["name", "age", "colors"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_json_schema_output_parses_and_matches(engine, seed):
+    import json
+
+    sampling = SamplingParams(temperature=0.8, seed=seed, json_schema=SCHEMA)
+    text, result, _ = _run(engine, "A person as JSON:", sampling, n=120)
+    value = json.loads(text)
+    assert set(value) == {"name", "age", "colors"}
+    assert isinstance(value["name"], str) and len(value["name"]) <= 12
+    assert isinstance(value["age"], int) and 0 <= value["age"] <= 120
+    assert isinstance(value["colors"], list) and set(value["colors"]) <= {"red", "green", "blue"}
+    assert result.reason == FinishReason.EOS
+
+
+def test_json_schema_that_cannot_be_converted_fails_at_submit(engine):
+    from pyllama.errors import InvalidRequestError
+
+    bad = SamplingParams(json_schema={"type": "object", "properties": {"a": {"$ref": "#/definitions/x"}}})
+    with pytest.raises(InvalidRequestError, match="json_schema"):
+        engine.submit(Request(prompt=engine.model.tokenize("x"), sampling=bad))
+    with pytest.raises(InvalidRequestError, match="json_schema"):
+        engine.submit(Request(prompt=engine.model.tokenize("x"), sampling=SamplingParams(json_schema="{oops")))
+
+
+def test_bad_grammar_is_an_error_event_and_the_engine_keeps_serving(engine):
+    from pyllama.errors import InvalidRequestError
+
+    handle = engine.submit(Request(prompt=engine.model.tokenize("x"),
+                                   sampling=SamplingParams(grammar="root ::= (")))
+    with pytest.raises(InvalidRequestError, match="failed to parse grammar"):
+        handle.wait()
+    assert _run(engine, PROMPTS[0], n=2)[1].reason == FinishReason.LIMIT
