@@ -24,11 +24,11 @@ from pyllama.engine.types import DEFAULT_SEED, SamplingParams
 from pyllama.errors import InvalidRequestError
 
 
-def json_schema_to_grammar(schema):
+def json_schema_to_grammar(str schema):
     """Convert a JSON schema to a GBNF grammar with llama.cpp's own converter.
 
     Args:
-        schema: the schema, as a dict/list or as JSON text.
+        schema: the schema as JSON text (SamplingParams serialises dicts).
 
     Returns:
         The grammar text. Thread-safe.
@@ -37,10 +37,7 @@ def json_schema_to_grammar(schema):
         InvalidRequestError: the schema is not valid JSON or cannot be turned into a grammar;
             the message says why (upstream's words).
     """
-    import json
-
-    text = schema if isinstance(schema, str) else json.dumps(schema)
-    cdef string c_text = text.encode()
+    cdef string c_text = schema.encode()
     cdef string out
     try:
         with nogil:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -92,7 +93,7 @@ class SamplingParams:
     ignore_eos: bool = False
     samplers: tuple[str, ...] = DEFAULT_SAMPLERS
     grammar: str = ""
-    json_schema: object = None  # dict or JSON text; turned into `grammar` (grammar wins)
+    json_schema: str | None = None  # JSON text (a dict is serialised); becomes `grammar`, which wins
     grammar_lazy: bool = False
     grammar_trigger_words: tuple[str, ...] = ()
     grammar_trigger_tokens: tuple[int, ...] = ()
@@ -100,6 +101,8 @@ class SamplingParams:
     post_sampling_probs: bool = False
 
     def __post_init__(self) -> None:
+        if self.json_schema is not None and not isinstance(self.json_schema, str):
+            object.__setattr__(self, "json_schema", json.dumps(self.json_schema))
         if self.seed < 0 or self.seed > 0xFFFFFFFF:
             object.__setattr__(self, "seed", DEFAULT_SEED if self.seed == -1 else self.seed & 0xFFFFFFFF)
         if not math.isfinite(self.repeat_penalty) or self.repeat_penalty <= 0:
