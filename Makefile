@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PROMPT ?= The three primary colors are
+TORCH_VERSION ?= 2.13.0
 # Extra CMake options, e.g. CMAKE_ARGS="-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90".
 export CMAKE_ARGS
 
@@ -17,6 +18,8 @@ $(PY):
 $(VENV)/.deps: pyproject.toml | $(PY)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "scikit-build-core>=0.10" "cython>=3.0" "cython-cmake>=0.2" ninja
+	# CPU build of torch for the embedding-model converter (this machine kind has it on disk)
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
 	touch $@
 
 setup: $(VENV)/.deps

@@ -9,6 +9,7 @@ from pyllama.engine._model import Model, llama_version, set_log_level, supports_
 from pyllama.engine._sampling import SamplerChain, json_schema_to_grammar
 from pyllama.engine.types import (
     DEFAULT_SEED,
+    EmbeddingResult,
     ErrorEvent,
     FinishEvent,
     FinishReason,
@@ -22,6 +23,7 @@ from pyllama.engine.types import (
 __all__ = [
     "DEFAULT_SEED",
     "Context",
+    "EmbeddingResult",
     "Engine",
     "ErrorEvent",
     "FinishEvent",

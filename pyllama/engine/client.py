@@ -17,10 +17,19 @@ from typing import Iterator
 
 from pyllama.engine._context import Context
 from pyllama.engine._core import EngineCore
+from pyllama.engine._embed import EmbeddingCore
 from pyllama.engine._model import Model
 from pyllama.engine._sampling import SamplerChain, json_schema_to_grammar
-from pyllama.engine.types import ErrorEvent, FinishEvent, FinishReason, Request, Timings, TokenEvent
-from pyllama.errors import EngineError, PyllamaError, UnavailableError
+from pyllama.engine.types import (
+    EmbeddingResult,
+    ErrorEvent,
+    FinishEvent,
+    FinishReason,
+    Request,
+    Timings,
+    TokenEvent,
+)
+from pyllama.errors import EngineError, NotSupportedError, PyllamaError, UnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +79,15 @@ class RequestHandle:
         return self.result
 
 
+class _EmbeddingJob:
+    """One embed() call waiting for the engine thread."""
+
+    def __init__(self, inputs: list[list[int]], normalize: int) -> None:
+        self.inputs = inputs
+        self.normalize = normalize
+        self.done: queue.SimpleQueue = queue.SimpleQueue()
+
+
 class Engine:
     """One model, one context, n_parallel slots and the engine thread that serves them.
 
@@ -84,6 +102,8 @@ class Engine:
         ctx_shift: shift the context instead of stopping when a slot fills.
         slot_prompt_similarity: prefix share needed to pick a slot by its cache.
         n_threads_sampling: threads sampling slots in parallel (None = n_threads).
+        embeddings: an embedding engine (`embed()`), not a generation one (`submit()`).
+        pooling: with embeddings: None (the model's), "none", "mean", "cls", "last", "rank".
     """
 
     def __init__(self, model_path, *, n_parallel: int = 1, n_ctx: int = 4096, n_batch: int = 2048,
@@ -91,7 +111,8 @@ class Engine:
                  flash_attn="auto", type_k: str = "f16", type_v: str = "f16",
                  kv_unified: bool = False, swa_full: bool = False, n_gpu_layers: int = -1,
                  use_mmap: bool = True, repack: bool = True, n_predict: int = -1, ctx_shift: bool = False,
-                 slot_prompt_similarity: float = 0.1, n_threads_sampling: int | None = None) -> None:
+                 slot_prompt_similarity: float = 0.1, n_threads_sampling: int | None = None,
+                 embeddings: bool = False, pooling: str | None = None) -> None:
         self._lock = threading.Condition()
         self._pending: collections.deque = collections.deque()
         self._cancels: list[int] = []
@@ -104,9 +125,11 @@ class Engine:
             flash_attn=flash_attn, type_k=type_k, type_v=type_v, kv_unified=kv_unified,
             swa_full=swa_full, n_gpu_layers=n_gpu_layers, use_mmap=use_mmap, repack=repack, n_predict=n_predict,
             ctx_shift=ctx_shift, slot_prompt_similarity=slot_prompt_similarity,
-            n_threads_sampling=n_threads_sampling)
+            n_threads_sampling=n_threads_sampling, embeddings=embeddings, pooling=pooling)
+        self.embeddings = embeddings
         self.model: Model | None = None
         self.core: EngineCore | None = None
+        self.embedder: EmbeddingCore | None = None
         self._thread = threading.Thread(target=self._run, name="pyllama-engine", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -121,6 +144,8 @@ class Engine:
             UnavailableError: the engine is shut down.
             InvalidRequestError: the json_schema cannot be turned into a grammar.
         """
+        if self.embeddings:
+            raise NotSupportedError("This server does not support completions. Start it without `--embeddings`")
         sampling = request.sampling
         if sampling.json_schema is not None and not sampling.grammar:
             # Converted here, on the caller's thread, so a bad schema fails before queueing.
@@ -133,6 +158,30 @@ class Engine:
             self._pending.append(handle)
             self._lock.notify()
         return handle
+
+    def embed(self, inputs: list[list[int]], normalize: int = 2) -> EmbeddingResult:
+        """Embed token inputs, batched with other callers' inputs. Thread-safe; blocks.
+
+        Args:
+            inputs: token lists, one vector (or score, with pooling "rank") each.
+            normalize: -1 none, 0 max-abs (int16 range), 1 taxicab, 2 euclidean, >2 p-norm.
+
+        Raises:
+            NotSupportedError: the engine was not started with embeddings=True.
+            InvalidRequestError, ContextLengthExceededError: an input cannot be embedded.
+        """
+        if not self.embeddings:
+            raise NotSupportedError("This server does not support embeddings. Start it with `--embeddings`")
+        job = _EmbeddingJob([list(t) for t in inputs], normalize)
+        with self._lock:
+            if not self._running:
+                raise UnavailableError("the engine is shutting down")
+            self._pending.append(job)
+            self._lock.notify()
+        event = job.done.get()
+        if isinstance(event, ErrorEvent):
+            raise event.error
+        return event
 
     def cancel(self, request_id: int) -> None:
         """Stop a queued or running request. Thread-safe."""
@@ -155,15 +204,15 @@ class Engine:
 
     @property
     def n_slots(self) -> int:
-        return self.core.n_slots
+        return self.core.n_slots if self.core else self.embedder.n_seq
 
     @property
     def n_ctx_slot(self) -> int:
-        return self.core.n_ctx_slot
+        return self.core.n_ctx_slot if self.core else self.embedder.n_ctx_seq
 
     def stats(self) -> dict:
         """Engine counters (read without locking; approximate while running)."""
-        stats = self.core.stats()
+        stats = self.core.stats() if self.core else {}
         stats["n_pending"] = len(self._pending)
         return stats
 
@@ -177,7 +226,12 @@ class Engine:
                               n_seq_max=p["n_parallel"], n_threads=p["n_threads"],
                               n_threads_batch=p["n_threads_batch"], flash_attn=p["flash_attn"],
                               type_k=p["type_k"], type_v=p["type_v"], kv_unified=p["kv_unified"],
-                              swa_full=p["swa_full"])
+                              swa_full=p["swa_full"], embeddings=p["embeddings"], pooling=p["pooling"])
+            if p["embeddings"]:
+                self.embedder = EmbeddingCore(context)
+                self._ready.set()
+                self._run_embeddings()
+                return
             self.core = EngineCore(context, n_predict=p["n_predict"], ctx_shift=p["ctx_shift"],
                                    slot_prompt_similarity=p["slot_prompt_similarity"],
                                    n_threads_sampling=p["n_threads_sampling"] or context.n_threads)
@@ -207,6 +261,45 @@ class Engine:
             self._fail_all(EngineError(f"engine thread failed: {exc}"), deferred)
             return
         self._fail_all(UnavailableError("the engine is shutting down"), deferred)
+
+    def _run_embeddings(self) -> None:
+        # Every waiting job's inputs go into the same decodes.
+        while True:
+            with self._lock:
+                while self._running and not self._pending:
+                    self._lock.wait()
+                if not self._running:
+                    break
+                jobs = list(self._pending)
+                self._pending.clear()
+            valid, inputs = [], []
+            for job in jobs:
+                try:
+                    for tokens in job.inputs:
+                        self.embedder.check_input(tokens)
+                    valid.append(job)
+                except PyllamaError as exc:
+                    job.done.put(ErrorEvent(exc))
+            for normalize in sorted({job.normalize for job in valid}):
+                group = [job for job in valid if job.normalize == normalize]
+                try:
+                    vectors = self.embedder.embed([t for job in group for t in job.inputs], normalize)
+                except Exception as exc:
+                    error = exc if isinstance(exc, PyllamaError) else EngineError(str(exc))
+                    for job in group:
+                        job.done.put(ErrorEvent(error))
+                    continue
+                i = 0
+                for job in group:
+                    n = len(job.inputs)
+                    job.done.put(EmbeddingResult(vectors[i:i + n], [len(t) for t in job.inputs],
+                                                 self.embedder.pooling_name))
+                    i += n
+        with self._lock:
+            jobs = list(self._pending)
+            self._pending.clear()
+        for job in jobs:
+            job.done.put(ErrorEvent(UnavailableError("the engine is shutting down")))
 
     def _cancel_now(self, request_id: int, deferred: collections.deque) -> None:
         if self.core.cancel(request_id):

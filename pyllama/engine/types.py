@@ -220,3 +220,15 @@ class ErrorEvent:
     """The last event of a request that failed inside the engine."""
 
     error: Exception
+
+
+@dataclass
+class EmbeddingResult:
+    """Vectors for the inputs of one embed() call, in order.
+
+    With pooling "none" each entry is a list of per-token vectors; with "rank" it is [score].
+    """
+
+    embeddings: list
+    n_tokens: list[int]
+    pooling: str
