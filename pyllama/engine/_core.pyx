@@ -107,6 +107,7 @@ cdef class Slot:
     cdef double t_start
     cdef double t_prompt_done
     cdef bint has_new_line
+    cdef int last_nl_pos
 
     def __init__(self, int slot_id):
         self.id = slot_id
@@ -256,6 +257,7 @@ cdef class EngineCore:
         slot.generated_tokens = []
         slot.truncated = False
         slot.has_new_line = False
+        slot.last_nl_pos = 0
         slot.t_start = time.perf_counter()
         slot.t_prompt_done = 0.0
         sampler.reset()
@@ -423,6 +425,8 @@ cdef class EngineCore:
         stopping_word = ""
         if not slot.pending_bytes:
             reason, stopping_word = self._check_stop_strings(slot, len(new_text), is_eog)
+        if reason is None and request.n_indent > 0 and self._indent_too_small(slot):
+            reason = FinishReason.LIMIT
         send_upto = len(slot.generated_text)
         if reason is None and not is_eog:
             send_upto = self._partial_stop_at(slot)
@@ -444,6 +448,26 @@ cdef class EngineCore:
             slot.channel.put(TokenEvent(text, [token], [probs] if probs is not None else None))
         if reason is not None:
             self._release(slot, reason, stopping_word)
+
+    cdef bint _indent_too_small(self, Slot slot) except -1:
+        # n_indent: a new line indented less than n_indent ends generation; the line is cut
+        # after its indentation (server_context::process_token). Checked before text is sent.
+        cdef str text = slot.generated_text
+        cdef int pos, n_indent
+        if slot.has_new_line and slot.last_nl_pos > 0:
+            pos = slot.last_nl_pos
+            n_indent = 0
+            while pos < len(text) and text[pos] in " \t":
+                n_indent += 1
+                pos += 1
+            if pos < len(text) and n_indent < slot.request.n_indent:
+                slot.generated_text = text[:max(pos, slot.n_sent)]
+                return True
+        pos = text.find("\n", slot.last_nl_pos)
+        if pos >= 0:
+            slot.has_new_line = True
+            slot.last_nl_pos = pos + 1
+        return False
 
     cdef tuple _check_stop_strings(self, Slot slot, int n_new, bint is_eog):
         # A full stop string in the unsent text cuts the text there (find_stopping_strings).

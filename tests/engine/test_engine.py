@@ -278,3 +278,17 @@ def test_bad_grammar_is_an_error_event_and_the_engine_keeps_serving(engine):
     with pytest.raises(InvalidRequestError, match="failed to parse grammar"):
         handle.wait()
     assert _run(engine, PROMPTS[0], n=2)[1].reason == FinishReason.LIMIT
+
+
+def test_n_indent_stops_at_a_less_indented_line(engine):
+    prompt = "def add(a, b):"
+    free, _, _ = _run(engine, prompt, n=48)
+    assert free.startswith("\n    return a + b\n\ndef sub")  # it leaves the body
+    text, result, _ = _run(engine, prompt, n=48, n_indent=4)
+    assert result.reason == FinishReason.LIMIT and text == result.text
+    assert text == "\n    return a + b\n\n"  # cut where the unindented line starts
+
+
+def test_id_slot_pins_the_slot(engine):
+    for slot in (3, 1, 7):  # 7 wraps to 3 with 4 slots
+        assert _run(engine, PROMPTS[4], n=2, id_slot=slot)[1].id_slot == slot % 4
