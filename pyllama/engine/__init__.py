@@ -4,7 +4,7 @@ Imports: the compiled engine modules and `errors`; never falcon or the server.
 """
 
 from pyllama.engine._context import Context, default_threads
-from pyllama.engine.client import Engine, RequestHandle
+from pyllama.engine.client import Engine, RequestHandle, Retry
 from pyllama.engine._model import Model, llama_version, set_log_level, supports_gpu_offload, system_info
 from pyllama.engine._sampling import SamplerChain, json_schema_to_grammar
 from pyllama.engine.types import (
@@ -30,6 +30,7 @@ __all__ = [
     "FinishReason",
     "Request",
     "RequestHandle",
+    "Retry",
     "SamplingParams",
     "Timings",
     "TokenEvent",

@@ -566,6 +566,64 @@ cdef class EngineCore:
             self.slots_c[slot.id].n_past = 0
         self.prefill_order.clear()
 
+    # --- slot inspection and persistence (engine thread, via Engine.call) ---------------------
+    def slot_info(self):
+        """One dict per slot, for GET /slots."""
+        out = []
+        for s in self.slots:
+            slot = <Slot>s
+            info = dict(id=slot.id, n_ctx=self.n_ctx_slot, is_processing=slot.busy,
+                        n_tokens=<int>slot.cache_tokens.size())
+            if slot.busy:
+                info.update(id_task=slot.request.id, request=slot.request,
+                            n_prompt_tokens=<int>slot.prompt.size(),
+                            n_prompt_tokens_processed=slot.n_prompt_done - slot.n_cached,
+                            n_prompt_tokens_cache=slot.n_cached, n_decoded=slot.n_decoded,
+                            n_remain=-1 if slot.n_predict < 0 else slot.n_predict - slot.n_decoded,
+                            has_new_line=slot.has_new_line)
+            out.append(info)
+        return out
+
+    def save_slot(self, int slot_id, str path):
+        """Write a slot's KV cache and tokens to `path`. Returns (n_tokens, n_bytes)."""
+        cdef Slot slot = self.slots[slot_id]
+        cdef bytes cpath = path.encode()
+        cdef size_t n = L.llama_state_seq_save_file(self.context.ptr, cpath, slot_id,
+                                                    slot.cache_tokens.data(), slot.cache_tokens.size())
+        if n == 0:
+            raise EngineError(f"failed to save slot {slot_id} to {path}")
+        return <int>slot.cache_tokens.size(), n
+
+    def restore_slot(self, int slot_id, str path):
+        """Load a slot's KV cache and tokens from `path`. Returns (n_tokens, n_bytes)."""
+        cdef Slot slot = self.slots[slot_id]
+        cdef bytes cpath = path.encode()
+        cdef vector[L.llama_token] tokens
+        cdef size_t n_tokens = 0
+        tokens.resize(self.n_ctx_slot)
+        cdef L.llama_memory_t mem = L.llama_get_memory(self.context.ptr)
+        L.llama_memory_seq_rm(mem, slot_id, -1, -1)
+        cdef size_t n = L.llama_state_seq_load_file(self.context.ptr, cpath, slot_id, tokens.data(),
+                                                    tokens.size(), &n_tokens)
+        if n == 0:
+            slot.cache_tokens.clear()
+            self.slots_c[slot_id].n_past = 0
+            L.llama_memory_seq_rm(mem, slot_id, -1, -1)
+            raise InvalidRequestError(f"Unable to restore slot: no valid slot state in {path}")
+        tokens.resize(n_tokens)
+        slot.cache_tokens = tokens
+        self.slots_c[slot_id].n_past = n_tokens
+        return <int>n_tokens, n
+
+    def erase_slot(self, int slot_id):
+        """Drop a slot's KV cache. Returns the tokens erased."""
+        cdef Slot slot = self.slots[slot_id]
+        cdef int n = slot.cache_tokens.size()
+        L.llama_memory_seq_rm(L.llama_get_memory(self.context.ptr), slot_id, -1, -1)
+        slot.cache_tokens.clear()
+        self.slots_c[slot_id].n_past = 0
+        return n
+
     def stats(self):
         """Counters since start (steps, decodes, tokens, seconds in decode and in steps)."""
         return dict(n_steps=self.n_steps, n_decode_calls=self.n_decode_calls,

@@ -21,6 +21,16 @@ from pyllama.errors import InvalidModelError, InvalidTokenError, ModelLoadError,
 
 llama_logger = logging.getLogger("pyllama.llama_cpp")
 
+cdef extern from *:
+    """
+    #ifndef PYLLAMA_LLAMA_COMMIT
+    #define PYLLAMA_LLAMA_COMMIT "unknown"
+    #endif
+    """
+    const char * PYLLAMA_LLAMA_COMMIT_C "PYLLAMA_LLAMA_COMMIT"
+
+PYLLAMA_LLAMA_COMMIT = (<bytes>PYLLAMA_LLAMA_COMMIT_C).decode()
+
 # --- llama.cpp logging -------------------------------------------------------------------------
 # PERF: the level gate is a C int, so filtered-out lines (most of load-time DEBUG/INFO) never
 # take the GIL. Errors always pass: the last ones explain a failed load.
@@ -85,6 +95,11 @@ set_log_level(llama_logger.getEffectiveLevel())
 def llama_version():
     """Return libllama's version string."""
     return (<bytes>L.llama_version()).decode()
+
+
+def llama_build_commit():
+    """The llama.cpp commit this build was pinned to (vendor/pin.toml)."""
+    return PYLLAMA_LLAMA_COMMIT
 
 
 def system_info():
@@ -279,6 +294,13 @@ cdef class Model:
         cdef const char * tmpl = L.llama_model_chat_template(self.ptr, NULL)
         return None if tmpl == NULL else (<bytes>tmpl).decode("utf-8", "replace")
 
+    def named_chat_template(self, str name):
+        """A named template embedded in the GGUF (e.g. "rerank", "tool_use"), or None."""
+        self._require_open()
+        cdef bytes cname = name.encode()
+        cdef const char * tmpl = L.llama_model_chat_template(self.ptr, cname)
+        return None if tmpl == NULL else (<bytes>tmpl).decode("utf-8", "replace")
+
     # --- special tokens --------------------------------------------------------------------
     @property
     def token_bos(self):
@@ -304,6 +326,14 @@ cdef class Model:
     @property
     def add_eos(self):
         return bool(L.llama_vocab_get_add_eos(self.vocab))
+
+    @property
+    def token_sep(self):
+        return _token_or_none(L.llama_vocab_sep(self.vocab))
+
+    @property
+    def add_sep(self):
+        return bool(L.llama_vocab_get_add_sep(self.vocab))
 
     def is_eog(self, L.llama_token token):
         """Say whether `token` ends generation (EOS, EOT and the like)."""

@@ -152,10 +152,13 @@ cdef class SamplerChain:
         return SamplerChain(model, temperature=0.0)
 
     def reset(self):
-        """Forget accepted tokens and restart the RNG from the seed."""
+        """Forget sampled tokens and restart the RNG from the seed (the grammar's prefill stays)."""
         L.llama_sampler_reset(self.state.chain)
         if self.state.grammar != NULL:
             L.llama_sampler_reset(self.state.grammar)
+            if not self.params.grammar_lazy:
+                for t in self.params.grammar_prefill:  # the template's prefill stays accepted
+                    L.llama_sampler_accept(self.state.grammar, t)
 
     def accept(self, L.llama_token token):
         """Record a token as if it had been sampled (prompt tokens for penalties)."""
@@ -200,6 +203,10 @@ cdef L.llama_sampler * _make_grammar(Model model, params) except NULL:
     if smpl == NULL:
         raise InvalidRequestError("Failed to initialize samplers: failed to parse grammar",
                                   param="grammar")
+    if not params.grammar_lazy:
+        for t in params.grammar_prefill:
+            model.check_token(t)
+            L.llama_sampler_accept(smpl, t)
     return smpl
 
 

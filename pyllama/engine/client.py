@@ -34,21 +34,32 @@ from pyllama.errors import EngineError, NotSupportedError, PyllamaError, Unavail
 logger = logging.getLogger(__name__)
 
 
+class Retry(Exception):
+    """Raised by an Engine.call function to run again after the next step."""
+
+
 class RequestHandle:
     """The caller's side of one request: iterate it for TokenEvents, then a Finish/ErrorEvent.
 
     Thread-safe: one consumer thread iterates, any thread may cancel.
     """
 
-    def __init__(self, engine: "Engine", request: Request) -> None:
+    def __init__(self, engine: "Engine", request: Request, sink: queue.SimpleQueue | None = None,
+                 tag: int = 0) -> None:
         self._engine = engine
         self.request = request
         self.id = request.id
+        self.tag = tag
+        self._sink = sink
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self.result: FinishEvent | None = None
 
     def put(self, event) -> None:  # engine thread
-        self._events.put(event)
+        if self._sink is not None:
+            # several requests of one HTTP call share one queue: events come tagged
+            self._sink.put((self.tag, event))
+        else:
+            self._events.put(event)
 
     def get(self, timeout: float | None = None):
         """Return the next event, or None when `timeout` seconds pass without one."""
@@ -116,6 +127,7 @@ class Engine:
         self._lock = threading.Condition()
         self._pending: collections.deque = collections.deque()
         self._cancels: list[int] = []
+        self._calls: list = []
         self._running = True
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
@@ -137,8 +149,10 @@ class Engine:
             raise self._startup_error
 
     # --- any thread --------------------------------------------------------------------------
-    def submit(self, request: Request) -> RequestHandle:
+    def submit(self, request: Request, sink: queue.SimpleQueue | None = None, tag: int = 0) -> RequestHandle:
         """Queue a request; it starts when a slot is free (FIFO). Thread-safe.
+
+        With `sink`, events go to that queue as (tag, event) pairs instead of the handle.
 
         Raises:
             UnavailableError: the engine is shut down.
@@ -151,7 +165,7 @@ class Engine:
             # Converted here, on the caller's thread, so a bad schema fails before queueing.
             request.sampling = dataclasses.replace(
                 sampling, grammar=json_schema_to_grammar(sampling.json_schema), json_schema=None)
-        handle = RequestHandle(self, request)
+        handle = RequestHandle(self, request, sink, tag)
         with self._lock:
             if not self._running:
                 raise UnavailableError("the engine is shutting down")
@@ -182,6 +196,26 @@ class Engine:
         if isinstance(event, ErrorEvent):
             raise event.error
         return event
+
+    def call(self, fn, timeout: float | None = None):
+        """Run `fn(core)` on the engine thread between two steps and return its result.
+
+        Thread-safe; blocks. The way to read or change slot state from another thread.
+        `fn` may raise Retry to be run again after the next step (e.g. its slot is busy).
+        """
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        with self._lock:
+            if not self._running:
+                raise UnavailableError("the engine is shutting down")
+            self._calls.append((fn, done))
+            self._lock.notify()
+        try:
+            ok, value = done.get(timeout=timeout)
+        except queue.Empty:
+            raise UnavailableError("the engine did not answer in time") from None
+        if not ok:
+            raise value
+        return value
 
     def cancel(self, request_id: int) -> None:
         """Stop a queued or running request. Thread-safe."""
@@ -245,15 +279,17 @@ class Engine:
             while True:
                 with self._lock:
                     while self._running and not self._pending and not self._cancels \
-                            and not deferred and self.core.n_busy == 0:
+                            and not self._calls and not deferred and self.core.n_busy == 0:
                         self._lock.wait()
                     if not self._running:
                         break
                     deferred.extend(self._pending)
                     self._pending.clear()
                     cancels, self._cancels = self._cancels, []
+                    calls, self._calls = self._calls, []
                 for request_id in cancels:
                     self._cancel_now(request_id, deferred)
+                self._run_calls(calls)
                 self._admit(deferred)
                 self.core.step()
         except BaseException as exc:  # never leave callers waiting
@@ -300,6 +336,19 @@ class Engine:
             self._pending.clear()
         for job in jobs:
             job.done.put(ErrorEvent(UnavailableError("the engine is shutting down")))
+
+    def _run_calls(self, calls: list) -> None:
+        retry = []
+        for fn, done in calls:
+            try:
+                done.put((True, fn(self.core)))
+            except Retry:
+                retry.append((fn, done))
+            except BaseException as exc:
+                done.put((False, exc))
+        if retry:
+            with self._lock:
+                self._calls[:0] = retry
 
     def _cancel_now(self, request_id: int, deferred: collections.deque) -> None:
         if self.core.cancel(request_id):

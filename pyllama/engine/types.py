@@ -97,6 +97,9 @@ class SamplingParams:
     grammar_lazy: bool = False
     grammar_trigger_words: tuple[str, ...] = ()
     grammar_trigger_tokens: tuple[int, ...] = ()
+    # tokens the chat template already placed in the prompt, fed to a (non-lazy) template
+    # grammar before sampling (common_sampler_init's generation-prompt prefill)
+    grammar_prefill: tuple[int, ...] = ()
     n_probs: int = 0
     post_sampling_probs: bool = False
 

@@ -1,0 +1,198 @@
+"""create_app(): the Falcon app, its shared state, and the route table (as server.cpp lists it).
+
+The model loads in a background thread of the worker, after the fork; until it is ready every
+route but /health answers 503 "Loading model".
+Imports: public `engine` names, `errors`, `settings`, falcon, and the server modules.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+import time
+
+import falcon
+
+from pyllama import __version__
+from pyllama.engine import Engine, SamplingParams
+from pyllama.engine.types import DEFAULT_DRY_BREAKERS, parse_samplers
+from pyllama.errors import UnavailableError
+from pyllama.server import errors as server_errors
+from pyllama.server.middleware import CorsAndAuth
+from pyllama.server.protocol.params import Defaults
+from pyllama.server.templates import ChatFormatter
+from pyllama.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class Metrics:
+    """Counters behind /metrics (llama-server's names). Thread-safe."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.prompt_tokens_total = 0
+        self.prompt_tokens_cached_total = 0
+        self.prompt_seconds_total = 0.0
+        self.tokens_predicted_total = 0
+        self.tokens_predicted_seconds_total = 0.0
+        self.n_tokens_max = 0
+        self.window_prompt_tokens = 0
+        self.window_prompt_seconds = 0.0
+        self.window_predicted_tokens = 0
+        self.window_predicted_seconds = 0.0
+
+    def record(self, event) -> None:
+        t = event.timings
+        with self.lock:
+            self.prompt_tokens_total += t.prompt_n
+            self.prompt_tokens_cached_total += t.cache_n
+            self.prompt_seconds_total += t.prompt_ms / 1e3
+            self.tokens_predicted_total += t.predicted_n
+            self.tokens_predicted_seconds_total += t.predicted_ms / 1e3
+            self.n_tokens_max = max(self.n_tokens_max, event.tokens_cached)
+            self.window_prompt_tokens += t.prompt_n
+            self.window_prompt_seconds += t.prompt_ms / 1e3
+            self.window_predicted_tokens += max(0, t.predicted_n - 1)
+            self.window_predicted_seconds += t.predicted_ms / 1e3
+
+
+def sampling_defaults(s: Settings) -> SamplingParams:
+    samplers = parse_samplers(s.sampling_seq) if s.sampling_seq else parse_samplers(s.samplers.split(";"))
+    breakers = DEFAULT_DRY_BREAKERS
+    if s.dry_sequence_breaker:
+        breakers = () if list(s.dry_sequence_breaker) == ["none"] else tuple(s.dry_sequence_breaker)
+    bias = []
+    for item in s.logit_bias:  # TOKEN_ID(+/-)BIAS, e.g. 15043+1 or 15043-inf
+        match = re.fullmatch(r"(\d+)([+-](?:inf|\d*\.?\d+(?:[eE][+-]?\d+)?))", item.strip())
+        if not match:
+            raise ValueError(f"invalid --logit-bias {item!r}: expected TOKEN_ID(+/-)BIAS")
+        bias.append((int(match.group(1)), float(match.group(2))))
+    return SamplingParams(
+        temperature=max(0.0, s.temp), dynatemp_range=s.dynatemp_range, dynatemp_exponent=s.dynatemp_exp,
+        top_k=s.top_k, top_p=s.top_p, min_p=s.min_p, typical_p=s.typical, top_n_sigma=s.top_nsigma,
+        xtc_probability=s.xtc_probability, xtc_threshold=s.xtc_threshold, repeat_last_n=s.repeat_last_n,
+        repeat_penalty=s.repeat_penalty, presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty, dry_multiplier=s.dry_multiplier, dry_base=s.dry_base,
+        dry_allowed_length=s.dry_allowed_length, dry_penalty_last_n=s.dry_penalty_last_n,
+        dry_sequence_breakers=breakers, mirostat=s.mirostat, mirostat_tau=s.mirostat_ent,
+        mirostat_eta=s.mirostat_lr, seed=s.seed, logit_bias=tuple(bias), ignore_eos=s.ignore_eos,
+        samplers=samplers, grammar=s.grammar, json_schema=s.json_schema or None)
+
+
+class ServerState:
+    """What every resource shares: settings, the engine once loaded, templates, metrics."""
+
+    def __init__(self, settings: Settings, model_path: str) -> None:
+        self.settings = settings
+        self.model_path = model_path
+        self.model_name = sorted(a for a in settings.alias.split(",") if a)[0] if settings.alias else \
+            (settings.model or os.path.basename(model_path))
+        self.aliases = sorted(a for a in settings.alias.split(",") if a)
+        self.engine: Engine | None = None
+        self.chat: ChatFormatter | None = None
+        self.defaults = Defaults(sampling=sampling_defaults(settings), n_predict=settings.n_predict,
+                                 n_keep=settings.keep, cache_prompt=settings.cache_prompt,
+                                 stop=tuple(settings.reverse_prompt), special=settings.special)
+        self.metrics = Metrics()
+        self.ready = threading.Event()
+        self.start_us = time.monotonic_ns() // 1000
+        self.created = int(time.time())
+        self.build_info = f"pyllama-{__version__}"
+
+    @property
+    def model(self):
+        return self.engine.model
+
+    def require_ready(self) -> Engine:
+        if not self.ready.is_set():
+            raise UnavailableError("Loading model")
+        return self.engine
+
+    def load(self) -> None:
+        """Load the model and start the engine (worker process, background thread)."""
+        s = self.settings
+        ngl = {"auto": -1, "all": -1}.get(s.n_gpu_layers)
+        ngl = int(s.n_gpu_layers) if ngl is None else ngl
+        embeddings = s.embedding
+        self.engine = Engine(
+            self.model_path, n_parallel=s.parallel, n_ctx=s.ctx_size,
+            n_batch=s.ubatch_size if embeddings else s.batch_size, n_ubatch=s.ubatch_size,
+            n_threads=None if s.threads < 1 else s.threads,
+            n_threads_batch=None if s.threads_batch < 1 else s.threads_batch,
+            flash_attn=s.flash_attn, type_k=s.cache_type_k, type_v=s.cache_type_v,
+            kv_unified=bool(s.kv_unified), swa_full=s.swa_full, n_gpu_layers=ngl, use_mmap=s.mmap,
+            repack=s.repack, n_predict=-1, ctx_shift=s.context_shift,
+            slot_prompt_similarity=s.slot_prompt_similarity, embeddings=embeddings,
+            pooling=s.pooling or None)
+        if not embeddings:
+            override = s.chat_template or ""
+            kwargs = json.loads(s.chat_template_kwargs) if s.chat_template_kwargs else {}
+            self.chat = ChatFormatter(self.engine.model, override, use_jinja=s.jinja,
+                                      reasoning_format=s.reasoning_format,
+                                      template_kwargs={k: json.dumps(v) for k, v in kwargs.items()},
+                                      prefill_assistant=s.prefill_assistant)
+        self.ready.set()
+        logger.info("model loaded: %s, %d slots of %d tokens", self.model_name, self.engine.n_slots,
+                    self.engine.n_ctx_slot)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close(timeout=30)
+
+
+def start_loading(state: ServerState, on_failure=None) -> threading.Thread:
+    def run():
+        try:
+            state.load()
+        except BaseException as exc:
+            logger.error("failed to load the model: %s", exc)
+            if on_failure is not None:
+                on_failure(exc)
+
+    thread = threading.Thread(target=run, name="pyllama-loader", daemon=True)
+    thread.start()
+    return thread
+
+
+def create_app(state: ServerState) -> falcon.App:
+    """The WSGI app over a ServerState (the model may still be loading)."""
+    from pyllama.server.resources import chat, completions, embeddings, info, tokenize
+
+    app = falcon.App(middleware=[CorsAndAuth(state)], cors_enable=False)
+    app.req_options.strip_url_path_trailing_slash = True
+    app.resp_options.default_media_type = "application/json; charset=utf-8"
+    server_errors.register(app)
+    prefix = state.settings.api_prefix.rstrip("/")
+
+    health = info.HealthResource(state)
+    models = info.ModelsResource(state)
+    completion = completions.CompletionResource(state)
+    oai_completion = completions.OAICompletionResource(state)
+    chat_resource = chat.ChatResource(state)
+    embedding = embeddings.EmbeddingResource(state)
+    rerank = embeddings.RerankResource(state)
+    # The route table (tools/server/server.cpp).
+    routes = [
+        ("/health", health), ("/v1/health", health),
+        ("/models", models), ("/v1/models", models),
+        ("/props", info.PropsResource(state)),
+        ("/slots", info.SlotsResource(state)),
+        ("/slots/{id_slot}", info.SlotActionResource(state)),
+        ("/metrics", info.MetricsResource(state)),
+        ("/completion", completion), ("/completions", completion),
+        ("/v1/completions", oai_completion),
+        ("/chat/completions", chat_resource), ("/v1/chat/completions", chat_resource),
+        ("/apply-template", chat.ApplyTemplateResource(state)),
+        ("/tokenize", tokenize.TokenizeResource(state)),
+        ("/detokenize", tokenize.DetokenizeResource(state)),
+        ("/embedding", embedding), ("/embeddings", embedding),
+        ("/v1/embeddings", embeddings.OAIEmbeddingResource(state)),
+        ("/rerank", rerank), ("/reranking", rerank), ("/v1/rerank", rerank), ("/v1/reranking", rerank),
+    ]
+    for path, resource in routes:
+        app.add_route(prefix + path, resource)
+    return app

@@ -1,0 +1,99 @@
+"""Running the server under gunicorn: one worker process owns the model, gthread threads serve.
+
+`run(settings)` starts gunicorn programmatically (BaseApplication). The model is loaded in the
+worker, after the fork, by a background thread, so /health answers 503 while it loads.
+`gunicorn_options(settings)` is also what wsgi.py's config uses for direct gunicorn deployments.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import gunicorn.http.wsgi
+from gunicorn.app.base import BaseApplication
+
+from pyllama.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# llama-server answers with "Server: llama.cpp"; gunicorn writes its own Server header itself.
+gunicorn.http.wsgi.SERVER = "llama.cpp"
+
+
+def http_threads(settings: Settings) -> int:
+    # every open stream holds a thread: slots, plus queued clients, health and metrics
+    return settings.threads_http if settings.threads_http > 0 else settings.parallel * 2 + 8
+
+
+def bind_address(settings: Settings) -> str:
+    if settings.host.endswith(".sock"):
+        return f"unix:{settings.host}"
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    return f"{host}:{settings.port}"
+
+
+def gunicorn_options(settings: Settings) -> dict:
+    options = {
+        "bind": [bind_address(settings)],
+        "workers": 1,  # one model load per process: scale with threads
+        "worker_class": "gthread",
+        "threads": http_threads(settings),
+        "timeout": max(30, settings.timeout),
+        "graceful_timeout": 30,
+        "keepalive": 5,
+        "accesslog": "-" if settings.verbose else None,
+        "errorlog": "-",
+        "loglevel": "debug" if settings.verbose else ("critical" if settings.log_disable else "info"),
+        "worker_tmp_dir": "/dev/shm" if os.path.isdir("/dev/shm") else None,
+    }
+    if settings.ssl_key_file and settings.ssl_cert_file:
+        options["keyfile"] = settings.ssl_key_file
+        options["certfile"] = settings.ssl_cert_file
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def build_app(settings: Settings):
+    """Create the state and the app, and start loading the model (call in the worker)."""
+    from pyllama.models import default_model_path
+    from pyllama.server.app import ServerState, create_app, start_loading
+
+    model_path = settings.model or str(default_model_path())
+    state = ServerState(settings, model_path)
+
+    def fail(exc):
+        logger.critical("cannot serve: %s", exc)
+        os._exit(3)  # gunicorn's WORKER_BOOT_ERROR: the arbiter stops instead of respawning
+
+    start_loading(state, on_failure=fail)
+    global _worker_state
+    _worker_state = state
+    return create_app(state)
+
+
+class PyllamaApplication(BaseApplication):
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        super().__init__()
+
+    def load_config(self):
+        for key, value in gunicorn_options(self.settings).items():
+            self.cfg.set(key, value)
+        self.cfg.set("worker_exit", _worker_exit)
+
+    def load(self):
+        return build_app(self.settings)
+
+
+_worker_state = None  # the ServerState of this worker process
+
+
+def _worker_exit(server, worker):
+    if _worker_state is not None:
+        _worker_state.close()
+
+
+def run(settings: Settings) -> int:
+    logger.info("pyllama-server listening on %s", bind_address(settings))
+    PyllamaApplication(settings).run()
+    return 0

@@ -1,0 +1,269 @@
+"""Request JSON -> engine types: prompts, sampling parameters and limits (llama-server §3.1, §3.2).
+
+Runs on HTTP threads. Tokenization uses the model's thread-safe vocabulary functions.
+Field errors are 400s worded as upstream's: `Field '<name>': ...`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from pyllama.engine import Request, SamplingParams
+from pyllama.engine.types import DEFAULT_DRY_BREAKERS, parse_samplers
+from pyllama.errors import InvalidRequestError
+
+INT32_MAX = 2**31 - 1
+
+
+def _err(name: str, what: str) -> InvalidRequestError:
+    return InvalidRequestError(f"Field '{name}': {what}", param=name)
+
+
+def get_bool(body: dict, name: str, default: bool) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise _err(name, "expected a boolean")
+    return value
+
+
+def get_int(body: dict, name: str, default: int, lo: int | None = None, hi: int | None = None) -> int:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            (isinstance(value, float) and (not math.isfinite(value) or value != int(value))):
+        raise _err(name, "expected an integer")
+    value = int(value)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise _err(name, f"must be between {lo} and {hi}" if hi is not None else f"must be >= {lo}")
+    return value
+
+
+def get_float(body: dict, name: str, default: float, lo: float | None = None,
+              hi: float | None = None, soft: bool = True) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _err(name, "expected a number")
+    value = float(value)
+    if soft:  # upstream's soft limits clamp silently
+        if lo is not None:
+            value = max(lo, value)
+        if hi is not None:
+            value = min(hi, value)
+    elif (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise _err(name, f"out of range")
+    return value
+
+
+def get_str(body: dict, name: str, default: str) -> str:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise _err(name, "expected a string")
+    return value
+
+
+@dataclass
+class Defaults:
+    """Server-wide defaults from the command line."""
+
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    n_predict: int = -1
+    n_keep: int = 0
+    cache_prompt: bool = True
+    stop: tuple = ()
+    special: bool = False
+
+
+def tokenize_prompt(model, prompt) -> list[int]:
+    """One prompt: text (BOS as the model asks), ids, or a mixed list (BOS if it starts with text)."""
+    if isinstance(prompt, str):
+        return model.tokenize(prompt, add_special=True, parse_special=True)
+    if isinstance(prompt, list):
+        tokens: list[int] = []
+        for i, part in enumerate(prompt):
+            if isinstance(part, bool):
+                raise InvalidRequestError("\"prompt\" must be a string, a list of tokens, or a list of prompts")
+            if isinstance(part, int):
+                tokens.append(part)
+            elif isinstance(part, str):
+                tokens += model.tokenize(part, add_special=(i == 0), parse_special=True)
+            else:
+                raise InvalidRequestError("\"prompt\" must be a string, a list of tokens, or a list of prompts")
+        return tokens
+    if isinstance(prompt, dict) and "prompt_string" in prompt:
+        if prompt.get("multimodal_data"):
+            raise InvalidRequestError("multimodal input is not supported: the server has no mmproj")
+        return tokenize_prompt(model, prompt["prompt_string"])
+    raise InvalidRequestError("\"prompt\" must be a string, a list of tokens, or a list of prompts")
+
+
+def split_prompts(prompt) -> list:
+    """A batch is a list of prompts (strings, lists, objects) with no bare ints at the top."""
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list, dict)) for p in prompt) \
+            and any(isinstance(p, (list, dict)) for p in prompt) or \
+            (isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, str) for p in prompt)):
+        return list(prompt)
+    return [prompt]
+
+
+def _logit_bias(model, value, n_vocab: int) -> tuple:
+    out = []
+    if value is None:
+        return ()
+
+    def add(key, bias):
+        if bias is False:
+            bias = -math.inf
+        elif isinstance(bias, bool) or not isinstance(bias, (int, float)):
+            raise _err("logit_bias", "a bias must be a number or false")
+        if isinstance(key, int) and not isinstance(key, bool):
+            if 0 <= key < n_vocab:  # out-of-range ids are skipped, as upstream
+                out.append((key, float(bias)))
+        elif isinstance(key, str):
+            if key.lstrip("-").isdigit():
+                add(int(key), bias)
+                return
+            for tok in model.tokenize(key, add_special=False, parse_special=False):
+                out.append((tok, float(bias)))
+        else:
+            raise _err("logit_bias", "keys must be token ids or strings")
+
+    if isinstance(value, dict):
+        for k, b in value.items():
+            add(k, b)
+    elif isinstance(value, list):
+        for item in value:
+            if not isinstance(item, list) or len(item) != 2:
+                raise _err("logit_bias", "expected [token, bias] pairs")
+            add(item[0], item[1])
+    else:
+        raise _err("logit_bias", "expected an array or an object")
+    return tuple(out)
+
+
+def parse_sampling(body: dict, defaults: Defaults, model) -> SamplingParams:
+    """The sampling fields of a request, over the server defaults (§3.2)."""
+    d = defaults.sampling
+    samplers = d.samplers
+    if body.get("samplers") is not None:
+        samplers = parse_samplers(body["samplers"])
+    breakers = d.dry_sequence_breakers
+    if body.get("dry_sequence_breakers") is not None:
+        value = body["dry_sequence_breakers"]
+        if not isinstance(value, list) or not value or not all(isinstance(s, str) for s in value):
+            raise _err("dry_sequence_breakers", "must be a non-empty array of strings")
+        breakers = tuple(value)
+    dry_base = get_float(body, "dry_base", d.dry_base)
+    if dry_base < 1.0:
+        dry_base = d.dry_base
+    seed = body.get("seed")
+    if seed is None:
+        seed = d.seed
+    elif isinstance(seed, bool) or not isinstance(seed, int):
+        raise _err("seed", "expected an integer")
+    n_probs = get_int(body, "n_probs", d.n_probs)
+    grammar = get_str(body, "grammar", d.grammar)
+    json_schema = body.get("json_schema")
+    if json_schema is not None and not grammar:
+        if not isinstance(json_schema, (dict, bool, str)):
+            raise _err("json_schema", "expected an object")
+        if json_schema == {}:
+            json_schema = {"type": "object"}
+    elif grammar:
+        json_schema = None
+    triggers = body.get("grammar_triggers") or []
+    trigger_words = tuple(t.get("value", "") for t in triggers if isinstance(t, dict) and t.get("type") in (1, "word"))
+    trigger_tokens = tuple(t.get("token") for t in triggers if isinstance(t, dict) and t.get("type") in (0, "token"))
+    try:
+        return SamplingParams(
+            temperature=get_float(body, "temperature", d.temperature, lo=0.0),
+            dynatemp_range=get_float(body, "dynatemp_range", d.dynatemp_range),
+            dynatemp_exponent=get_float(body, "dynatemp_exponent", d.dynatemp_exponent),
+            top_k=get_int(body, "top_k", d.top_k) if body.get("top_k") is None or body["top_k"] >= 0 else 0,
+            top_p=get_float(body, "top_p", d.top_p, lo=0.0, hi=1.0),
+            min_p=get_float(body, "min_p", d.min_p, lo=0.0, hi=1.0),
+            typical_p=get_float(body, "typical_p", d.typical_p),
+            top_n_sigma=get_float(body, "top_n_sigma", d.top_n_sigma),
+            xtc_probability=get_float(body, "xtc_probability", d.xtc_probability, lo=0.0, hi=1.0),
+            xtc_threshold=get_float(body, "xtc_threshold", d.xtc_threshold, lo=0.0, hi=1.0),
+            repeat_last_n=get_int(body, "repeat_last_n", d.repeat_last_n, lo=0, hi=INT32_MAX),
+            repeat_penalty=get_float(body, "repeat_penalty", d.repeat_penalty),
+            presence_penalty=get_float(body, "presence_penalty", d.presence_penalty),
+            frequency_penalty=get_float(body, "frequency_penalty", d.frequency_penalty),
+            dry_multiplier=get_float(body, "dry_multiplier", d.dry_multiplier),
+            dry_base=dry_base,
+            dry_allowed_length=get_int(body, "dry_allowed_length", d.dry_allowed_length, lo=0, hi=INT32_MAX),
+            dry_penalty_last_n=get_int(body, "dry_penalty_last_n", d.dry_penalty_last_n, lo=0, hi=INT32_MAX),
+            dry_sequence_breakers=breakers,
+            mirostat=int(get_float(body, "mirostat", d.mirostat, lo=0, hi=2)),
+            mirostat_tau=get_float(body, "mirostat_tau", d.mirostat_tau),
+            mirostat_eta=get_float(body, "mirostat_eta", d.mirostat_eta),
+            adaptive_target=get_float(body, "adaptive_target", d.adaptive_target, hi=1.0),
+            adaptive_decay=get_float(body, "adaptive_decay", d.adaptive_decay, lo=0.0, hi=0.99, soft=False),
+            seed=seed,
+            min_keep=get_int(body, "min_keep", d.min_keep, lo=0, hi=INT32_MAX),
+            logit_bias=_logit_bias(model, body.get("logit_bias"), model.n_vocab) or d.logit_bias,
+            ignore_eos=get_bool(body, "ignore_eos", d.ignore_eos),
+            samplers=samplers,
+            grammar=grammar,
+            json_schema=json_schema,
+            grammar_lazy=get_bool(body, "grammar_lazy", False),
+            grammar_trigger_words=trigger_words,
+            grammar_trigger_tokens=tuple(t for t in trigger_tokens if isinstance(t, int)),
+            grammar_prefill=tuple(body.get("_grammar_prefill") or ()),
+            n_probs=max(0, n_probs),
+            post_sampling_probs=get_bool(body, "post_sampling_probs", d.post_sampling_probs),
+        )
+    except InvalidRequestError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequestError(str(exc)) from None
+
+
+def parse_stop(body: dict, defaults: Defaults) -> tuple:
+    value = body.get("stop")
+    if value is None:
+        return defaults.stop
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise _err("stop", "expected a string or an array of strings")
+    words = tuple(s for s in value if s)
+    return words or defaults.stop
+
+
+def n_predict_of(body: dict, defaults: Defaults) -> int:
+    """n_predict > max_completion_tokens > max_tokens; -1 / absent: the server default."""
+    for name in ("n_predict", "max_completion_tokens", "max_tokens"):
+        if body.get(name) is not None:
+            value = get_int(body, name, -1, lo=-1, hi=INT32_MAX)
+            return value if value != -1 else defaults.n_predict
+    return defaults.n_predict
+
+
+def build_request(body: dict, tokens: list[int], sampling: SamplingParams, defaults: Defaults,
+                  stop: tuple) -> Request:
+    return Request(
+        prompt=tokens,
+        sampling=sampling,
+        n_predict=n_predict_of(body, defaults),
+        n_keep=get_int(body, "n_keep", defaults.n_keep, lo=-1),
+        n_discard=get_int(body, "n_discard", 0, lo=0),
+        stop=stop,
+        cache_prompt=get_bool(body, "cache_prompt", defaults.cache_prompt),
+        id_slot=get_int(body, "id_slot", -1),
+        t_max_predict_ms=get_int(body, "t_max_predict_ms", -1, lo=-1),
+        n_indent=get_int(body, "n_indent", 0, lo=0),
+        special=defaults.special,
+    )
+
+
+__all__ = ["DEFAULT_DRY_BREAKERS", "Defaults", "build_request", "get_bool", "get_float", "get_int",
+           "get_str", "n_predict_of", "parse_sampling", "parse_stop", "split_prompts", "tokenize_prompt"]

@@ -1,0 +1,1 @@
+"""One module per endpoint family; resources parse with `protocol` and run with `generation`."""

@@ -1,0 +1,160 @@
+"""Settings: every llama-server flag pyllama supports, with its default and help text.
+
+Each field carries its command-line names, its LLAMA_ARG_* environment variable and its kind in
+`metadata`; cli.py builds the parser from this table, so flags, env vars and docs line up.
+Field names are the long flag with underscores (`--ctx-size` -> `ctx_size`).
+Imports: stdlib only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+
+def _flag(default, names, help, *, env=None, kind=None, neg=(), choices=None, metavar=None):
+    return field(default=default, metadata=dict(names=tuple(names), env=env, help=help,
+                                                kind=kind, neg=tuple(neg), choices=choices,
+                                                metavar=metavar))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The server's configuration, as llama-server's flags set it."""
+
+    # --- model, context ----------------------------------------------------------------------
+    model: str = _flag("", ["-m", "--model"], "model path (default: the bundled gemma-3-270m Q4_K_M)",
+                       env="LLAMA_ARG_MODEL", metavar="FNAME")
+    alias: str = _flag("", ["-a", "--alias"], "comma-separated model names for the API (default: the file name)",
+                       env="LLAMA_ARG_ALIAS")
+    ctx_size: int = _flag(0, ["-c", "--ctx-size"], "size of the prompt context (0 = from model)",
+                          env="LLAMA_ARG_CTX_SIZE")
+    n_predict: int = _flag(-1, ["-n", "--predict", "--n-predict"],
+                           "tokens to predict when a request sets none (-1 = infinity)",
+                           env="LLAMA_ARG_N_PREDICT")
+    keep: int = _flag(0, ["--keep"], "tokens to keep from the initial prompt on a context shift (-1 = all)")
+    threads: int = _flag(-1, ["-t", "--threads"], "CPU threads for generation (-1 = all)",
+                         env="LLAMA_ARG_THREADS")
+    threads_batch: int = _flag(-1, ["-tb", "--threads-batch"], "threads for prompt processing (-1 = --threads)")
+    batch_size: int = _flag(2048, ["-b", "--batch-size"], "logical maximum batch size", env="LLAMA_ARG_BATCH")
+    ubatch_size: int = _flag(512, ["-ub", "--ubatch-size"], "physical maximum batch size",
+                             env="LLAMA_ARG_UBATCH")
+    parallel: int = _flag(-1, ["-np", "--parallel"], "number of server slots (-1 = auto: 4, with unified KV)",
+                          env="LLAMA_ARG_N_PARALLEL")
+    cont_batching: bool = _flag(True, ["-cb", "--cont-batching"], "continuous batching",
+                                env="LLAMA_ARG_CONT_BATCHING", neg=["-nocb", "--no-cont-batching"])
+    flash_attn: str = _flag("auto", ["-fa", "--flash-attn"], "Flash Attention: on, off or auto",
+                            env="LLAMA_ARG_FLASH_ATTN", kind="tristate")
+    cache_type_k: str = _flag("f16", ["-ctk", "--cache-type-k"], "KV cache type for K",
+                              env="LLAMA_ARG_CACHE_TYPE_K",
+                              choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"])
+    cache_type_v: str = _flag("f16", ["-ctv", "--cache-type-v"], "KV cache type for V",
+                              env="LLAMA_ARG_CACHE_TYPE_V",
+                              choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"])
+    kv_unified: bool | None = _flag(None, ["-kvu", "--kv-unified"], "one KV buffer for all slots",
+                                    env="LLAMA_ARG_KV_UNIFIED", neg=["-no-kvu", "--no-kv-unified"])
+    swa_full: bool = _flag(False, ["--swa-full"], "full-size SWA cache", env="LLAMA_ARG_SWA_FULL", kind="flag")
+    cache_prompt: bool = _flag(True, ["--cache-prompt"], "reuse the KV cache of a previous prompt (default for requests)",
+                               env="LLAMA_ARG_CACHE_PROMPT", neg=["--no-cache-prompt"])
+    context_shift: bool = _flag(False, ["--context-shift"], "shift the context when it fills up",
+                                env="LLAMA_ARG_CONTEXT_SHIFT", neg=["--no-context-shift"])
+    slot_prompt_similarity: float = _flag(0.1, ["-sps", "--slot-prompt-similarity"],
+                                          "prompt similarity needed to reuse a slot's cache (0 = off)")
+    mmap: bool = _flag(True, ["--mmap"], "memory-map the model", env="LLAMA_ARG_MMAP", neg=["--no-mmap"])
+    mlock: bool = _flag(False, ["--mlock"], "keep the model in RAM", env="LLAMA_ARG_MLOCK", kind="flag")
+    repack: bool = _flag(True, ["--repack"], "repack weights for the CPU backend", env="LLAMA_ARG_REPACK",
+                         neg=["-nr", "--no-repack"])
+    n_gpu_layers: str = _flag("auto", ["-ngl", "--gpu-layers", "--n-gpu-layers"],
+                              "layers to offload to the GPU: a number, auto or all", env="LLAMA_ARG_N_GPU_LAYERS")
+    warmup: bool = _flag(True, ["--warmup"], "run a warm-up decode at load", neg=["--no-warmup"])
+    # --- sampling defaults ----------------------------------------------------------------
+    samplers: str = _flag("penalties;dry;top_n_sigma;top_k;typ_p;top_p;min_p;xtc;temperature", ["--samplers"],
+                          "sampler order, ';'-separated")
+    sampling_seq: str = _flag("", ["--sampling-seq", "--sampler-seq"], "sampler order as letters (edskypmxt)")
+    seed: int = _flag(-1, ["-s", "--seed"], "RNG seed (-1 = random)")
+    temp: float = _flag(0.8, ["--temp", "--temperature"], "temperature", env="LLAMA_ARG_TEMPERATURE")
+    top_k: int = _flag(40, ["--top-k"], "top-k sampling (0 = off)", env="LLAMA_ARG_TOP_K")
+    top_p: float = _flag(0.95, ["--top-p"], "top-p sampling (1.0 = off)", env="LLAMA_ARG_TOP_P")
+    min_p: float = _flag(0.05, ["--min-p"], "min-p sampling (0 = off)", env="LLAMA_ARG_MIN_P")
+    top_nsigma: float = _flag(-1.0, ["--top-nsigma", "--top-n-sigma"], "top-n-sigma sampling (< 0 = off)")
+    xtc_probability: float = _flag(0.0, ["--xtc-probability"], "XTC probability")
+    xtc_threshold: float = _flag(0.1, ["--xtc-threshold"], "XTC threshold")
+    typical: float = _flag(1.0, ["--typical", "--typical-p"], "locally typical sampling (1 = off)")
+    repeat_last_n: int = _flag(64, ["--repeat-last-n"], "tokens considered for penalties (0 = off)")
+    repeat_penalty: float = _flag(1.0, ["--repeat-penalty"], "repeat penalty (1 = off)",
+                                  env="LLAMA_ARG_REPEAT_PENALTY")
+    presence_penalty: float = _flag(0.0, ["--presence-penalty"], "presence penalty",
+                                    env="LLAMA_ARG_PRESENCE_PENALTY")
+    frequency_penalty: float = _flag(0.0, ["--frequency-penalty"], "frequency penalty",
+                                     env="LLAMA_ARG_FREQUENCY_PENALTY")
+    dry_multiplier: float = _flag(0.0, ["--dry-multiplier"], "DRY multiplier (0 = off)")
+    dry_base: float = _flag(1.75, ["--dry-base"], "DRY base")
+    dry_allowed_length: int = _flag(2, ["--dry-allowed-length"], "DRY allowed length")
+    dry_penalty_last_n: int = _flag(64, ["--dry-penalty-last-n"], "DRY window")
+    dry_sequence_breaker: tuple = _flag((), ["--dry-sequence-breaker"], "DRY sequence breaker (repeatable; 'none')",
+                                        kind="append")
+    dynatemp_range: float = _flag(0.0, ["--dynatemp-range"], "dynamic temperature range")
+    dynatemp_exp: float = _flag(1.0, ["--dynatemp-exp"], "dynamic temperature exponent")
+    mirostat: int = _flag(0, ["--mirostat"], "Mirostat: 0 off, 1, 2")
+    mirostat_lr: float = _flag(0.1, ["--mirostat-lr"], "Mirostat learning rate (eta)")
+    mirostat_ent: float = _flag(5.0, ["--mirostat-ent"], "Mirostat target entropy (tau)")
+    logit_bias: tuple = _flag((), ["-l", "--logit-bias"], "TOKEN_ID(+/-)BIAS, repeatable", kind="append")
+    ignore_eos: bool = _flag(False, ["--ignore-eos"], "ignore end of stream tokens", kind="flag")
+    grammar: str = _flag("", ["--grammar"], "default GBNF grammar")
+    grammar_file: str = _flag("", ["--grammar-file"], "file with the default GBNF grammar")
+    json_schema: str = _flag("", ["-j", "--json-schema"], "default JSON schema (turned into a grammar)")
+    json_schema_file: str = _flag("", ["-jf", "--json-schema-file"], "file with the default JSON schema")
+    reverse_prompt: tuple = _flag((), ["-r", "--reverse-prompt"], "default stop string (repeatable)", kind="append")
+    special: bool = _flag(False, ["-sp", "--special"], "render special tokens in the output", kind="flag")
+    # --- network, security ----------------------------------------------------------------
+    host: str = _flag("127.0.0.1", ["--host"], "address to listen on (a path ending in .sock = UNIX socket)",
+                      env="LLAMA_ARG_HOST")
+    port: int = _flag(8080, ["--port"], "port to listen on", env="LLAMA_ARG_PORT")
+    api_key: tuple = _flag((), ["--api-key"], "API key(s), comma-separated or repeated", env="LLAMA_API_KEY",
+                           kind="keys")
+    api_key_file: str = _flag("", ["--api-key-file"], "file with API keys, one per line",
+                              env="LLAMA_ARG_API_KEY_FILE")
+    ssl_key_file: str = _flag("", ["--ssl-key-file"], "PEM private key for HTTPS", env="LLAMA_ARG_SSL_KEY_FILE")
+    ssl_cert_file: str = _flag("", ["--ssl-cert-file"], "PEM certificate for HTTPS", env="LLAMA_ARG_SSL_CERT_FILE")
+    timeout: int = _flag(3600, ["-to", "--timeout"], "socket read/write timeout in seconds", env="LLAMA_ARG_TIMEOUT")
+    threads_http: int = _flag(-1, ["--threads-http"], "HTTP threads (-1 = parallel slots + 8)",
+                              env="LLAMA_ARG_THREADS_HTTP")
+    sse_ping_interval: int = _flag(30, ["--sse-ping-interval"], "seconds of silence before an SSE ping (-1 = never)",
+                                   env="LLAMA_ARG_SSE_PING_INTERVAL")
+    api_prefix: str = _flag("", ["--api-prefix"], "prefix for every route", env="LLAMA_ARG_API_PREFIX")
+    webui: bool = _flag(True, ["--ui", "--webui"], "built-in web UI (pyllama has none: --no-webui is implied)",
+                        env="LLAMA_ARG_UI", neg=["--no-ui", "--no-webui"])
+    max_body_mb: int = _flag(64, ["--max-body-mb"], "pyllama: largest request body in MiB (413 beyond)")
+    # --- features -------------------------------------------------------------------------
+    embedding: bool = _flag(False, ["--embedding", "--embeddings"], "embedding endpoints only",
+                            env="LLAMA_ARG_EMBEDDINGS", kind="flag")
+    reranking: bool = _flag(False, ["--reranking", "--rerank"], "rerank endpoint (implies embeddings, pooling rank)",
+                            env="LLAMA_ARG_RERANKING", kind="flag")
+    pooling: str = _flag("", ["--pooling"], "embedding pooling: none, mean, cls, last, rank",
+                         env="LLAMA_ARG_POOLING", choices=["", "none", "mean", "cls", "last", "rank"])
+    embd_normalize: int = _flag(2, ["--embd-normalize"], "embedding normalisation: -1, 0, 1, 2, >2")
+    metrics: bool = _flag(False, ["--metrics"], "enable /metrics", env="LLAMA_ARG_ENDPOINT_METRICS", kind="flag")
+    slots: bool = _flag(True, ["--slots"], "enable GET /slots", env="LLAMA_ARG_ENDPOINT_SLOTS",
+                        neg=["--no-slots"])
+    props: bool = _flag(False, ["--props"], "enable POST /props", env="LLAMA_ARG_ENDPOINT_PROPS", kind="flag")
+    slot_save_path: str = _flag("", ["--slot-save-path"], "folder for slot save/restore")
+    # --- chat -----------------------------------------------------------------------------
+    jinja: bool = _flag(True, ["--jinja"], "use the Jinja template engine", env="LLAMA_ARG_JINJA",
+                        neg=["--no-jinja"])
+    chat_template: str = _flag("", ["--chat-template"], "chat template: a built-in name or Jinja text",
+                               env="LLAMA_ARG_CHAT_TEMPLATE")
+    chat_template_file: str = _flag("", ["--chat-template-file"], "file with the chat template",
+                                    env="LLAMA_ARG_CHAT_TEMPLATE_FILE")
+    chat_template_kwargs: str = _flag("", ["--chat-template-kwargs"], "extra template variables (JSON object)",
+                                      env="LLAMA_ARG_CHAT_TEMPLATE_KWARGS")
+    reasoning_format: str = _flag("auto", ["--reasoning-format"], "reasoning output: none, auto, deepseek, deepseek-legacy",
+                                  env="LLAMA_ARG_THINK", choices=["none", "auto", "deepseek", "deepseek-legacy"])
+    prefill_assistant: bool = _flag(True, ["--prefill-assistant"], "continue a trailing assistant message",
+                                    env="LLAMA_ARG_PREFILL_ASSISTANT", neg=["--no-prefill-assistant"])
+    # --- logging --------------------------------------------------------------------------
+    verbose: bool = _flag(False, ["-v", "--verbose", "--log-verbose"], "log everything", kind="flag")
+    log_disable: bool = _flag(False, ["--log-disable"], "no log output", kind="flag")
+
+
+def settings_fields():
+    """The Settings fields, in order (what the parser and --help are built from)."""
+    return fields(Settings)

@@ -1,0 +1,238 @@
+"""Every generation and info endpoint of a real server, streaming and not."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import httpx
+import pytest
+
+PROMPT = "The three primary colors are"
+
+
+def sse_events(response) -> list:
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            payload = line[6:]
+            events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+def test_health_models_props(http, server):
+    r = http.get("/health")
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+    assert r.headers["server"] == "llama.cpp"
+    assert http.get("/v1/health").json() == {"status": "ok"}
+    models = http.get("/v1/models").json()
+    assert models["object"] == "list" and models["data"][0]["owned_by"] == "llamacpp"
+    assert models["data"][0]["meta"]["n_ctx_train"] == 32768
+    assert http.get("/models").json()["models"][0]["details"]["format"] == "gguf"
+    props = http.get("/props").json()
+    assert props["total_slots"] == 4
+    assert props["default_generation_settings"]["n_ctx"] == 2048
+    assert props["default_generation_settings"]["params"]["top_k"] == 40
+    assert props["bos_token"] == "<bos>" and props["endpoint_metrics"] is True
+    assert http.post("/props", json={}).status_code == 501
+
+
+def test_native_completion(http):
+    r = http.post("/completion", json={"prompt": PROMPT, "n_predict": 12, "temperature": 0,
+                                       "return_tokens": True})
+    assert r.status_code == 200
+    body = r.json()
+    assert "red" in body["content"] and body["stop"] is True and body["stop_type"] == "limit"
+    assert body["tokens_predicted"] == 12 and len(body["tokens"]) == 12
+    assert body["tokens_evaluated"] == 6 and body["timings"]["predicted_n"] == 12
+    assert body["generation_settings"]["n_predict"] == 12
+    assert body["prompt"] == "<bos>" + PROMPT
+    again = http.post("/completions", json={"prompt": PROMPT, "n_predict": 12, "temperature": 0}).json()
+    assert again["content"] == body["content"] and again["timings"]["cache_n"] == 5
+
+
+def test_native_completion_stream(http):
+    with http.stream("POST", "/completion", json={"prompt": PROMPT, "n_predict": 10, "temperature": 0,
+                                                   "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r)
+    assert "[DONE]" not in events
+    assert all(e["stop"] is False for e in events[:-1]) and events[-1]["stop"] is True
+    assert events[-1]["content"] == "" and events[-1]["tokens"] == []
+    text = "".join(e["content"] for e in events[:-1])
+    full = http.post("/completion", json={"prompt": PROMPT, "n_predict": 10, "temperature": 0}).json()
+    assert text == full["content"]
+
+
+def test_prompt_batch_and_token_prompts(http):
+    r = http.post("/completion", json={"prompt": [PROMPT, "Once upon a time"], "n_predict": 4,
+                                       "temperature": 0}).json()
+    assert isinstance(r, list) and [x["index"] for x in r] == [0, 1]
+    tokens = http.post("/tokenize", json={"content": PROMPT, "add_special": True}).json()["tokens"]
+    by_ids = http.post("/completion", json={"prompt": tokens, "n_predict": 4, "temperature": 0}).json()
+    assert by_ids["content"] == r[0]["content"]
+
+
+def test_stop_words_and_probs(http):
+    body = http.post("/completion", json={"prompt": PROMPT, "n_predict": 30, "temperature": 0,
+                                          "stop": ["yellow"], "n_probs": 3}).json()
+    assert body["stop_type"] == "word" and body["stopping_word"] == "yellow"
+    assert "yellow" not in body["content"]
+    probs = body["completion_probabilities"]
+    assert probs and len(probs[0]["top_logprobs"]) == 3 and probs[0]["logprob"] <= 0
+
+
+def test_oai_completions(http):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=str(http.base_url) + "/v1", api_key="none")
+    res = client.completions.create(model="x", prompt=PROMPT, max_tokens=8, temperature=0)
+    assert res.choices[0].finish_reason == "length" and "red" in res.choices[0].text
+    assert res.usage.completion_tokens == 8
+    chunks = list(client.completions.create(model="x", prompt=PROMPT, max_tokens=8, temperature=0,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == res.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_openai_chat(http):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=str(http.base_url) + "/v1", api_key="none")
+    messages = [{"role": "user", "content": "Name a color."}]
+    res = client.chat.completions.create(model="x", messages=messages, max_tokens=8, temperature=0)
+    assert res.object == "chat.completion" and res.choices[0].message.role == "assistant"
+    assert res.choices[0].finish_reason in ("length", "stop") and res.usage.prompt_tokens > 5
+    stream = client.chat.completions.create(model="x", messages=messages, max_tokens=8, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == res.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+
+
+def test_chat_json_schema_response_format(http):
+    schema = {"type": "object", "properties": {"color": {"type": "string", "enum": ["red", "blue"]}},
+              "required": ["color"]}
+    r = http.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "Pick a color as JSON."}], "max_tokens": 40,
+        "response_format": {"type": "json_schema", "json_schema": {"schema": schema}}})
+    assert r.status_code == 200
+    assert json.loads(r.json()["choices"][0]["message"]["content"])["color"] in ("red", "blue")
+    bad = http.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "x"}],
+        "response_format": {"type": "json_schema", "json_schema": {"schema": {"$ref": "#/nope"}}}})
+    assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_tokenize_detokenize_apply_template(http):
+    r = http.post("/tokenize", json={"content": "Hello 😀", "with_pieces": True}).json()
+    pieces = r["tokens"]
+    assert all("id" in p and "piece" in p for p in pieces)
+    ids = [p["id"] for p in pieces]
+    assert http.post("/detokenize", json={"tokens": ids}).json()["content"] == "Hello 😀"
+    assert http.post("/tokenize", json={}).json() == {"tokens": []}
+    prompt = http.post("/apply-template", json={"messages": [{"role": "user", "content": "Hi"}]}).json()["prompt"]
+    assert "Hi" in prompt and prompt.endswith("assistant\n")
+
+
+def test_errors(http):
+    r = http.post("/completion", content=b"{not json")
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    r = http.get("/nope")
+    assert r.status_code == 404 and r.json() == {"error": {"code": 404, "message": "File Not Found",
+                                                           "type": "not_found_error"}}
+    r = http.post("/completion", json={"n_predict": 3})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = http.post("/completion", json={"prompt": "x", "n_predict": "many"})
+    assert r.status_code == 400 and "n_predict" in r.json()["error"]["message"]
+    r = http.post("/completion", json={"prompt": "word " * 3000})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["type"] == "exceed_context_size_error" and err["n_ctx"] == 2048
+    r = http.post("/completion", json={"prompt": "x", "grammar": "root ::= ("})
+    assert r.status_code == 400 and "grammar" in r.json()["error"]["message"]
+    r = http.post("/completion", json={"prompt": [1, 999999999]})
+    assert r.status_code == 400
+    r = http.post("/completion", json={"prompt": "word " * 3000, "stream": True})
+    assert r.status_code == 400  # streams commit late: an early error is a plain JSON error
+    assert http.post("/embeddings", json={"input": "x"}).status_code == 501
+    assert http.post("/rerank", json={"query": "x", "documents": ["y"]}).status_code == 501
+    assert http.get("/health").status_code == 200  # still serving
+
+
+def _count_prompt(i: int) -> str:
+    return "Count: " + ", ".join(str(10 * i + k) for k in range(10, 13)) + ","
+
+
+def test_eight_streams_on_four_slots(http, server):
+    results = [None] * 8
+
+    def run(i):
+        with httpx.Client(base_url=server.base, timeout=120) as c:
+            with c.stream("POST", "/completion", json={"prompt": _count_prompt(i),
+                                                        "n_predict": 16, "temperature": 0,
+                                                        "ignore_eos": True, "stream": True}) as r:
+                results[i] = sse_events(r)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, events in enumerate(results):
+        assert events[-1]["stop"] is True and events[-1]["tokens_predicted"] == 16
+        streamed = "".join(e["content"] for e in events[:-1])
+        # each client continues its own count: no stream received another's tokens
+        assert streamed.lstrip().startswith(f"{10 * i + 13}, {10 * i + 14}"), (i, streamed)
+
+
+def test_disconnect_frees_the_slot(http, server):
+    with httpx.Client(base_url=server.base, timeout=60) as c:
+        with c.stream("POST", "/completion", json={"prompt": PROMPT, "n_predict": 100000,
+                                                    "ignore_eos": True, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    break
+    import time
+
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        if not any(s["is_processing"] for s in http.get("/slots").json()):
+            break
+        time.sleep(0.1)
+    assert not any(s["is_processing"] for s in http.get("/slots").json())
+
+
+def test_metrics_move(http):
+    def value(name):
+        for line in http.get("/metrics").text.splitlines():
+            if line.startswith(f"llamacpp:{name} "):
+                return float(line.split()[1])
+
+    before = value("tokens_predicted_total")
+    http.post("/completion", json={"prompt": "Hello", "n_predict": 5, "temperature": 0})
+    r = http.get("/metrics")
+    assert r.headers["content-type"].startswith("text/plain") and "Process-Start-Time-Unix" in r.headers
+    assert "# TYPE llamacpp:prompt_tokens_total counter" in r.text
+    assert value("tokens_predicted_total") == before + 5
+    assert value("n_decode_total") > 0
+
+
+def test_slots_save_restore_erase(http, slot_dir):
+    http.post("/completion", json={"prompt": "Remember this sentence about llamas.", "n_predict": 2,
+                                   "temperature": 0, "id_slot": 1})
+    slots = http.get("/slots").json()
+    assert len(slots) == 4 and slots[1]["id"] == 1
+    saved = http.post("/slots/1?action=save", json={"filename": "s1.bin"}).json()
+    assert saved["n_saved"] > 5 and (slot_dir / "s1.bin").exists()
+    erased = http.post("/slots/1?action=erase").json()
+    assert erased == {"id_slot": 1, "n_erased": saved["n_saved"]}
+    restored = http.post("/slots/1?action=restore", json={"filename": "s1.bin"}).json()
+    assert restored["n_restored"] == saved["n_saved"]
+    r = http.post("/completion", json={"prompt": "Remember this sentence about llamas. Yes", "n_predict": 1,
+                                       "id_slot": 1}).json()
+    assert r["timings"]["cache_n"] >= saved["n_saved"] - 2
+    assert http.post("/slots/1?action=save", json={"filename": "../evil.bin"}).status_code == 400
+    assert http.post("/slots/1?action=explode").status_code == 400
+    assert http.post("/slots/abc?action=erase").status_code == 400
