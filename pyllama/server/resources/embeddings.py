@@ -22,6 +22,8 @@ def _inputs(model, value) -> list[list[int]]:
     for item in items:
         if isinstance(item, dict) and "content" in item:
             item = item["content"]
+        if item == "" or item == []:
+            raise InvalidRequestError("Input content cannot be empty")
         tokens = tokenize_prompt(model, item)
         if not tokens:
             raise InvalidRequestError("Input content cannot be empty")
