@@ -1,0 +1,58 @@
+"""/health while the model loads, and running the app under gunicorn directly."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import falcon.testing
+import httpx
+
+from pyllama.cli import parse_server_args
+from pyllama.server.app import ServerState, create_app
+
+
+def test_health_is_503_while_loading_then_200(synthetic_path):
+    state = ServerState(parse_server_args(["-m", str(synthetic_path), "-np", "1", "-c", "256"], environ={}),
+                        str(synthetic_path))
+    client = falcon.testing.TestClient(create_app(state))
+    r = client.simulate_get("/health")
+    assert r.status_code == 503
+    assert r.json == {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}
+    assert client.simulate_post("/completion", json={"prompt": "x"}).status_code == 503
+    state.load()
+    try:
+        assert client.simulate_get("/health").json == {"status": "ok"}
+        r = client.simulate_post("/completion", json={"prompt": "Hello", "n_predict": 3})
+        assert r.status_code == 200 and r.json["tokens_predicted"] == 3
+    finally:
+        state.close()
+
+
+def test_gunicorn_directly_with_the_wsgi_factory(synthetic_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYLLAMA_ARGS": f"-m {synthetic_path} -np 2 -c 512 --port {port} --metrics"}
+    gunicorn = str(Path(sys.executable).parent / "gunicorn")
+    proc = subprocess.Popen([gunicorn, "-c", "python:pyllama.server.wsgi", "pyllama.server.wsgi:create_app()"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(base + "/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        r = httpx.post(base + "/completion", json={"prompt": "Hello", "n_predict": 2})
+        assert r.status_code == 200 and r.json()["tokens_predicted"] == 2
+        assert "llamacpp:n_decode_total" in httpx.get(base + "/metrics").text
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0  # SIGTERM: a clean, graceful stop

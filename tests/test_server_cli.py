@@ -1,0 +1,94 @@
+"""The llama-server flag parser, on a table of upstream command lines."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pyllama.cli import FlagError, parse_server_args
+
+SERVER = str(Path(sys.executable).parent / "pyllama-server")
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["-m", "m.gguf", "--port", "8080", "-np", "4", "-cb"],
+     dict(model="m.gguf", port=8080, parallel=4, cont_batching=True, kv_unified=None)),
+    (["-m", "m.gguf"], dict(parallel=4, kv_unified=True)),  # auto: 4 slots, unified KV
+    (["--ctx-size", "8192", "-b", "1024", "-ub", "256", "-t", "2", "-tb", "4"],
+     dict(ctx_size=8192, batch_size=1024, ubatch_size=256, threads=2, threads_batch=4)),
+    (["--ctx_size=4096", "--n_predict", "64"], dict(ctx_size=4096, n_predict=64)),  # underscores
+    (["-c", "1", "-c", "2"], dict(ctx_size=2)),  # the last value wins
+    (["-fa", "on", "-ctk", "q8_0", "-ctv", "q4_0", "--no-mmap", "--mlock"],
+     dict(flash_attn="on", cache_type_k="q8_0", cache_type_v="q4_0", mmap=False, mlock=True)),
+    (["-fa", "auto"], dict(flash_attn="auto")), (["--flash-attn", "1"], dict(flash_attn="on")),
+    (["--temp", "0.2", "--top-k", "10", "--top-p", "0.5", "--min-p", "0.1", "-s", "7",
+      "--repeat-penalty", "1.1", "--mirostat", "2", "--samplers", "top_k;temperature"],
+     dict(temp=0.2, top_k=10, top_p=0.5, min_p=0.1, seed=7, repeat_penalty=1.1, mirostat=2,
+          samplers="top_k;temperature")),
+    (["--api-key", "a,b", "--api-key", "c"], dict(api_key=("a", "b", "c"))),
+    (["-r", "User:", "--reverse-prompt", "###"], dict(reverse_prompt=("User:", "###"))),
+    (["--embedding", "--pooling", "mean"], dict(embedding=True, pooling="mean")),
+    (["--reranking"], dict(reranking=True, embedding=True, pooling="rank")),
+    (["--metrics", "--no-slots", "--props", "--no-webui", "--no-jinja"],
+     dict(metrics=True, slots=False, props=True, webui=False, jinja=False)),
+    (["--context-shift", "--keep", "-1", "-n", "128", "-sps", "0.5"],
+     dict(context_shift=True, keep=-1, n_predict=128, slot_prompt_similarity=0.5)),
+    (["--host", "0.0.0.0", "--timeout", "600", "--threads-http", "16", "-ngl", "99"],
+     dict(host="0.0.0.0", timeout=600, threads_http=16, n_gpu_layers="99")),
+    (["--reasoning-format", "deepseek", "--chat-template", "chatml", "-kvu", "--swa-full"],
+     dict(reasoning_format="deepseek", chat_template="chatml", kv_unified=True, swa_full=True)),
+])
+def test_upstream_command_lines(argv, expected):
+    s = parse_server_args(argv, environ={})
+    for key, value in expected.items():
+        assert getattr(s, key) == value, key
+
+
+def test_seed_production_example_without_gpu_flags(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("secret\n")
+    s = parse_server_args(["-m", "model.gguf", "--host", "0.0.0.0", "--port", "8080", "-np", "8", "-cb",
+                           "-c", "16384", "-b", "2048", "-ub", "512", "-fa", "auto", "--metrics",
+                           "--api-key-file", str(keys), "--timeout", "600", "--slot-save-path",
+                           str(tmp_path), "--jinja", "-ctk", "q8_0", "-ctv", "q8_0"], environ={})
+    assert (s.parallel, s.ctx_size, s.api_key, s.metrics, s.jinja) == (8, 16384, ("secret",), True, True)
+
+
+def test_environment_variables_and_precedence():
+    env = {"LLAMA_ARG_CTX_SIZE": "1024", "LLAMA_ARG_N_PARALLEL": "3", "LLAMA_API_KEY": "k",
+           "LLAMA_ARG_ENDPOINT_METRICS": "1", "LLAMA_ARG_FLASH_ATTN": "off", "LLAMA_ARG_MMAP": "false",
+           "LLAMA_ARG_CONT_BATCHING": "disabled"}
+    s = parse_server_args(["-c", "2048"], environ=env)
+    assert s.ctx_size == 2048  # the command line wins
+    assert (s.parallel, s.api_key, s.metrics, s.flash_attn, s.mmap, s.cont_batching) == \
+        (3, ("k",), True, "off", False, False)
+    assert parse_server_args([], environ={"LLAMA_ARG_ENDPOINT_METRICS": "0"}).metrics is False
+    with pytest.raises(FlagError):
+        parse_server_args([], environ={"LLAMA_ARG_MMAP": "maybe"})
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--frobnicate"], "invalid argument: --frobnicate"),
+    (["--lora", "x.gguf"], "--lora is a llama-server flag that pyllama does not support yet"),
+    (["-hf", "org/model"], "-hf is a llama-server flag"),
+    (["-np", "0"], "--parallel"),
+    (["-c", "lots"], "invalid value for -c"),
+    (["-fa", "sometimes"], "invalid value for -fa"),
+    (["-ctk", "q3"], "invalid value for -ctk"),
+    (["--port"], "expected value for argument --port"),
+])
+def test_refused_flags(argv, message):
+    with pytest.raises(FlagError, match=message.replace("(", r"\(")):
+        parse_server_args(argv, environ={})
+
+
+def test_process_help_version_and_exit_codes():
+    out = subprocess.run([SERVER, "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--ctx-size" in out.stdout and "LLAMA_ARG_CTX_SIZE" in out.stdout
+    out = subprocess.run([SERVER, "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and "pyllama" in out.stdout and "0c1e57098" in out.stdout
+    out = subprocess.run([SERVER, "--mmproj", "x"], capture_output=True, text=True)
+    assert out.returncode == 1 and "--mmproj" in out.stderr and "does not support" in out.stderr
