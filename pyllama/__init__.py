@@ -5,7 +5,16 @@ Importing this package loads nothing: the compiled engine is imported on first u
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "default_model_path"]
+__all__ = ["Llama", "__version__", "default_model_path"]
+
+
+def __getattr__(name):
+    # `pyllama.Llama` without importing the engine at `import pyllama`
+    if name == "Llama":
+        from pyllama.llama import Llama
+
+        return Llama
+    raise AttributeError(name)
 
 
 def default_model_path():
