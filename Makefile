@@ -1,9 +1,8 @@
-# pyllama: `make run` sets up and runs the default model, `make test` sets up and runs the tests.
+# pyllama: `make run` sets up and serves the default model on :8080, `make test` runs the tests.
 # Needs Python 3.10+, a C/C++ compiler, cmake and pip; everything else is installed into .venv.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PROMPT ?= The three primary colors are
 TORCH_VERSION ?= 2.13.0
 # Extra CMake options, e.g. CMAKE_ARGS="-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90".
 export CMAKE_ARGS
@@ -31,8 +30,10 @@ vendor: | $(PY)
 build: setup vendor
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
 
+# llama-server's flags; e.g. make run ARGS="-np 8 --metrics"
+ARGS ?=
 run: build
-	$(VENV)/bin/pyllama generate -p "$(PROMPT)" -n 64
+	$(VENV)/bin/pyllama-server --host 127.0.0.1 --port 8080 $(ARGS)
 
 test: build
 	$(PY) -m pytest -q tests
