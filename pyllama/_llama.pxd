@@ -325,6 +325,8 @@ cdef extern from "llama.h" nogil:
                                       bint add_ass, char * buf, int32_t length)
 
     # --- Sampling API ----------------------------------------------------------------------
+    bint llama_set_sampler(llama_context * ctx, llama_seq_id seq_id, llama_sampler * smpl)
+    llama_token llama_get_sampled_token_ith(llama_context * ctx, int32_t i)
     llama_sampler * llama_sampler_chain_init(llama_sampler_chain_params params)
     void llama_sampler_chain_add(llama_sampler * chain, llama_sampler * smpl)
     llama_sampler * llama_sampler_chain_get(llama_sampler * chain, int32_t i)

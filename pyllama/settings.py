@@ -105,6 +105,9 @@ class Settings:
     json_schema_file: str = _flag("", ["-jf", "--json-schema-file"], "file with the default JSON schema")
     reverse_prompt: tuple = _flag((), ["-r", "--reverse-prompt"], "default stop string (repeatable)", kind="append")
     special: bool = _flag(False, ["-sp", "--special"], "render special tokens in the output", kind="flag")
+    backend_sampling: bool = _flag(False, ["-bs", "--backend-sampling"],
+                                   "sample inside the decode graph (on the GPU with GPU builds)",
+                                   env="LLAMA_ARG_BACKEND_SAMPLING", kind="flag")
     # --- network, security ----------------------------------------------------------------
     host: str = _flag("127.0.0.1", ["--host"], "address to listen on (a path ending in .sock = UNIX socket)",
                       env="LLAMA_ARG_HOST")

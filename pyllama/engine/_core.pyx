@@ -50,6 +50,7 @@ cdef struct SlotC:
     L.llama_token sampled
     SamplerState * sampler  # borrowed from the request's SamplerChain
     const float * logits
+    bint on_backend         # the chain runs in the decode graph (llama_set_sampler)
 
 
 cdef int utf8_complete_len(bytes data):
@@ -150,6 +151,7 @@ cdef class EngineCore:
     cdef public int n_threads_sampling
     cdef list prefill_order
     cdef vector[int] sample_slots
+    cdef int * cpu_slots  # slots sampled on the CPU this step
     # counters (tests and /metrics read them)
     cdef readonly int64_t n_steps
     cdef readonly int64_t n_decode_calls
@@ -157,6 +159,7 @@ cdef class EngineCore:
     cdef readonly int64_t n_prompt_tokens_total
     cdef readonly double t_decode_total
     cdef readonly double t_step_total
+    cdef readonly int64_t n_backend_sampled
 
     def __cinit__(self, Context context, *, int n_predict=-1, bint ctx_shift=False,
                   double slot_prompt_similarity=0.1, int n_threads_sampling=1):
@@ -172,6 +175,7 @@ cdef class EngineCore:
         self.slot_prompt_similarity = slot_prompt_similarity
         self.n_threads_sampling = max(1, n_threads_sampling)
         self.slots_c = <SlotC *> malloc(sizeof(SlotC) * self.n_slots)
+        self.cpu_slots = <int *> malloc(sizeof(int) * self.n_slots)
         self.slots = []
         cdef int i
         for i in range(self.n_slots):
@@ -179,11 +183,13 @@ cdef class EngineCore:
             self.slots_c[i].n_past = 0
             self.slots_c[i].i_batch = -1
             self.slots_c[i].sampler = NULL
+            self.slots_c[i].on_backend = False
             self.slots.append(Slot(i))
         self.prefill_order = []
 
     def __dealloc__(self):
         free(self.slots_c)
+        free(self.cpu_slots)
         self.slots_c = NULL
 
     # --- admission ---------------------------------------------------------------------------
@@ -261,6 +267,11 @@ cdef class EngineCore:
         slot.t_start = time.perf_counter()
         slot.t_prompt_done = 0.0
         sampler.reset()
+        sc.on_backend = False
+        if request.sampling.backend_sampling and not request.sampling.grammar \
+                and request.sampling.n_probs == 0:
+            # upstream's --backend-sampling (server_context::launch_slot_with_task)
+            sc.on_backend = L.llama_set_sampler(self.context.ptr, slot.id, sampler.state.chain)
         sc.state = SLOT_PREFILL
         sc.n_past = keep
         sc.i_batch = -1
@@ -358,10 +369,24 @@ cdef class EngineCore:
         return True
 
     cdef void _sample_all(self) noexcept:
-        cdef int n = self.sample_slots.size(), j, i
-        cdef int nthreads = min(self.n_threads_sampling, n)
+        cdef int n, j, i, k = 0
         cdef SlotC * slots_c = self.slots_c
-        cdef int * idx = self.sample_slots.data()
+        cdef L.llama_token tok
+        # tokens the decode graph already sampled: accept them, leave the rest to the CPU
+        for j in range(<int>self.sample_slots.size()):
+            i = self.sample_slots[j]
+            tok = L.llama_get_sampled_token_ith(self.context.ptr, slots_c[i].i_batch) \
+                if slots_c[i].on_backend else L.LLAMA_TOKEN_NULL
+            if tok != L.LLAMA_TOKEN_NULL:
+                self.n_backend_sampled += 1
+                slots_c[i].sampled = tok
+                sampler_accept(slots_c[i].sampler, tok)
+            else:
+                self.cpu_slots[k] = i
+                k += 1
+        n = k
+        cdef int nthreads = min(self.n_threads_sampling, n)
+        cdef int * idx = self.cpu_slots
         if nthreads > 1:
             # PERF: each slot's chain runs on its own logits row; upstream does this serially.
             for j in prange(n, nogil=True, num_threads=nthreads, schedule="static"):
@@ -547,6 +572,9 @@ cdef class EngineCore:
         sc.state = SLOT_IDLE
         sc.i_batch = -1
         sc.sampler = NULL
+        if sc.on_backend:
+            L.llama_set_sampler(self.context.ptr, slot.id, NULL)
+            sc.on_backend = False
 
     cdef void _abort_all(self, exc) except *:
         # A failed decode: every busy request ends with the error, their KV is dropped.
@@ -561,6 +589,9 @@ cdef class EngineCore:
                 slot.sampler = None
                 self.slots_c[slot.id].state = SLOT_IDLE
                 self.slots_c[slot.id].sampler = NULL
+                if self.slots_c[slot.id].on_backend:
+                    L.llama_set_sampler(self.context.ptr, slot.id, NULL)
+                    self.slots_c[slot.id].on_backend = False
             L.llama_memory_seq_rm(mem, slot.id, -1, -1)
             slot.cache_tokens.clear()
             self.slots_c[slot.id].n_past = 0
@@ -630,7 +661,7 @@ cdef class EngineCore:
                     n_tokens_predicted=self.n_tokens_predicted_total,
                     n_prompt_tokens=self.n_prompt_tokens_total,
                     t_decode=self.t_decode_total, t_step=self.t_step_total,
-                    n_busy=self.n_busy)
+                    n_busy=self.n_busy, n_backend_sampled=self.n_backend_sampled)
 
 
 cdef int _common_prefix(vector[L.llama_token] & cached, prompt):

@@ -102,6 +102,9 @@ class SamplingParams:
     grammar_prefill: tuple[int, ...] = ()
     n_probs: int = 0
     post_sampling_probs: bool = False
+    # run the chain inside the decode graph (llama_set_sampler), as upstream's --backend-sampling;
+    # not with a grammar or n_probs (upstream's limits)
+    backend_sampling: bool = False
 
     def __post_init__(self) -> None:
         if self.json_schema is not None and not isinstance(self.json_schema, str):

@@ -292,3 +292,17 @@ def test_n_indent_stops_at_a_less_indented_line(engine):
 def test_id_slot_pins_the_slot(engine):
     for slot in (3, 1, 7):  # 7 wraps to 3 with 4 slots
         assert _run(engine, PROMPTS[4], n=2, id_slot=slot)[1].id_slot == slot % 4
+
+
+def test_backend_sampling_runs_the_chain_in_the_decode_graph(engine):
+    before = engine.stats()["n_backend_sampled"]
+    cpu = _run(engine, PROMPTS[0], GREEDY, n=12)[1]
+    graph = _run(engine, PROMPTS[0], SamplingParams(temperature=0.0, backend_sampling=True), n=12)[1]
+    assert graph.tokens == cpu.tokens
+    assert engine.stats()["n_backend_sampled"] - before == 12
+    seeded = SamplingParams(seed=11, backend_sampling=True)
+    assert _run(engine, PROMPTS[1], seeded, n=12)[1].tokens == _run(engine, PROMPTS[1], seeded, n=12)[1].tokens
+    # with n_probs (upstream's limit) the CPU samples instead
+    before = engine.stats()["n_backend_sampled"]
+    _run(engine, PROMPTS[0], SamplingParams(temperature=0.0, backend_sampling=True, n_probs=2), n=3)
+    assert engine.stats()["n_backend_sampled"] == before

@@ -86,7 +86,7 @@ def generation_settings(request: Request, stream: bool, full: bool = True) -> di
         "n_probs": s.n_probs, "min_keep": s.min_keep, "chat_format": "Content-only",
         "reasoning_format": "auto", "reasoning_in_content": False, "generation_prompt": "",
         "samplers": list(s.samplers), "speculative.types": [], "timings_per_token": False,
-        "post_sampling_probs": s.post_sampling_probs, "backend_sampling": False, "lora": [],
+        "post_sampling_probs": s.post_sampling_probs, "backend_sampling": s.backend_sampling, "lora": [],
     }
     if full:
         out.update({

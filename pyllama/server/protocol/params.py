@@ -220,6 +220,7 @@ def parse_sampling(body: dict, defaults: Defaults, model) -> SamplingParams:
             grammar_prefill=tuple(body.get("_grammar_prefill") or ()),
             n_probs=max(0, n_probs),
             post_sampling_probs=get_bool(body, "post_sampling_probs", d.post_sampling_probs),
+            backend_sampling=get_bool(body, "backend_sampling", d.backend_sampling),
         )
     except InvalidRequestError:
         raise
