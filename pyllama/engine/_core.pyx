@@ -20,7 +20,7 @@ from libc.stdlib cimport free, malloc
 from libcpp.vector cimport vector
 
 from pyllama cimport _llama as L
-from pyllama.engine._context cimport Context
+from pyllama.engine._context cimport Context, check_decode
 from pyllama.engine._model cimport Model
 from pyllama.engine._sampling cimport SamplerChain, SamplerState, sampler_accept, sampler_sample
 
@@ -51,6 +51,10 @@ cdef struct SlotC:
     SamplerState * sampler  # borrowed from the request's SamplerChain
     const float * logits
     bint on_backend         # the chain runs in the decode graph (llama_set_sampler)
+    vector[L.llama_token] * cache   # the Slot's cache_tokens: what the KV cache holds
+    vector[L.llama_token] * prompt  # the Slot's prompt
+    int n_prompt_done
+    int n_cached
 
 
 cdef int utf8_complete_len(bytes data):
@@ -91,7 +95,6 @@ cdef class Slot:
     cdef public int id
     cdef vector[L.llama_token] cache_tokens  # what the KV cache holds for this sequence
     cdef vector[L.llama_token] prompt
-    cdef int n_prompt_done
     cdef public object request
     cdef public object channel
     cdef public SamplerChain sampler
@@ -99,7 +102,6 @@ cdef class Slot:
     # per-request progress
     cdef int n_decoded
     cdef int n_predict
-    cdef int n_cached
     cdef bytes pending_bytes
     cdef str generated_text
     cdef int n_sent
@@ -149,7 +151,7 @@ cdef class EngineCore:
     cdef public bint ctx_shift
     cdef public double slot_prompt_similarity
     cdef public int n_threads_sampling
-    cdef list prefill_order
+    cdef vector[int] prefill_ids  # slots filling their prompt, in admission order
     cdef vector[int] sample_slots
     cdef int * cpu_slots  # slots sampled on the CPU this step
     # counters (tests and /metrics read them)
@@ -178,14 +180,18 @@ cdef class EngineCore:
         self.cpu_slots = <int *> malloc(sizeof(int) * self.n_slots)
         self.slots = []
         cdef int i
+        cdef Slot slot
         for i in range(self.n_slots):
             self.slots_c[i].state = SLOT_IDLE
             self.slots_c[i].n_past = 0
             self.slots_c[i].i_batch = -1
             self.slots_c[i].sampler = NULL
             self.slots_c[i].on_backend = False
-            self.slots.append(Slot(i))
-        self.prefill_order = []
+            slot = Slot(i)
+            # the C loop reaches the Slot's vectors through these (the Slot lives as long)
+            self.slots_c[i].cache = &slot.cache_tokens
+            self.slots_c[i].prompt = &slot.prompt
+            self.slots.append(slot)
 
     def __dealloc__(self):
         free(self.slots_c)
@@ -250,13 +256,13 @@ cdef class EngineCore:
         slot.prompt.clear()
         for t in request.prompt:
             slot.prompt.push_back(t)
-        slot.n_prompt_done = keep
+        sc.n_prompt_done = keep
         slot.request = request
         slot.channel = channel
         slot.sampler = sampler
         slot.n_decoded = 0
         slot.n_predict = request.n_predict if request.n_predict != -1 else self.n_predict_default
-        slot.n_cached = keep
+        sc.n_cached = keep
         slot.pending_bytes = b""
         slot.generated_text = ""
         slot.n_sent = 0
@@ -276,7 +282,7 @@ cdef class EngineCore:
         sc.n_past = keep
         sc.i_batch = -1
         sc.sampler = sampler.state
-        self.prefill_order.append(slot)
+        self.prefill_ids.push_back(slot.id)
         logger.debug("slot %d: request %d, %d prompt tokens, %d cached", slot.id, request.id,
                      n_prompt, keep)
 
@@ -295,70 +301,42 @@ cdef class EngineCore:
     # --- the step ------------------------------------------------------------------------------
     def step(self):
         """Run one decode over every busy slot. Returns False when there was nothing to do."""
-        cdef double t0 = time.perf_counter(), t1
-        cdef int n = 0, i, take, j, k
+        cdef double t0 = time.perf_counter()
+        cdef int n = 0, i, j
         cdef Slot slot
         cdef SlotC * sc
         cdef Context ctx = self.context
         cdef L.llama_memory_t mem = L.llama_get_memory(ctx.ptr)
 
-        # 1. the next token of every generating slot
-        for i in range(self.n_slots):
-            sc = &self.slots_c[i]
-            sc.i_batch = -1
-            if sc.state != SLOT_GENERATING:
-                continue
-            slot = <Slot>self.slots[i]
-            if sc.n_past + 1 >= self.n_ctx_slot and self.ctx_shift:
-                self._context_shift(slot)
-            ctx._batch_set(n, sc.sampled, sc.n_past, i, True)
-            slot.cache_tokens.push_back(sc.sampled)
-            sc.i_batch = n
-            sc.n_past += 1
-            n += 1
+        cdef int rc = 0
+        cdef int64_t t1
 
-        # 2. prompt chunks fill the rest of the batch, in admission order
-        for slot in list(self.prefill_order):
-            if n >= self.n_batch:
-                break
-            sc = &self.slots_c[slot.id]
-            take = min(self.n_batch - n, <int>slot.prompt.size() - slot.n_prompt_done)
-            for j in range(take):
-                k = slot.n_prompt_done + j
-                ctx._batch_set(n, slot.prompt[k], sc.n_past, slot.id,
-                               k == <int>slot.prompt.size() - 1)
-                slot.cache_tokens.push_back(slot.prompt[k])
-                sc.n_past += 1
-                n += 1
-            slot.n_prompt_done += take
-            if slot.n_prompt_done == <int>slot.prompt.size():
-                sc.i_batch = n - 1
-                sc.state = SLOT_GENERATING
-                self.prefill_order.remove(slot)
-                self.n_prompt_tokens_total += <int>slot.prompt.size() - slot.n_cached
+        # context shift first (it logs, and reads the request): GIL held, rarely runs
+        if self.ctx_shift:
+            for i in range(self.n_slots):
+                sc = &self.slots_c[i]
+                if sc.state == SLOT_GENERATING and sc.n_past + 1 >= self.n_ctx_slot:
+                    self._context_shift(<Slot>self.slots[i])
 
+        # fill one batch, decode it and sample every slot with logits, all without the GIL
+        with nogil:
+            n = self._fill_batch(&ctx.batch)
+            if n > 0:
+                ctx.batch.n_tokens = n
+                t1 = L.llama_time_us()
+                rc = L.llama_decode(ctx.ptr, ctx.batch)
+                self.t_decode_total += (L.llama_time_us() - t1) * 1e-6
+                if rc == 0:
+                    self._sample_all()
         if n == 0:
             return False
-
-        # 3. decode, GIL released
-        t1 = time.perf_counter()
-        try:
-            ctx.decode_c(n)
-        except EngineError as exc:
-            self._abort_all(exc)
-            return True
-        self.t_decode_total += time.perf_counter() - t1
         self.n_decode_calls += 1
-
-        # 4. sample every slot with logits: rows fetched here, chains run in parallel
-        self.sample_slots.clear()
-        L.llama_get_logits(ctx.ptr)  # resolves the output order once, on this thread
-        for i in range(self.n_slots):
-            sc = &self.slots_c[i]
-            if sc.i_batch >= 0:
-                sc.logits = L.llama_get_logits_ith(ctx.ptr, sc.i_batch)
-                self.sample_slots.push_back(i)
-        self._sample_all()
+        if rc != 0:
+            try:
+                check_decode(rc)
+            except EngineError as exc:
+                self._abort_all(exc)
+            return True
 
         # 5. publish
         for j in range(<int>self.sample_slots.size()):
@@ -368,14 +346,57 @@ cdef class EngineCore:
         self.t_step_total += time.perf_counter() - t0
         return True
 
-    cdef void _sample_all(self) noexcept:
+    cdef int _fill_batch(self, L.llama_batch * batch) noexcept nogil:
+        # The next token of every generating slot, then prompt chunks in admission order up to
+        # n_batch (server_context::update_slots). Engine thread, no GIL.
+        cdef int n = 0, i, j = 0, k, take, sid
+        cdef SlotC * sc
+        for i in range(self.n_slots):
+            sc = &self.slots_c[i]
+            sc.i_batch = -1
+            if sc.state != SLOT_GENERATING:
+                continue
+            _batch_put(batch, n, sc.sampled, sc.n_past, i, True)
+            sc.cache.push_back(sc.sampled)
+            sc.i_batch = n
+            sc.n_past += 1
+            n += 1
+        while j < <int>self.prefill_ids.size() and n < self.n_batch:
+            sid = self.prefill_ids[j]
+            sc = &self.slots_c[sid]
+            take = min(self.n_batch - n, <int>sc.prompt.size() - sc.n_prompt_done)
+            for k in range(sc.n_prompt_done, sc.n_prompt_done + take):
+                _batch_put(batch, n, sc.prompt[0][k], sc.n_past, sid, k == <int>sc.prompt.size() - 1)
+                sc.cache.push_back(sc.prompt[0][k])
+                sc.n_past += 1
+                n += 1
+            sc.n_prompt_done += take
+            if sc.n_prompt_done == <int>sc.prompt.size():
+                sc.i_batch = n - 1
+                sc.state = SLOT_GENERATING
+                self.prefill_ids.erase(self.prefill_ids.begin() + j)
+                self.n_prompt_tokens_total += <int>sc.prompt.size() - sc.n_cached
+            else:
+                j += 1
+        return n
+
+    cdef void _sample_all(self) noexcept nogil:
+        # Logits rows are fetched here, then every slot's chain runs on its own row, in
+        # parallel. Engine thread, no GIL.
         cdef int n, j, i, k = 0
         cdef SlotC * slots_c = self.slots_c
         cdef L.llama_token tok
+        cdef L.llama_context * cptr = self.context.ptr
+        self.sample_slots.clear()
+        L.llama_get_logits(cptr)  # resolves the output order once, on this thread
+        for i in range(self.n_slots):
+            if slots_c[i].i_batch >= 0:
+                slots_c[i].logits = L.llama_get_logits_ith(cptr, slots_c[i].i_batch)
+                self.sample_slots.push_back(i)
         # tokens the decode graph already sampled: accept them, leave the rest to the CPU
         for j in range(<int>self.sample_slots.size()):
             i = self.sample_slots[j]
-            tok = L.llama_get_sampled_token_ith(self.context.ptr, slots_c[i].i_batch) \
+            tok = L.llama_get_sampled_token_ith(cptr, slots_c[i].i_batch) \
                 if slots_c[i].on_backend else L.LLAMA_TOKEN_NULL
             if tok != L.LLAMA_TOKEN_NULL:
                 self.n_backend_sampled += 1
@@ -389,15 +410,14 @@ cdef class EngineCore:
         cdef int * idx = self.cpu_slots
         if nthreads > 1:
             # PERF: each slot's chain runs on its own logits row; upstream does this serially.
-            for j in prange(n, nogil=True, num_threads=nthreads, schedule="static"):
+            for j in prange(n, num_threads=nthreads, schedule="static"):
                 slots_c[idx[j]].sampled = sampler_sample(slots_c[idx[j]].sampler, slots_c[idx[j]].logits)
                 sampler_accept(slots_c[idx[j]].sampler, slots_c[idx[j]].sampled)
         else:
-            with nogil:
-                for j in range(n):
-                    i = idx[j]
-                    slots_c[i].sampled = sampler_sample(slots_c[i].sampler, slots_c[i].logits)
-                    sampler_accept(slots_c[i].sampler, slots_c[i].sampled)
+            for j in range(n):
+                i = idx[j]
+                slots_c[i].sampled = sampler_sample(slots_c[i].sampler, slots_c[i].logits)
+                sampler_accept(slots_c[i].sampler, slots_c[i].sampled)
 
     cdef void _context_shift(self, Slot slot) except *:
         # server_context::update_slots, "context shift": drop half of what follows n_keep.
@@ -540,17 +560,19 @@ cdef class EngineCore:
         cdef SlotC * sc = &self.slots_c[slot.id]
         cdef double now = time.perf_counter()
         request = slot.request
-        if slot in self.prefill_order:
-            self.prefill_order.remove(slot)
+        cdef size_t j
+        for j in range(self.prefill_ids.size()):
+            if self.prefill_ids[j] == slot.id:
+                self.prefill_ids.erase(self.prefill_ids.begin() + j)
+                break
         # The KV cache keeps exactly cache_tokens: a later request can reuse them.
         if <int>slot.cache_tokens.size() != sc.n_past:
             slot.cache_tokens.resize(sc.n_past)
         t_prompt_done = slot.t_prompt_done or now
-        n_evaluated = slot.n_prompt_done - slot.n_cached
-        timings = Timings(prompt_n=n_evaluated, prompt_ms=(t_prompt_done - slot.t_start) * 1e3,
+        timings = Timings(prompt_n=sc.n_prompt_done - sc.n_cached, prompt_ms=(t_prompt_done - slot.t_start) * 1e3,
                           predicted_n=slot.n_decoded,
                           predicted_ms=(now - t_prompt_done) * 1e3 if slot.t_prompt_done else 0.0,
-                          cache_n=slot.n_cached)
+                          cache_n=sc.n_cached)
         if slot.pending_bytes:
             tail = slot.pending_bytes.decode("utf-8", "replace")
             slot.generated_text += tail
@@ -595,7 +617,7 @@ cdef class EngineCore:
             L.llama_memory_seq_rm(mem, slot.id, -1, -1)
             slot.cache_tokens.clear()
             self.slots_c[slot.id].n_past = 0
-        self.prefill_order.clear()
+        self.prefill_ids.clear()
 
     # --- slot inspection and persistence (engine thread, via Engine.call) ---------------------
     def slot_info(self):
@@ -608,8 +630,8 @@ cdef class EngineCore:
             if slot.busy:
                 info.update(id_task=slot.request.id, request=slot.request,
                             n_prompt_tokens=<int>slot.prompt.size(),
-                            n_prompt_tokens_processed=slot.n_prompt_done - slot.n_cached,
-                            n_prompt_tokens_cache=slot.n_cached, n_decoded=slot.n_decoded,
+                            n_prompt_tokens_processed=self.slots_c[slot.id].n_prompt_done - self.slots_c[slot.id].n_cached,
+                            n_prompt_tokens_cache=self.slots_c[slot.id].n_cached, n_decoded=slot.n_decoded,
                             n_remain=-1 if slot.n_predict < 0 else slot.n_predict - slot.n_decoded,
                             has_new_line=slot.has_new_line)
             out.append(info)
@@ -717,3 +739,12 @@ cdef void _top_from_candidates(L.llama_token_data_array * cur_p, int k, L.llama_
             chosen_p[0] = cur_p.data[i].p
         if cur_p.data[i].p > 0.0:
             _push_top(ids, ps, k, cur_p.data[i].id, cur_p.data[i].p)
+
+
+cdef inline void _batch_put(L.llama_batch * batch, int i, L.llama_token token, L.llama_pos pos,
+                            L.llama_seq_id seq_id, bint logits) noexcept nogil:
+    batch.token[i] = token
+    batch.pos[i] = pos
+    batch.n_seq_id[i] = 1
+    batch.seq_id[i][0] = seq_id
+    batch.logits[i] = logits
