@@ -236,3 +236,14 @@ def test_slots_save_restore_erase(http, slot_dir):
     assert http.post("/slots/1?action=save", json={"filename": "../evil.bin"}).status_code == 400
     assert http.post("/slots/1?action=explode").status_code == 400
     assert http.post("/slots/abc?action=erase").status_code == 400
+
+
+def test_langchain_chat_openai(http):
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(base_url=str(http.base_url) + "/v1", api_key="sk-no-key-required", model="any",
+                     max_tokens=8, temperature=0)
+    reply = llm.invoke("Name a color.")
+    assert isinstance(reply.content, str) and reply.response_metadata["finish_reason"] in ("length", "stop")
+    streamed = "".join(part.content for part in llm.stream("Name a color."))
+    assert streamed == reply.content

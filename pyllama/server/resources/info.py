@@ -229,3 +229,31 @@ class MetricsResource:
         resp.content_type = "text/plain; version=0.0.4"
         resp.set_header("Process-Start-Time-Unix", str(self.state.start_us))
         resp.text = "\n".join(lines) + "\n"
+
+
+class LoraAdaptersResource:
+    """GET/POST /lora-adapters. pyllama loads no adapters yet (--lora is refused): the list is
+    empty and a POST may only name none."""
+
+    def __init__(self, state) -> None:
+        self.state = state
+
+    def on_get(self, req, resp):
+        self.state.require_ready()
+        write_json(resp, [])
+
+    def on_post(self, req, resp):
+        self.state.require_ready()
+        import orjson
+
+        try:
+            body = orjson.loads(req.bounded_stream.read() or b"null")
+        except orjson.JSONDecodeError:
+            raise InvalidRequestError("Request body must be an array") from None
+        if not isinstance(body, list):
+            raise InvalidRequestError("Request body must be an array")
+        for entry in body:
+            if not isinstance(entry, dict) or "id" not in entry:
+                raise InvalidRequestError("Invalid adapter entry")
+            raise InvalidRequestError(f"invalid adapter id: {entry['id']}")
+        write_json(resp, {"success": True})

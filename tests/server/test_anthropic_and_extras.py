@@ -1,0 +1,74 @@
+"""Anthropic Messages (with the anthropic client), token counters, LoRA listing, UNIX socket."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from .conftest import ServerProcess
+
+
+def test_anthropic_messages(server):
+    import anthropic
+
+    client = anthropic.Anthropic(base_url=server.base, api_key="none")
+    msg = client.messages.create(model="x", max_tokens=8, system="Be brief.",
+                                 messages=[{"role": "user", "content": "Name a color."}])
+    assert msg.type == "message" and msg.role == "assistant"
+    assert msg.stop_reason in ("max_tokens", "end_turn") and msg.usage.output_tokens <= 8
+    text = "".join(b.text for b in msg.content if b.type == "text")
+    with client.messages.stream(model="x", max_tokens=8, system="Be brief.",
+                                messages=[{"role": "user", "content": "Name a color."}]) as stream:
+        streamed = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert final.stop_reason == msg.stop_reason
+    assert isinstance(streamed, str) and isinstance(text, str)
+
+
+def test_anthropic_raw_events_and_errors(http):
+    with http.stream("POST", "/v1/messages", json={"model": "x", "max_tokens": 4, "stream": True,
+                                                    "messages": [{"role": "user", "content": "Hi"}]}) as r:
+        names = [line[7:] for line in r.iter_lines() if line.startswith("event: ")]
+    assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"]
+    assert "[DONE]" not in names
+    r = http.post("/v1/messages", json={"model": "x", "max_tokens": 4})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+
+
+def test_token_counters(http):
+    body = {"messages": [{"role": "user", "content": "Hello there"}]}
+    chat = http.post("/v1/chat/completions/input_tokens", json=body).json()
+    assert chat["object"] == "response.input_tokens" and chat["input_tokens"] > 3
+    anthropic_count = http.post("/v1/messages/count_tokens", json={"model": "x", **body}).json()
+    assert anthropic_count == {"input_tokens": chat["input_tokens"]}
+    prompt = http.post("/apply-template", json=body).json()["prompt"]
+    tokens = http.post("/tokenize", json={"content": prompt, "add_special": True}).json()["tokens"]
+    assert len(tokens) == chat["input_tokens"]
+
+
+def test_lora_adapters_without_adapters(http):
+    assert http.get("/lora-adapters").json() == []
+    assert http.post("/lora-adapters", json=[]).json() == {"success": True}
+    assert http.post("/lora-adapters", json={"id": 0}).status_code == 400
+    assert http.post("/lora-adapters", json=[{"id": 0, "scale": 1.0}]).status_code == 400
+
+
+def test_unix_socket(synthetic_path, tmp_path):
+    sock = tmp_path / "pyllama.sock"
+    srv = ServerProcess(["-m", str(synthetic_path), "-np", "1", "-c", "256", "--host", str(sock)])
+    try:
+        transport = httpx.HTTPTransport(uds=str(sock))
+        with httpx.Client(transport=transport, base_url="http://pyllama") as client:
+            import time
+
+            for _ in range(300):
+                try:
+                    if client.get("/health").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.1)
+            r = client.post("/completion", json={"prompt": "Hello", "n_predict": 2})
+            assert r.status_code == 200 and r.json()["tokens_predicted"] == 2
+    finally:
+        srv.stop()
