@@ -30,6 +30,7 @@ class SyntheticSpec:
     f16: bool = False
     seed: int = 1234
     chat_template: str | None = None
+    fim: bool = False  # add fill-in-the-middle tokens (prefix, suffix, middle)
     name: str = "pyllama-synthetic"
 
 
@@ -58,6 +59,13 @@ def write_synthetic_model(path: str | Path, spec: SyntheticSpec = SyntheticSpec(
     rng = np.random.default_rng(spec.seed)
     dtype = np.float16 if spec.f16 else np.float32
     tokens, scores, types = _vocab(spec.extra_vocab)
+    fim_ids = {}
+    if spec.fim:
+        for key, text in (("pre", "<fim_prefix>"), ("suf", "<fim_suffix>"), ("mid", "<fim_middle>")):
+            fim_ids[key] = len(tokens)
+            tokens.append(text)
+            scores.append(0.0)
+            types.append(3)  # CONTROL
     n_vocab = len(tokens)
     head_dim = spec.n_embd // spec.n_head
     n_embd_kv = head_dim * spec.n_head_kv
@@ -82,6 +90,8 @@ def write_synthetic_model(path: str | Path, spec: SyntheticSpec = SyntheticSpec(
     writer.add_eos_token_id(2)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
+    for key, token_id in fim_ids.items():
+        writer.add_uint32(f"tokenizer.ggml.fim_{key}_token_id", token_id)
     if spec.chat_template is not None:
         writer.add_chat_template(spec.chat_template)
 

@@ -328,6 +328,16 @@ cdef class Model:
         return bool(L.llama_vocab_get_add_eos(self.vocab))
 
     @property
+    def fim_tokens(self):
+        """FIM special tokens: dict of pre, suf, mid, pad, rep, sep (None when absent)."""
+        return {"pre": _token_or_none(L.llama_vocab_fim_pre(self.vocab)),
+                "suf": _token_or_none(L.llama_vocab_fim_suf(self.vocab)),
+                "mid": _token_or_none(L.llama_vocab_fim_mid(self.vocab)),
+                "pad": _token_or_none(L.llama_vocab_fim_pad(self.vocab)),
+                "rep": _token_or_none(L.llama_vocab_fim_rep(self.vocab)),
+                "sep": _token_or_none(L.llama_vocab_fim_sep(self.vocab))}
+
+    @property
     def token_sep(self):
         return _token_or_none(L.llama_vocab_sep(self.vocab))
 

@@ -161,7 +161,7 @@ def start_loading(state: ServerState, on_failure=None) -> threading.Thread:
 
 def create_app(state: ServerState) -> falcon.App:
     """The WSGI app over a ServerState (the model may still be loading)."""
-    from pyllama.server.resources import anthropic, chat, completions, embeddings, info, tokenize
+    from pyllama.server.resources import anthropic, chat, completions, embeddings, infill, info, tokenize
 
     app = falcon.App(middleware=[CorsAndAuth(state)], cors_enable=False)
     app.req_options.strip_url_path_trailing_slash = True
@@ -186,6 +186,7 @@ def create_app(state: ServerState) -> falcon.App:
         ("/metrics", info.MetricsResource(state)),
         ("/completion", completion), ("/completions", completion),
         ("/v1/completions", oai_completion),
+        ("/infill", infill.InfillResource(state)),
         ("/chat/completions", chat_resource), ("/v1/chat/completions", chat_resource),
         ("/chat/completions/input_tokens", anthropic.ChatInputTokensResource(state)),
         ("/v1/chat/completions/input_tokens", anthropic.ChatInputTokensResource(state)),

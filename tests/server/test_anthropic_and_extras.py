@@ -72,3 +72,28 @@ def test_unix_socket(synthetic_path, tmp_path):
             assert r.status_code == 200 and r.json()["tokens_predicted"] == 2
     finally:
         srv.stop()
+
+
+def test_infill(http, tmp_path):
+    r = http.post("/infill", json={"input_prefix": "def f(", "input_suffix": "):"})
+    assert r.status_code == 501 and r.json()["error"]["type"] == "not_supported_error"  # gemma: no FIM
+    from pyllama.synthetic import SyntheticSpec, write_synthetic_model
+
+    path = write_synthetic_model(tmp_path / "fim.gguf", SyntheticSpec(fim=True))
+    srv = ServerProcess(["-m", str(path), "-np", "1", "-c", "4096", "-b", "512"])
+    try:
+        srv.wait_ready()
+        body = {"input_prefix": "the ", "input_suffix": " end", "prompt": "a",
+                "input_extra": [{"filename": "x.txt", "text": "hello"}], "n_predict": 4,
+                "return_tokens": True}
+        res = httpx.post(srv.base + "/infill", json=body).json()
+        assert res["tokens_predicted"] == 4
+        toks = httpx.post(srv.base + "/tokenize", json={"content": res["prompt"], "parse_special": True}).json()
+        assert "<fim_prefix>" in res["prompt"] and res["prompt"].endswith("<fim_middle>")
+        assert res["prompt"].index("hello") < res["prompt"].index("<fim_prefix>") < res["prompt"].index("<fim_suffix>")
+        assert toks["tokens"]
+        bad = httpx.post(srv.base + "/infill", json={"input_prefix": "x", "input_suffix": "y",
+                                                     "input_extra": [{"text": 3}]})
+        assert bad.status_code == 400
+    finally:
+        srv.stop()

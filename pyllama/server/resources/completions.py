@@ -60,7 +60,9 @@ class CompletionResource:
         self.state = state
 
     def on_post(self, req, resp):
-        body = read_json(req, self.state.settings.max_body_mb << 20)
+        self.respond(req, resp, read_json(req, self.state.settings.max_body_mb << 20))
+
+    def respond(self, req, resp, body: dict) -> None:
         tasks = make_tasks(self.state, body)
         stream = get_bool(body, "stream", False)
         return_tokens = get_bool(body, "return_tokens", False)

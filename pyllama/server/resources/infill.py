@@ -1,0 +1,73 @@
+"""/infill: fill-in-the-middle for models with FIM tokens (upstream's format_prompt_infill)."""
+
+from __future__ import annotations
+
+from pyllama.errors import InvalidRequestError, NotSupportedError
+from pyllama.server.resources.body import read_json
+from pyllama.server.resources.completions import CompletionResource
+
+_SNIPPET = "\n\n--- snippet ---\n\n"
+
+
+def _mixed(model, value) -> list[int]:
+    if isinstance(value, str):
+        return model.tokenize(value, add_special=False, parse_special=False)
+    if isinstance(value, list):
+        out = []
+        for part in value:
+            out += [part] if isinstance(part, int) else model.tokenize(str(part), add_special=False,
+                                                                     parse_special=False)
+        return out
+    raise InvalidRequestError("\"input_prefix\" and \"input_suffix\" must be strings")
+
+
+def infill_tokens(model, body: dict, n_batch: int, n_predict: int, n_ctx: int, spm: bool = False) -> list[int]:
+    fim = model.fim_tokens
+    if "input_prefix" not in body or "input_suffix" not in body:
+        raise InvalidRequestError("\"input_prefix\" and \"input_suffix\" are required")
+    extra_chunks = body.get("input_extra") or []
+    if not isinstance(extra_chunks, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("text"), str) and
+            isinstance(c.get("filename", ""), str) for c in extra_chunks):
+        raise InvalidRequestError("\"input_extra\" must be an array of {\"filename\": string, \"text\": string}")
+    prompt = body.get("prompt")
+    prompt_tokens = model.tokenize(prompt, add_special=False, parse_special=False) if isinstance(prompt, str) else []
+    prefix = _mixed(model, body["input_prefix"])
+    suffix = _mixed(model, body["input_suffix"])
+    extra = []
+    if fim["rep"] is not None:
+        extra += [fim["rep"]] + model.tokenize("myproject\n", add_special=False, parse_special=False)
+    for chunk in extra_chunks:
+        if fim["sep"] is not None:
+            extra += [fim["sep"]] + model.tokenize(chunk.get("filename", "tmp") + "\n", add_special=False,
+                                                   parse_special=False)
+        else:
+            extra += model.tokenize(_SNIPPET, add_special=False, parse_special=False)
+        extra += model.tokenize(chunk["text"], add_special=False, parse_special=False)
+    if fim["sep"] is not None:
+        extra += [fim["sep"]] + model.tokenize("filename\n", add_special=False, parse_special=False)
+    n_prefix = min(len(prefix), 3 * (n_batch // 4))
+    n_suffix = min(len(suffix), max(0, n_batch // 4 - (2 + len(prompt_tokens))))
+    n_extra = min(max(0, n_ctx - n_batch - 2 * n_predict), len(extra))
+    prefix = [fim["pre"]] + prefix[len(prefix) - n_prefix:] + prompt_tokens
+    suffix = [fim["suf"]] + suffix[:n_suffix]
+    head, tail = (suffix, prefix) if spm else (prefix, suffix)
+    if model.add_bos and model.token_bos is not None:
+        head = [model.token_bos] + head
+    return extra[len(extra) - n_extra:] + head + tail + [fim["mid"]]
+
+
+class InfillResource(CompletionResource):
+    """POST /infill: builds the FIM prompt, then runs as /completion."""
+
+    def on_post(self, req, resp):
+        engine = self.state.require_ready()
+        model = engine.model
+        fim = model.fim_tokens
+        if fim["pre"] is None or fim["suf"] is None or fim["mid"] is None:
+            raise NotSupportedError("Infill is not supported by this model: prefix, suffix, or middle tokens are missing.")
+        body = read_json(req, self.state.settings.max_body_mb << 20)
+        n_predict = self.state.settings.n_predict
+        body["prompt"] = infill_tokens(model, body, self.state.settings.batch_size, max(0, n_predict),
+                                       engine.n_ctx_slot)
+        self.respond(req, resp, body)
