@@ -89,7 +89,10 @@ class ChatFormatter:
         if continue_final and add_generation_prompt:
             raise InvalidRequestError("Cannot set both add_generation_prompt and continue_final_message to true.")
         kwargs = dict(self.template_kwargs)
-        for key, value in (body.get("chat_template_kwargs") or {}).items():
+        extra_kwargs = body.get("chat_template_kwargs") or {}
+        if not isinstance(extra_kwargs, dict):
+            raise InvalidRequestError("\"chat_template_kwargs\" must be an object")
+        for key, value in extra_kwargs.items():
             kwargs[key] = json.dumps(value)
         enable_thinking = True
         if kwargs.get("enable_thinking") == "false":

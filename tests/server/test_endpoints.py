@@ -156,6 +156,10 @@ def test_errors(http):
     assert r.status_code == 400
     r = http.post("/completion", json={"prompt": "word " * 3000, "stream": True})
     assert r.status_code == 400  # streams commit late: an early error is a plain JSON error
+    r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
+                                                "chat_template_kwargs": 5})
+    assert r.status_code == 400
+    assert http.post("/v1/messages", json={"messages": 5}).status_code == 400
     assert http.post("/embeddings", json={"input": "x"}).status_code == 501
     assert http.post("/rerank", json={"query": "x", "documents": ["y"]}).status_code == 501
     assert http.get("/health").status_code == 200  # still serving

@@ -11,7 +11,7 @@ import json
 import orjson
 
 from pyllama.engine import FinishEvent, FinishReason, TokenEvent
-from pyllama.errors import EngineError
+from pyllama.errors import EngineError, InvalidRequestError
 from pyllama.server.resources.body import read_json, write_json
 from pyllama.server.resources.chat import prepare_chat
 from pyllama.server.resources.completions import make_tasks
@@ -29,6 +29,8 @@ def to_chat(body: dict) -> dict:
     """An Anthropic Messages body as an OpenAI chat body (only the fields upstream passes on)."""
     if "messages" not in body:
         raise EngineError("'messages' is required")  # upstream: a runtime error, so 500
+    if not isinstance(body["messages"], list) or not all(isinstance(m, dict) for m in body["messages"]):
+        raise InvalidRequestError("'messages' must be an array of objects")
     messages = []
     if body.get("system"):
         messages.append({"role": "system", "content": _text_of(body["system"])})
