@@ -56,3 +56,23 @@ def test_gunicorn_directly_with_the_wsgi_factory(synthetic_path):
     finally:
         proc.terminate()
         assert proc.wait(30) == 0  # SIGTERM: a clean, graceful stop
+
+
+def test_sigterm_drains_an_in_flight_stream(synthetic_path):
+    import json
+    import signal
+
+    from .conftest import ServerProcess
+
+    srv = ServerProcess(["-m", str(synthetic_path), "-np", "2", "-c", "512"])
+    srv.wait_ready()
+    events = []
+    with httpx.stream("POST", srv.base + "/completion", timeout=60, json={
+            "prompt": "Once upon a time", "n_predict": 60, "ignore_eos": True, "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+                if len(events) == 1:
+                    srv.proc.send_signal(signal.SIGTERM)
+    assert events[-1]["stop"] is True and events[-1]["tokens_predicted"] == 60
+    assert srv.proc.wait(60) == 0
