@@ -142,6 +142,20 @@ cdef extern from "llama.h" nogil:
         llama_seq_id ** seq_id
         int8_t * logits
 
+    cdef enum llama_model_kv_override_type:
+        LLAMA_KV_OVERRIDE_TYPE_INT
+        LLAMA_KV_OVERRIDE_TYPE_FLOAT
+        LLAMA_KV_OVERRIDE_TYPE_BOOL
+        LLAMA_KV_OVERRIDE_TYPE_STR
+
+    cdef struct llama_model_kv_override:
+        llama_model_kv_override_type tag
+        char key[128]
+        int64_t val_i64
+        double val_f64
+        bint val_bool
+        char val_str[128]
+
     cdef struct llama_model_params:
         int32_t n_gpu_layers
         llama_split_mode split_mode
@@ -150,6 +164,7 @@ cdef extern from "llama.h" nogil:
         const float * tensor_split
         llama_progress_callback progress_callback
         void * progress_callback_user_data
+        const llama_model_kv_override * kv_overrides
         bint vocab_only
         bint check_tensors
         bint use_extra_bufts

@@ -34,9 +34,7 @@ UNSUPPORTED = (
     "--control-vector-layer-range -mm --mmproj -mmu --mmproj-url --no-mmproj --mmproj-auto "
     "--mmproj-offload --no-mmproj-offload --spec-type -md --model-draft -hfd --draft --draft-max "
     "--draft-min --models-dir --models-preset --models-max --models-autoload --no-models-autoload "
-    "--tools --mcp-servers-config --agent -ag --rope-scaling --rope-scale --rope-freq-base "
-    "--rope-freq-scale --yarn-orig-ctx --yarn-ext-factor --yarn-attn-factor --yarn-beta-slow "
-    "--yarn-beta-fast --override-kv -sm --split-mode -ts --tensor-split -mg --main-gpu -dev --device "
+    "--tools --mcp-servers-config --agent -ag -sm --split-mode -ts --tensor-split -mg --main-gpu -dev --device "
     "--cache-reuse --cache-ram -cram --sleep-idle-seconds --path --media-path --log-file "
     "--reasoning-budget --reasoning -rea --cors-origins --kv-unified-per-slot --numa -ot "
     "--override-tensor --cpu-moe --n-cpu-moe -cmoe -ncmoe --fit --check-tensors"
@@ -174,6 +172,10 @@ def _finish(s: Settings) -> Settings:
                 raise FlagError(f"cannot read --{name.replace('_', '-')}: {exc}") from None
     if s.slot_save_path and not os.path.isdir(s.slot_save_path):
         raise FlagError(f"--slot-save-path {s.slot_save_path}: not a folder")
+    try:
+        s.kv_override_map()
+    except ValueError as exc:
+        raise FlagError(str(exc)) from None
     if s.n_gpu_layers not in ("auto", "all"):
         try:
             int(s.n_gpu_layers)

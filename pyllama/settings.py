@@ -32,6 +32,26 @@ class Settings:
                            "tokens to predict when a request sets none (-1 = infinity)",
                            env="LLAMA_ARG_N_PREDICT")
     keep: int = _flag(0, ["--keep"], "tokens to keep from the initial prompt on a context shift (-1 = all)")
+    rope_scaling: str = _flag("", ["--rope-scaling"], "RoPE frequency scaling: none, linear, yarn",
+                              env="LLAMA_ARG_ROPE_SCALING_TYPE", choices=["", "none", "linear", "yarn"])
+    rope_scale: float = _flag(0.0, ["--rope-scale"], "RoPE context scaling factor (expands the context N times)",
+                              env="LLAMA_ARG_ROPE_SCALE")
+    rope_freq_base: float = _flag(0.0, ["--rope-freq-base"], "RoPE base frequency (0 = from model)",
+                                  env="LLAMA_ARG_ROPE_FREQ_BASE")
+    rope_freq_scale: float = _flag(0.0, ["--rope-freq-scale"], "RoPE frequency scaling factor (0 = from model)",
+                                   env="LLAMA_ARG_ROPE_FREQ_SCALE")
+    yarn_orig_ctx: int = _flag(0, ["--yarn-orig-ctx"], "YaRN: original context size (0 = from model)",
+                               env="LLAMA_ARG_YARN_ORIG_CTX")
+    yarn_ext_factor: float = _flag(-1.0, ["--yarn-ext-factor"], "YaRN: extrapolation mix factor",
+                                   env="LLAMA_ARG_YARN_EXT_FACTOR")
+    yarn_attn_factor: float = _flag(-1.0, ["--yarn-attn-factor"], "YaRN: attention magnitude scale",
+                                    env="LLAMA_ARG_YARN_ATTN_FACTOR")
+    yarn_beta_slow: float = _flag(-1.0, ["--yarn-beta-slow"], "YaRN: high correction dim",
+                                  env="LLAMA_ARG_YARN_BETA_SLOW")
+    yarn_beta_fast: float = _flag(-1.0, ["--yarn-beta-fast"], "YaRN: low correction dim",
+                                  env="LLAMA_ARG_YARN_BETA_FAST")
+    override_kv: tuple = _flag((), ["--override-kv"], "KEY=TYPE:VALUE,... metadata overrides (int, float, bool, str)",
+                               kind="keys")
     threads: int = _flag(-1, ["-t", "--threads"], "CPU threads for generation (-1 = all)",
                          env="LLAMA_ARG_THREADS")
     threads_batch: int = _flag(-1, ["-tb", "--threads-batch"], "threads for prompt processing (-1 = --threads)")
@@ -156,6 +176,30 @@ class Settings:
     # --- logging --------------------------------------------------------------------------
     verbose: bool = _flag(False, ["-v", "--verbose", "--log-verbose"], "log everything", kind="flag")
     log_disable: bool = _flag(False, ["--log-disable"], "no log output", kind="flag")
+
+
+def _kv_override_map(self) -> dict:
+    """--override-kv items (KEY=TYPE:VALUE) as {key: value} (upstream's string_parse_kv_override).
+
+    Raises:
+        ValueError: an item that does not parse.
+    """
+    overrides = {}
+    for item in self.override_kv:
+        key, eq, rest = item.partition("=")
+        kind, colon, raw = rest.partition(":")
+        if not (key and eq and colon) or kind not in ("int", "float", "bool", "str") or \
+                (kind == "bool" and raw not in ("true", "false")):
+            raise ValueError(f"Invalid type for KV override: {item}")
+        try:
+            overrides[key] = {"int": int, "float": float, "str": str,
+                              "bool": lambda v: v == "true"}[kind](raw)
+        except ValueError:
+            raise ValueError(f"Invalid type for KV override: {item}") from None
+    return overrides
+
+
+Settings.kv_override_map = _kv_override_map
 
 
 def settings_fields():

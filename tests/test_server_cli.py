@@ -38,6 +38,10 @@ SERVER = str(Path(sys.executable).parent / "pyllama-server")
      dict(context_shift=True, keep=-1, n_predict=128, slot_prompt_similarity=0.5)),
     (["--host", "0.0.0.0", "--timeout", "600", "--threads-http", "16", "-ngl", "99"],
      dict(host="0.0.0.0", timeout=600, threads_http=16, n_gpu_layers="99")),
+    (["--rope-scaling", "yarn", "--rope-scale", "4", "--rope-freq-base", "10000", "--yarn-orig-ctx", "4096",
+      "--yarn-ext-factor", "0.5", "--override-kv", "tokenizer.ggml.add_bos_token=bool:false,x.n=int:3"],
+     dict(rope_scaling="yarn", rope_scale=4.0, rope_freq_base=10000.0, yarn_orig_ctx=4096,
+          yarn_ext_factor=0.5, override_kv=("tokenizer.ggml.add_bos_token=bool:false", "x.n=int:3"))),
     (["--reasoning-format", "deepseek", "--chat-template", "chatml", "-kvu", "--swa-full"],
      dict(reasoning_format="deepseek", chat_template="chatml", kv_unified=True, swa_full=True)),
 ])
@@ -55,6 +59,12 @@ def test_seed_production_example_without_gpu_flags(tmp_path):
                            "--api-key-file", str(keys), "--timeout", "600", "--slot-save-path",
                            str(tmp_path), "--jinja", "-ctk", "q8_0", "-ctv", "q8_0"], environ={})
     assert (s.parallel, s.ctx_size, s.api_key, s.metrics, s.jinja) == (8, 16384, ("secret",), True, True)
+
+
+def test_override_map():
+    s = parse_server_args(["--override-kv", "a=bool:true,b=int:-2", "--override-kv", "c=float:0.5,d=str:x y"],
+                          environ={})
+    assert s.kv_override_map() == {"a": True, "b": -2, "c": 0.5, "d": "x y"}
 
 
 def test_environment_variables_and_precedence():
@@ -79,6 +89,9 @@ def test_environment_variables_and_precedence():
     (["-fa", "sometimes"], "invalid value for -fa"),
     (["-ctk", "q3"], "invalid value for -ctk"),
     (["--port"], "expected value for argument --port"),
+    (["--override-kv", "a=float:x"], "Invalid type for KV override"),
+    (["--override-kv", "a=list:1"], "Invalid type for KV override"),
+    (["--rope-scaling", "cubic"], "invalid value for --rope-scaling"),
 ])
 def test_refused_flags(argv, message):
     with pytest.raises(FlagError, match=message.replace("(", r"\(")):

@@ -38,6 +38,12 @@ FLASH_ATTN = {
     "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
     "off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED,
 }
+ROPE_SCALING = {
+    None: L.LLAMA_ROPE_SCALING_TYPE_UNSPECIFIED,
+    "none": L.LLAMA_ROPE_SCALING_TYPE_NONE,
+    "linear": L.LLAMA_ROPE_SCALING_TYPE_LINEAR,
+    "yarn": L.LLAMA_ROPE_SCALING_TYPE_YARN,
+}
 POOLING = {
     None: L.LLAMA_POOLING_TYPE_UNSPECIFIED,
     "none": L.LLAMA_POOLING_TYPE_NONE,
@@ -87,6 +93,10 @@ cdef class Context:
         kv_unified: one KV buffer shared by all sequences.
         swa_full: full-size cache for sliding-window attention layers.
         offload_kqv: keep the KV cache on the GPU (GPU builds).
+        rope_scaling: None (the model's), "none", "linear" or "yarn".
+        rope_freq_base, rope_freq_scale: RoPE overrides (0 = the model's).
+        yarn_ext_factor, yarn_attn_factor, yarn_beta_slow, yarn_beta_fast, yarn_orig_ctx: YaRN
+            tuning (negative / 0 = the model's).
 
     Raises:
         InvalidRequestError: a parameter is out of range.
@@ -98,7 +108,10 @@ cdef class Context:
     def __cinit__(self, Model model, *, int n_ctx=0, int n_batch=2048, int n_ubatch=512,
                   int n_seq_max=1, n_threads=None, n_threads_batch=None, flash_attn="auto",
                   str type_k="f16", str type_v="f16", bint embeddings=False, pooling=None,
-                  bint kv_unified=False, bint swa_full=False, bint offload_kqv=True):
+                  bint kv_unified=False, bint swa_full=False, bint offload_kqv=True,
+                  rope_scaling=None, float rope_freq_base=0.0, float rope_freq_scale=0.0,
+                  float yarn_ext_factor=-1.0, float yarn_attn_factor=-1.0, float yarn_beta_slow=-1.0,
+                  float yarn_beta_fast=-1.0, int yarn_orig_ctx=0):
         self.ptr = NULL
         self.batch.token = NULL
         self.model = model
@@ -118,6 +131,8 @@ cdef class Context:
             if value not in KV_CACHE_TYPES:
                 raise InvalidRequestError(
                     f"{name} must be one of {', '.join(KV_CACHE_TYPES)}, got {value!r}", param=name)
+        if rope_scaling not in ROPE_SCALING:
+            raise InvalidRequestError("rope_scaling must be none, linear or yarn", param="rope_scaling")
         if pooling not in POOLING:
             raise InvalidRequestError(f"pooling must be one of none, mean, cls, last, rank")
         threads = default_threads() if n_threads is None else int(n_threads)
@@ -140,6 +155,14 @@ cdef class Context:
         params.kv_unified = kv_unified
         params.swa_full = swa_full
         params.offload_kqv = offload_kqv
+        params.rope_scaling_type = ROPE_SCALING[rope_scaling]
+        params.rope_freq_base = rope_freq_base
+        params.rope_freq_scale = rope_freq_scale
+        params.yarn_ext_factor = yarn_ext_factor
+        params.yarn_attn_factor = yarn_attn_factor
+        params.yarn_beta_slow = yarn_beta_slow
+        params.yarn_beta_fast = yarn_beta_fast
+        params.yarn_orig_ctx = yarn_orig_ctx
         params.no_perf = True
         with nogil:
             self.ptr = L.llama_init_from_model(model.ptr, params)

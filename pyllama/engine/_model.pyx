@@ -13,11 +13,18 @@ from collections import deque
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdint cimport int32_t, uint64_t
 from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy, memset
 from libcpp.vector cimport vector
 
 from pyllama cimport _llama as L
 
-from pyllama.errors import InvalidModelError, InvalidTokenError, ModelLoadError, ModelNotFoundError
+from pyllama.errors import (
+    InvalidModelError,
+    InvalidRequestError,
+    InvalidTokenError,
+    ModelLoadError,
+    ModelNotFoundError,
+)
 
 llama_logger = logging.getLogger("pyllama.llama_cpp")
 
@@ -115,6 +122,31 @@ def supports_gpu_offload():
 _GGUF_MAGIC = b"GGUF"
 
 
+cdef void _fill_override(L.llama_model_kv_override * item, str key, value) except *:
+    cdef bytes ckey = key.encode()
+    if len(ckey) >= 128:
+        raise InvalidRequestError(f"override key too long: {key}")
+    memset(item, 0, sizeof(L.llama_model_kv_override))
+    memcpy(item.key, <const char *> ckey, len(ckey))
+    if isinstance(value, bool):
+        item.tag = L.LLAMA_KV_OVERRIDE_TYPE_BOOL
+        item.val_bool = value
+    elif isinstance(value, int):
+        item.tag = L.LLAMA_KV_OVERRIDE_TYPE_INT
+        item.val_i64 = value
+    elif isinstance(value, float):
+        item.tag = L.LLAMA_KV_OVERRIDE_TYPE_FLOAT
+        item.val_f64 = value
+    elif isinstance(value, str):
+        cval = value.encode()
+        if len(cval) >= 128:
+            raise InvalidRequestError(f"override value too long for {key}")
+        item.tag = L.LLAMA_KV_OVERRIDE_TYPE_STR
+        memcpy(item.val_str, <const char *> cval, len(cval))
+    else:
+        raise InvalidRequestError(f"override {key}: values must be bool, int, float or str")
+
+
 cdef object _token_or_none(L.llama_token tok):
     return None if tok == L.LLAMA_TOKEN_NULL else tok
 
@@ -134,6 +166,8 @@ cdef class Model:
         vocab_only: load the vocabulary and metadata only, no weights.
         check_tensors: validate tensor data while loading.
         repack: let the CPU backend repack weights for faster kernels (llama-server's --repack).
+        kv_overrides: {key: value} metadata overrides (bool, int, float or str values), as
+            llama-server's --override-kv.
 
     Raises:
         ModelNotFoundError: the path does not exist or is not a file.
@@ -144,7 +178,8 @@ cdef class Model:
     """
 
     def __cinit__(self, path, *, int n_gpu_layers=-1, bint use_mmap=True, bint use_mlock=False,
-                  bint vocab_only=False, bint check_tensors=False, bint repack=True):
+                  bint vocab_only=False, bint check_tensors=False, bint repack=True,
+                  kv_overrides=None):
         self.ptr = NULL
         self.vocab = NULL
         self.path = os.fspath(path)
@@ -163,6 +198,15 @@ cdef class Model:
         params.vocab_only = vocab_only
         params.check_tensors = check_tensors
         params.use_extra_bufts = repack
+        cdef vector[L.llama_model_kv_override] overrides
+        cdef L.llama_model_kv_override item
+        if kv_overrides:
+            for key, value in kv_overrides.items():
+                _fill_override(&item, key, value)
+                overrides.push_back(item)
+            memset(&item, 0, sizeof(item))  # the list ends with an empty key
+            overrides.push_back(item)
+            params.kv_overrides = overrides.data()
 
         cdef bytes cpath = os.fsencode(self.path)
         cdef const char * c_path = cpath

@@ -115,6 +115,8 @@ class Engine:
         n_threads_sampling: threads sampling slots in parallel (None = n_threads).
         embeddings: an embedding engine (`embed()`), not a generation one (`submit()`).
         pooling: with embeddings: None (the model's), "none", "mean", "cls", "last", "rank".
+        model_options, context_options: more Model / Context keyword arguments (kv_overrides,
+            rope_scaling, rope_freq_base, yarn_*, ...).
     """
 
     def __init__(self, model_path, *, n_parallel: int = 1, n_ctx: int = 4096, n_batch: int = 2048,
@@ -123,7 +125,8 @@ class Engine:
                  kv_unified: bool = False, swa_full: bool = False, n_gpu_layers: int = -1,
                  use_mmap: bool = True, repack: bool = True, n_predict: int = -1, ctx_shift: bool = False,
                  slot_prompt_similarity: float = 0.1, n_threads_sampling: int | None = None,
-                 embeddings: bool = False, pooling: str | None = None) -> None:
+                 embeddings: bool = False, pooling: str | None = None,
+                 model_options: dict | None = None, context_options: dict | None = None) -> None:
         self._lock = threading.Condition()
         self._pending: collections.deque = collections.deque()
         self._cancels: list[int] = []
@@ -137,7 +140,8 @@ class Engine:
             flash_attn=flash_attn, type_k=type_k, type_v=type_v, kv_unified=kv_unified,
             swa_full=swa_full, n_gpu_layers=n_gpu_layers, use_mmap=use_mmap, repack=repack, n_predict=n_predict,
             ctx_shift=ctx_shift, slot_prompt_similarity=slot_prompt_similarity,
-            n_threads_sampling=n_threads_sampling, embeddings=embeddings, pooling=pooling)
+            n_threads_sampling=n_threads_sampling, embeddings=embeddings, pooling=pooling,
+            model_options=model_options or {}, context_options=context_options or {})
         self.embeddings = embeddings
         self.model: Model | None = None
         self.core: EngineCore | None = None
@@ -255,12 +259,13 @@ class Engine:
         p = self._params
         try:
             self.model = Model(p["model_path"], n_gpu_layers=p["n_gpu_layers"], use_mmap=p["use_mmap"],
-                               repack=p["repack"])
+                               repack=p["repack"], **p["model_options"])
             context = Context(self.model, n_ctx=p["n_ctx"], n_batch=p["n_batch"], n_ubatch=p["n_ubatch"],
                               n_seq_max=p["n_parallel"], n_threads=p["n_threads"],
                               n_threads_batch=p["n_threads_batch"], flash_attn=p["flash_attn"],
                               type_k=p["type_k"], type_v=p["type_v"], kv_unified=p["kv_unified"],
-                              swa_full=p["swa_full"], embeddings=p["embeddings"], pooling=p["pooling"])
+                              swa_full=p["swa_full"], embeddings=p["embeddings"], pooling=p["pooling"],
+                              **p["context_options"])
             if p["embeddings"]:
                 self.embedder = EmbeddingCore(context)
                 self._ready.set()

@@ -128,7 +128,14 @@ class ServerState:
             kv_unified=bool(s.kv_unified), swa_full=s.swa_full, n_gpu_layers=ngl, use_mmap=s.mmap,
             repack=s.repack, n_predict=-1, ctx_shift=s.context_shift,
             slot_prompt_similarity=s.slot_prompt_similarity, embeddings=embeddings,
-            pooling=s.pooling or None)
+            pooling=s.pooling or None,
+            model_options={"kv_overrides": s.kv_override_map()},
+            context_options=dict(
+                rope_scaling=s.rope_scaling or None, rope_freq_base=s.rope_freq_base,
+                rope_freq_scale=1.0 / s.rope_scale if s.rope_scale else s.rope_freq_scale,
+                yarn_orig_ctx=s.yarn_orig_ctx, yarn_ext_factor=s.yarn_ext_factor,
+                yarn_attn_factor=s.yarn_attn_factor, yarn_beta_slow=s.yarn_beta_slow,
+                yarn_beta_fast=s.yarn_beta_fast))
         if not embeddings:
             override = s.chat_template or ""
             kwargs = json.loads(s.chat_template_kwargs) if s.chat_template_kwargs else {}

@@ -152,3 +152,19 @@ def test_closed_objects_raise_instead_of_crashing(synthetic_path):
     model.close()
     with pytest.raises(Exception):
         model.tokenize("x")
+
+
+def test_kv_overrides_and_rope_options(gemma_path):
+    plain = Model(gemma_path)
+    no_bos = Model(gemma_path, kv_overrides={"tokenizer.ggml.add_bos_token": False})
+    assert plain.tokenize("Hi")[0] == plain.token_bos and no_bos.tokenize("Hi") == plain.tokenize("Hi")[1:]
+    with pytest.raises(InvalidRequestError):
+        Model(gemma_path, kv_overrides={"x": [1]})
+    prompt = plain.tokenize("The three primary colors are")
+    greedy = SamplerChain.greedy(plain)
+    default = list(Context(plain, n_ctx=512).generate(prompt, greedy, max_tokens=12))
+    scaled = list(Context(plain, n_ctx=512, rope_scaling="linear", rope_freq_scale=0.25)
+                  .generate(prompt, greedy, max_tokens=12))
+    assert default != scaled  # the override reaches the graph
+    with pytest.raises(InvalidRequestError):
+        Context(plain, rope_scaling="cubic")
