@@ -51,6 +51,7 @@ cdef extern from "llama.h" nogil:
     cdef struct llama_context
     cdef struct llama_sampler
     cdef struct llama_memory_i
+    cdef struct llama_adapter_lora
     ctypedef llama_memory_i * llama_memory_t
 
     ctypedef int32_t llama_pos
@@ -269,6 +270,11 @@ cdef extern from "llama.h" nogil:
     bint llama_model_has_decoder(const llama_model * model)
     bint llama_model_is_recurrent(const llama_model * model)
     bint llama_model_is_hybrid(const llama_model * model)
+
+    # --- Adapters --------------------------------------------------------------------------
+    llama_adapter_lora * llama_adapter_lora_init(llama_model * model, const char * path_lora)
+    void llama_adapter_lora_free(llama_adapter_lora * adapter)
+    int32_t llama_set_adapters_lora(llama_context * ctx, llama_adapter_lora ** adapters, size_t n_adapters, float * scales)
 
     # --- Memory ----------------------------------------------------------------------------
     void llama_memory_clear(llama_memory_t mem, bint data)

@@ -30,7 +30,7 @@ TRISTATE = {**{v: "on" for v in ("on", "enabled", "true", "1")},
 # llama-server flags that exist upstream but that this version does not implement.
 UNSUPPORTED = (
     "-mu --model-url -hf -hfr --hf-repo -hff --hf-file -hft --hf-token -dr --docker-repo --offline "
-    "--lora --lora-scaled --lora-init-without-apply --control-vector --control-vector-scaled "
+    "--control-vector --control-vector-scaled "
     "--control-vector-layer-range -mm --mmproj -mmu --mmproj-url --no-mmproj --mmproj-auto "
     "--mmproj-offload --no-mmproj-offload --spec-type -md --model-draft -hfd --draft --draft-max "
     "--draft-min --models-dir --models-preset --models-max --models-autoload --no-models-autoload "
@@ -174,6 +174,9 @@ def _finish(s: Settings) -> Settings:
         raise FlagError(f"--slot-save-path {s.slot_save_path}: not a folder")
     try:
         s.kv_override_map()
+        for path, _ in s.lora_list():
+            if not os.path.isfile(path):
+                raise ValueError(f"LoRA adapter not found: {path}")
     except ValueError as exc:
         raise FlagError(str(exc)) from None
     if s.n_gpu_layers not in ("auto", "all"):

@@ -52,6 +52,10 @@ class Settings:
                                   env="LLAMA_ARG_YARN_BETA_FAST")
     override_kv: tuple = _flag((), ["--override-kv"], "KEY=TYPE:VALUE,... metadata overrides (int, float, bool, str)",
                                kind="keys")
+    lora: tuple = _flag((), ["--lora"], "LoRA adapter(s) at scale 1.0, comma-separated or repeated", kind="keys")
+    lora_scaled: tuple = _flag((), ["--lora-scaled"], "LoRA adapter(s) with a scale: FNAME:SCALE,...", kind="keys")
+    lora_init_without_apply: bool = _flag(False, ["--lora-init-without-apply"],
+                                          "load adapters at scale 0 until POST /lora-adapters", kind="flag")
     threads: int = _flag(-1, ["-t", "--threads"], "CPU threads for generation (-1 = all)",
                          env="LLAMA_ARG_THREADS")
     threads_batch: int = _flag(-1, ["-tb", "--threads-batch"], "threads for prompt processing (-1 = --threads)")
@@ -200,6 +204,27 @@ def _kv_override_map(self) -> dict:
 
 
 Settings.kv_override_map = _kv_override_map
+
+
+def _lora_list(self) -> list:
+    """[(path, scale)] from --lora then --lora-scaled, in order (the adapter ids).
+
+    Raises:
+        ValueError: a --lora-scaled item without a numeric scale.
+    """
+    out = [(path, 1.0) for path in self.lora]
+    for item in self.lora_scaled:
+        path, colon, scale = item.rpartition(":")
+        try:
+            if not colon or not path:
+                raise ValueError
+            out.append((path, float(scale)))
+        except ValueError:
+            raise ValueError(f"invalid --lora-scaled {item!r}: expected FNAME:SCALE") from None
+    return out
+
+
+Settings.lora_list = _lora_list
 
 
 def settings_fields():

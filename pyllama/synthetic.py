@@ -120,3 +120,29 @@ def write_synthetic_model(path: str | Path, spec: SyntheticSpec = SyntheticSpec(
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def write_synthetic_lora(path: str | Path, spec: SyntheticSpec = SyntheticSpec(), rank: int = 4,
+                         seed: int = 99, scale: float = 1.0) -> Path:
+    """Write a random LoRA adapter (on every attn_q and ffn_up) for a synthetic model."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_type("adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", float(rank))
+    for i in range(spec.n_layer):
+        for name, n_in, n_out in ((f"blk.{i}.attn_q.weight", spec.n_embd, spec.n_embd),
+                                  (f"blk.{i}.ffn_up.weight", spec.n_embd, spec.n_ff)):
+            a = (rng.standard_normal((rank, n_in)) * scale).astype(np.float32)
+            b = (rng.standard_normal((n_out, rank)) * scale).astype(np.float32)
+            writer.add_tensor(name + ".lora_a", a)
+            writer.add_tensor(name + ".lora_b", b)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

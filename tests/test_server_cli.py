@@ -82,7 +82,8 @@ def test_environment_variables_and_precedence():
 
 @pytest.mark.parametrize("argv,message", [
     (["--frobnicate"], "invalid argument: --frobnicate"),
-    (["--lora", "x.gguf"], "--lora is a llama-server flag that pyllama does not support yet"),
+    (["--lora", "/nonexistent/x.gguf"], "LoRA adapter not found"),
+    (["--mmproj", "x.gguf"], "--mmproj is a llama-server flag that pyllama does not support yet"),
     (["-hf", "org/model"], "-hf is a llama-server flag"),
     (["-np", "0"], "--parallel"),
     (["-c", "lots"], "invalid value for -c"),

@@ -12,6 +12,7 @@ cdef class Context:
     cdef void _free(self) noexcept
     cdef int _require_open(self) except -1
     cdef int decode_c(self, int n_tokens) except -1
+    cdef int set_lora_c(self, list adapters, tuple scales) except -1
     cdef void _batch_set(self, int i, L.llama_token token, L.llama_pos pos,
                          L.llama_seq_id seq_id, bint logits) noexcept
 

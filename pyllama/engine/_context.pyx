@@ -10,7 +10,8 @@ import os
 from libc.stdint cimport int32_t
 
 from pyllama cimport _llama as L
-from pyllama.engine._model cimport Model
+from pyllama.engine._model cimport LoraAdapter, Model
+from libcpp.vector cimport vector
 from pyllama.engine._sampling cimport SamplerChain
 
 from pyllama.errors import (
@@ -236,6 +237,24 @@ cdef class Context:
         """Largest position stored for a sequence, -1 when it is empty."""
         self._require_open()
         return L.llama_memory_seq_pos_max(L.llama_get_memory(self.ptr), seq_id)
+
+    cdef int set_lora_c(self, list adapters, tuple scales) except -1:
+        # Applies LoRA adapters with these scales to the next decodes (owner thread).
+        cdef vector[L.llama_adapter_lora *] ptrs
+        cdef vector[float] cscales
+        cdef LoraAdapter adapter
+        for adapter, scale in zip(adapters, scales):
+            if scale != 0.0:
+                ptrs.push_back(adapter.ptr)
+                cscales.push_back(scale)
+        if L.llama_set_adapters_lora(self.ptr, ptrs.data(), ptrs.size(), cscales.data()) != 0:
+            raise DecodeError("failed to apply the LoRA adapters", code=-1)
+        return 0
+
+    def set_lora(self, adapters, scales):
+        """Apply LoRA adapters (LoraAdapter list) with scales to the next decodes."""
+        self._require_open()
+        self.set_lora_c(list(adapters), tuple(float(s) for s in scales))
 
     cdef int decode_c(self, int n_tokens) except -1:
         # Decodes the first n_tokens entries of self.batch. Owner thread; releases the GIL.

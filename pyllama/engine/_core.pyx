@@ -55,6 +55,7 @@ cdef struct SlotC:
     vector[L.llama_token] * prompt  # the Slot's prompt
     int n_prompt_done
     int n_cached
+    bint held               # not in this step's batch (another LoRA set runs this step)
 
 
 cdef int utf8_complete_len(bytes data):
@@ -99,6 +100,8 @@ cdef class Slot:
     cdef public object channel
     cdef public SamplerChain sampler
     cdef public double t_last_used
+    cdef public tuple lora        # the scales this request runs with
+    cdef public tuple cache_lora  # the scales the cached tokens were computed with
     # per-request progress
     cdef int n_decoded
     cdef int n_predict
@@ -118,6 +121,8 @@ cdef class Slot:
         self.channel = None
         self.sampler = None
         self.t_last_used = 0.0
+        self.lora = ()
+        self.cache_lora = ()
 
     @property
     def cached_tokens(self):
@@ -162,6 +167,10 @@ cdef class EngineCore:
     cdef readonly double t_decode_total
     cdef readonly double t_step_total
     cdef readonly int64_t n_backend_sampled
+    cdef public list lora_adapters   # LoraAdapter objects, in id order
+    cdef public tuple lora_scales    # the server-wide scales (POST /lora-adapters)
+    cdef tuple lora_applied          # what the context has now
+    cdef int lora_turn
 
     def __cinit__(self, Context context, *, int n_predict=-1, bint ctx_shift=False,
                   double slot_prompt_similarity=0.1, int n_threads_sampling=1):
@@ -176,6 +185,10 @@ cdef class EngineCore:
         self.ctx_shift = ctx_shift and L.llama_memory_can_shift(L.llama_get_memory(context.ptr))
         self.slot_prompt_similarity = slot_prompt_similarity
         self.n_threads_sampling = max(1, n_threads_sampling)
+        self.lora_adapters = []
+        self.lora_scales = ()
+        self.lora_applied = ()
+        self.lora_turn = 0
         self.slots_c = <SlotC *> malloc(sizeof(SlotC) * self.n_slots)
         self.cpu_slots = <int *> malloc(sizeof(int) * self.n_slots)
         self.slots = []
@@ -187,6 +200,7 @@ cdef class EngineCore:
             self.slots_c[i].i_batch = -1
             self.slots_c[i].sampler = NULL
             self.slots_c[i].on_backend = False
+            self.slots_c[i].held = False
             slot = Slot(i)
             # the C loop reaches the Slot's vectors through these (the Slot lives as long)
             self.slots_c[i].cache = &slot.cache_tokens
@@ -243,7 +257,14 @@ cdef class EngineCore:
         cdef SlotC * sc = &self.slots_c[slot.id]
         cdef L.llama_memory_t mem = L.llama_get_memory(self.context.ptr)
         cdef int keep = 0
-        if request.cache_prompt:
+        lora = self.lora_scales
+        if request.lora is not None:
+            if len(request.lora) > len(self.lora_adapters):
+                raise InvalidRequestError(f"invalid adapter id: {len(request.lora) - 1}", param="lora")
+            # unlisted adapters get scale 0 (upstream's parse_lora_request)
+            lora = tuple(request.lora) + (0.0,) * (len(self.lora_adapters) - len(request.lora))
+        slot.lora = lora
+        if request.cache_prompt and slot.cache_lora == lora:  # another LoRA set: no reuse
             keep = min(_common_prefix(slot.cache_tokens, request.prompt), n_prompt - 1)
             if keep > 0 and self.n_swa > 0:
                 # SWA caches drop old cells: reuse only if the cells still cover the prefix.
@@ -253,6 +274,7 @@ cdef class EngineCore:
             keep = 0
             L.llama_memory_seq_rm(mem, slot.id, -1, -1)
         slot.cache_tokens.resize(keep)
+        slot.cache_lora = lora
         slot.prompt.clear()
         for t in request.prompt:
             slot.prompt.push_back(t)
@@ -318,6 +340,9 @@ cdef class EngineCore:
                 if sc.state == SLOT_GENERATING and sc.n_past + 1 >= self.n_ctx_slot:
                     self._context_shift(<Slot>self.slots[i])
 
+        if self.lora_adapters:
+            self._choose_lora_group()
+
         # fill one batch, decode it and sample every slot with logits, all without the GIL
         with nogil:
             n = self._fill_batch(&ctx.batch)
@@ -346,6 +371,20 @@ cdef class EngineCore:
         self.t_step_total += time.perf_counter() - t0
         return True
 
+    cdef void _choose_lora_group(self) except *:
+        # Requests with different LoRA sets never share a batch (upstream's rule): each step
+        # runs one set, taking turns among the busy slots' sets.
+        busy = [s for s in self.slots if (<Slot>s).busy]
+        if not busy:
+            return
+        self.lora_turn = (self.lora_turn + 1) % len(busy)
+        group = (<Slot>busy[self.lora_turn]).lora
+        for s in self.slots:
+            self.slots_c[(<Slot>s).id].held = (<Slot>s).busy and (<Slot>s).lora != group
+        if group != self.lora_applied:
+            self.context.set_lora_c(self.lora_adapters, group)
+            self.lora_applied = group
+
     cdef int _fill_batch(self, L.llama_batch * batch) noexcept nogil:
         # The next token of every generating slot, then prompt chunks in admission order up to
         # n_batch (server_context::update_slots). Engine thread, no GIL.
@@ -354,7 +393,7 @@ cdef class EngineCore:
         for i in range(self.n_slots):
             sc = &self.slots_c[i]
             sc.i_batch = -1
-            if sc.state != SLOT_GENERATING:
+            if sc.state != SLOT_GENERATING or sc.held:
                 continue
             _batch_put(batch, n, sc.sampled, sc.n_past, i, True)
             sc.cache.push_back(sc.sampled)
@@ -364,6 +403,9 @@ cdef class EngineCore:
         while j < <int>self.prefill_ids.size() and n < self.n_batch:
             sid = self.prefill_ids[j]
             sc = &self.slots_c[sid]
+            if sc.held:
+                j += 1
+                continue
             take = min(self.n_batch - n, <int>sc.prompt.size() - sc.n_prompt_done)
             for k in range(sc.n_prompt_done, sc.n_prompt_done + take):
                 _batch_put(batch, n, sc.prompt[0][k], sc.n_past, sid, k == <int>sc.prompt.size() - 1)
@@ -594,6 +636,7 @@ cdef class EngineCore:
         sc.state = SLOT_IDLE
         sc.i_batch = -1
         sc.sampler = NULL
+        sc.held = False
         if sc.on_backend:
             L.llama_set_sampler(self.context.ptr, slot.id, NULL)
             sc.on_backend = False

@@ -13,3 +13,9 @@ cdef class Model:
     cdef int _require_open(self) except -1
     cdef int check_token(self, L.llama_token token) except -1
     cdef bytes piece_c(self, L.llama_token token, bint special)
+
+
+cdef class LoraAdapter:
+    cdef L.llama_adapter_lora * ptr
+    cdef readonly Model model
+    cdef readonly str path

@@ -345,6 +345,15 @@ cdef class Model:
         cdef const char * tmpl = L.llama_model_chat_template(self.ptr, cname)
         return None if tmpl == NULL else (<bytes>tmpl).decode("utf-8", "replace")
 
+    def load_lora(self, path):
+        """Load a LoRA adapter (GGUF) for this model.
+
+        Raises:
+            ModelNotFoundError: no such file.
+            InvalidModelError: not a LoRA adapter for this model.
+        """
+        return LoraAdapter(self, path)
+
     # --- special tokens --------------------------------------------------------------------
     @property
     def token_bos(self):
@@ -485,3 +494,27 @@ cdef class Model:
                 n = L.llama_detokenize(self.vocab, toks.data(), toks.size(), buf.data(), buf.size(),
                                        remove_special, unparse_special)
         return buf.data()[:n].decode("utf-8", "replace")
+
+
+cdef class LoraAdapter:
+    """A LoRA adapter loaded for one Model; applied per batch with a scale by the engine."""
+
+    def __cinit__(self, Model model, path):
+        self.ptr = NULL
+        self.model = model
+        self.path = os.fspath(path)
+        model._require_open()
+        if not os.path.isfile(self.path):
+            raise ModelNotFoundError(f"LoRA adapter not found: {self.path}")
+        cdef bytes cpath = os.fsencode(self.path)
+        _recent_errors.clear()
+        self.ptr = L.llama_adapter_lora_init(model.ptr, cpath)
+        if self.ptr == NULL:
+            detail = "; ".join(_recent_errors) or "libllama gave no reason"
+            raise InvalidModelError(f"failed to load LoRA adapter {self.path}: {detail}")
+
+    def __dealloc__(self):
+        # NOTE: an adapter must not outlive its model; ours holds a reference to it.
+        if self.ptr != NULL and self.model.ptr != NULL:
+            L.llama_adapter_lora_free(self.ptr)
+        self.ptr = NULL

@@ -29,7 +29,7 @@ from pyllama.engine.types import (
     Timings,
     TokenEvent,
 )
-from pyllama.errors import EngineError, NotSupportedError, PyllamaError, UnavailableError
+from pyllama.errors import EngineError, InvalidRequestError, NotSupportedError, PyllamaError, UnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +117,8 @@ class Engine:
         pooling: with embeddings: None (the model's), "none", "mean", "cls", "last", "rank".
         model_options, context_options: more Model / Context keyword arguments (kv_overrides,
             rope_scaling, rope_freq_base, yarn_*, ...).
+        lora: [(path, scale)] LoRA adapters to load; their ids are their positions.
+        lora_init_without_apply: start every adapter at scale 0 (until set_lora_scales).
     """
 
     def __init__(self, model_path, *, n_parallel: int = 1, n_ctx: int = 4096, n_batch: int = 2048,
@@ -126,7 +128,8 @@ class Engine:
                  use_mmap: bool = True, repack: bool = True, n_predict: int = -1, ctx_shift: bool = False,
                  slot_prompt_similarity: float = 0.1, n_threads_sampling: int | None = None,
                  embeddings: bool = False, pooling: str | None = None,
-                 model_options: dict | None = None, context_options: dict | None = None) -> None:
+                 model_options: dict | None = None, context_options: dict | None = None,
+                 lora: list | None = None, lora_init_without_apply: bool = False) -> None:
         self._lock = threading.Condition()
         self._pending: collections.deque = collections.deque()
         self._cancels: list[int] = []
@@ -141,8 +144,10 @@ class Engine:
             swa_full=swa_full, n_gpu_layers=n_gpu_layers, use_mmap=use_mmap, repack=repack, n_predict=n_predict,
             ctx_shift=ctx_shift, slot_prompt_similarity=slot_prompt_similarity,
             n_threads_sampling=n_threads_sampling, embeddings=embeddings, pooling=pooling,
-            model_options=model_options or {}, context_options=context_options or {})
+            model_options=model_options or {}, context_options=context_options or {},
+            lora=list(lora or []), lora_init_without_apply=lora_init_without_apply)
         self.embeddings = embeddings
+        self.lora_paths: list[str] = []
         self.model: Model | None = None
         self.core: EngineCore | None = None
         self.embedder: EmbeddingCore | None = None
@@ -221,6 +226,20 @@ class Engine:
             raise value
         return value
 
+    def lora_scales(self) -> tuple:
+        """The server-wide LoRA scales, one per adapter. Thread-safe."""
+        return self.call(lambda core: core.lora_scales)
+
+    def set_lora_scales(self, scales) -> None:
+        """Set the server-wide LoRA scales (one per adapter). Thread-safe."""
+        scales = tuple(float(s) for s in scales)
+
+        def apply(core):
+            if len(scales) != len(core.lora_adapters):
+                raise InvalidRequestError("one scale per loaded adapter is expected")
+            core.lora_scales = scales
+        self.call(apply)
+
     def cancel(self, request_id: int) -> None:
         """Stop a queued or running request. Thread-safe."""
         with self._lock:
@@ -274,6 +293,10 @@ class Engine:
             self.core = EngineCore(context, n_predict=p["n_predict"], ctx_shift=p["ctx_shift"],
                                    slot_prompt_similarity=p["slot_prompt_similarity"],
                                    n_threads_sampling=p["n_threads_sampling"] or context.n_threads)
+            self.core.lora_adapters = [self.model.load_lora(path) for path, _ in p["lora"]]
+            self.core.lora_scales = tuple(0.0 if p["lora_init_without_apply"] else float(scale)
+                                          for _, scale in p["lora"])
+            self.lora_paths = [path for path, _ in p["lora"]]
         except BaseException as exc:  # reported to the constructor's thread
             self._startup_error = exc
             self._ready.set()

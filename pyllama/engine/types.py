@@ -157,6 +157,7 @@ class Request:
     t_max_predict_ms: int = -1
     n_indent: int = 0
     special: bool = False  # render special tokens into the text
+    lora: tuple[float, ...] | None = None  # a scale per loaded adapter; None = the server's scales
     id: int = field(default_factory=lambda: next(_request_ids))
 
 

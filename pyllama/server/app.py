@@ -130,6 +130,7 @@ class ServerState:
             slot_prompt_similarity=s.slot_prompt_similarity, embeddings=embeddings,
             pooling=s.pooling or None,
             model_options={"kv_overrides": s.kv_override_map()},
+            lora=s.lora_list(), lora_init_without_apply=s.lora_init_without_apply,
             context_options=dict(
                 rope_scaling=s.rope_scaling or None, rope_freq_base=s.rope_freq_base,
                 rope_freq_scale=1.0 / s.rope_scale if s.rope_scale else s.rope_freq_scale,

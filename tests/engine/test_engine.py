@@ -306,3 +306,25 @@ def test_backend_sampling_runs_the_chain_in_the_decode_graph(engine):
     before = engine.stats()["n_backend_sampled"]
     _run(engine, PROMPTS[0], SamplingParams(temperature=0.0, backend_sampling=True, n_probs=2), n=3)
     assert engine.stats()["n_backend_sampled"] == before
+
+
+def test_lora_sets_are_never_mixed_in_one_batch(synthetic_path, tmp_path):
+    from pyllama.synthetic import write_synthetic_lora
+
+    lora = write_synthetic_lora(tmp_path / "lora.gguf")
+    sampling = SamplingParams(temperature=0.0, ignore_eos=True)
+    with Engine(synthetic_path, n_parallel=4, n_ctx=1024, lora=[(str(lora), 1.0)]) as eng:
+        tokens = eng.model.tokenize("Hello world")
+
+        def run(scale):
+            return eng.submit(Request(prompt=tokens, sampling=sampling, n_predict=12,
+                                      lora=(scale,), cache_prompt=False)).wait().tokens
+
+        alone = {scale: run(scale) for scale in (0.0, 0.5, 1.0)}
+        assert len({tuple(v) for v in alone.values()}) == 3
+        together = _concurrently(run, [(s,) for s in (0.0, 0.5, 1.0, 0.0, 1.0)])
+        assert together == [alone[s] for s in (0.0, 0.5, 1.0, 0.0, 1.0)]
+        # the cached prefix of one LoRA set is not reused under another
+        first = eng.submit(Request(prompt=tokens, sampling=sampling, n_predict=2, lora=(1.0,))).wait()
+        other = eng.submit(Request(prompt=tokens, sampling=sampling, n_predict=2, lora=(0.0,), id_slot=first.id_slot)).wait()
+        assert other.timings.cache_n == 0

@@ -53,6 +53,36 @@ def test_lora_adapters_without_adapters(http):
     assert http.post("/lora-adapters", json=[{"id": 0, "scale": 1.0}]).status_code == 400
 
 
+def test_lora_adapters(tmp_path):
+    from pyllama.synthetic import write_synthetic_lora, write_synthetic_model
+
+    model = write_synthetic_model(tmp_path / "base.gguf")
+    lora = write_synthetic_lora(tmp_path / "lora.gguf")
+    srv = ServerProcess(["-m", str(model), "-np", "2", "-c", "512", "--lora-scaled", f"{lora}:0.5"])
+    try:
+        srv.wait_ready()
+        assert httpx.get(srv.base + "/lora-adapters").json() == [
+            {"id": 0, "path": str(lora), "scale": 0.5, "task_name": "", "prompt_prefix": ""}]
+
+        def tokens(**extra):
+            body = {"prompt": "Hello world", "n_predict": 8, "temperature": 0, "ignore_eos": True,
+                    "return_tokens": True, **extra}
+            return httpx.post(srv.base + "/completion", json=body).json()["tokens"]
+
+        with_lora = tokens()
+        without = tokens(lora=[{"id": 0, "scale": 0.0}])
+        assert with_lora != without
+        assert tokens(lora=[]) == without  # unlisted adapters get scale 0
+        assert httpx.post(srv.base + "/lora-adapters", json=[{"id": 0, "scale": 0.0}]).json() == {"success": True}
+        assert httpx.get(srv.base + "/lora-adapters").json()[0]["scale"] == 0.0
+        assert tokens() == without
+        assert tokens(lora=[{"id": 0, "scale": 0.5}]) == with_lora
+        assert httpx.post(srv.base + "/lora-adapters", json=[{"id": 3, "scale": 1}]).status_code == 400
+        assert httpx.post(srv.base + "/completion", json={"prompt": "x", "lora": [{"id": 5, "scale": 1}]}).status_code == 400
+    finally:
+        srv.stop()
+
+
 def test_unix_socket(synthetic_path, tmp_path):
     sock = tmp_path / "pyllama.sock"
     srv = ServerProcess(["-m", str(synthetic_path), "-np", "1", "-c", "256", "--host", str(sock)])

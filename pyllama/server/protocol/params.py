@@ -263,7 +263,24 @@ def build_request(body: dict, tokens: list[int], sampling: SamplingParams, defau
         t_max_predict_ms=get_int(body, "t_max_predict_ms", -1, lo=-1),
         n_indent=get_int(body, "n_indent", 0, lo=0),
         special=defaults.special,
+        lora=_request_lora(body),
     )
+
+
+def _request_lora(body: dict):
+    # the per-request `lora` field: [{id, scale}]; the adapter count is checked by the engine
+    value = body.get("lora")
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(e, dict) for e in value):
+        raise _err("lora", "expected an array of {id, scale}")
+    n = max([e.get("id", -1) for e in value if isinstance(e.get("id"), int)] + [-1]) + 1
+    scales = [0.0] * n
+    for e in value:
+        if not isinstance(e.get("id"), int) or e["id"] < 0:
+            raise _err("lora", "invalid adapter id")
+        scales[e["id"]] = float(e.get("scale", 0.0))
+    return tuple(scales)
 
 
 __all__ = ["DEFAULT_DRY_BREAKERS", "Defaults", "build_request", "get_bool", "get_float", "get_int",

@@ -232,28 +232,39 @@ class MetricsResource:
 
 
 class LoraAdaptersResource:
-    """GET/POST /lora-adapters. pyllama loads no adapters yet (--lora is refused): the list is
-    empty and a POST may only name none."""
+    """GET/POST /lora-adapters: the adapters loaded with --lora and their server-wide scales."""
 
     def __init__(self, state) -> None:
         self.state = state
 
     def on_get(self, req, resp):
-        self.state.require_ready()
-        write_json(resp, [])
+        engine = self.state.require_ready()
+        scales = engine.lora_scales() if engine.lora_paths else ()
+        write_json(resp, [{"id": i, "path": path, "scale": scale, "task_name": "", "prompt_prefix": ""}
+                          for i, (path, scale) in enumerate(zip(engine.lora_paths, scales))])
 
     def on_post(self, req, resp):
-        self.state.require_ready()
+        engine = self.state.require_ready()
         import orjson
 
         try:
             body = orjson.loads(req.bounded_stream.read() or b"null")
         except orjson.JSONDecodeError:
             raise InvalidRequestError("Request body must be an array") from None
-        if not isinstance(body, list):
-            raise InvalidRequestError("Request body must be an array")
-        for entry in body:
-            if not isinstance(entry, dict) or "id" not in entry:
-                raise InvalidRequestError("Invalid adapter entry")
-            raise InvalidRequestError(f"invalid adapter id: {entry['id']}")
+        engine.set_lora_scales(parse_lora(body, len(engine.lora_paths)))
         write_json(resp, {"success": True})
+
+
+def parse_lora(value, n_adapters: int) -> tuple:
+    """[{id, scale}] -> one scale per adapter; unlisted adapters get 0 (upstream's parse_lora_request)."""
+    if not isinstance(value, list):
+        raise InvalidRequestError("Request body must be an array")
+    scales = [0.0] * n_adapters
+    for entry in value:
+        if not isinstance(entry, dict) or not isinstance(entry.get("id"), int) or \
+                isinstance(entry.get("scale", 0.0), bool) or not isinstance(entry.get("scale", 0.0), (int, float)):
+            raise InvalidRequestError("Invalid adapter entry: expected {\"id\": int, \"scale\": number}")
+        if not 0 <= entry["id"] < n_adapters:
+            raise InvalidRequestError(f"invalid adapter id: {entry['id']}")
+        scales[entry["id"]] = float(entry.get("scale", 0.0))
+    return tuple(scales)
