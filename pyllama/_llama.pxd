@@ -112,6 +112,7 @@ cdef extern from "llama.h" nogil:
         LLAMA_SPLIT_MODE_NONE
         LLAMA_SPLIT_MODE_LAYER
         LLAMA_SPLIT_MODE_ROW
+        LLAMA_SPLIT_MODE_TENSOR
 
     cdef enum llama_load_mode:
         LLAMA_LOAD_MODE_AUTO

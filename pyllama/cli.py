@@ -34,7 +34,7 @@ UNSUPPORTED = (
     "--control-vector-layer-range -mm --mmproj -mmu --mmproj-url --no-mmproj --mmproj-auto "
     "--mmproj-offload --no-mmproj-offload --spec-type -md --model-draft -hfd --draft --draft-max "
     "--draft-min --models-dir --models-preset --models-max --models-autoload --no-models-autoload "
-    "--tools --mcp-servers-config --agent -ag -sm --split-mode -ts --tensor-split -mg --main-gpu -dev --device "
+    "--tools --mcp-servers-config --agent -ag "
     "--cache-reuse --cache-ram -cram --sleep-idle-seconds --path --media-path --log-file "
     "--reasoning-budget --reasoning -rea --cors-origins --kv-unified-per-slot --numa -ot "
     "--override-tensor --cpu-moe --n-cpu-moe -cmoe -ncmoe --fit --check-tensors"
@@ -179,6 +179,13 @@ def _finish(s: Settings) -> Settings:
                 raise ValueError(f"LoRA adapter not found: {path}")
     except ValueError as exc:
         raise FlagError(str(exc)) from None
+    if s.tensor_split:
+        try:
+            [float(x) for x in s.tensor_split.replace("/", ",").split(",")]
+        except ValueError:
+            raise FlagError(f"invalid value for --tensor-split: {s.tensor_split!r}") from None
+    if s.device not in ("", "none", "auto"):
+        raise FlagError("--device: only 'none' (CPU only) is supported in this version")
     if s.n_gpu_layers not in ("auto", "all"):
         try:
             int(s.n_gpu_layers)

@@ -89,6 +89,19 @@ class Settings:
                          neg=["-nr", "--no-repack"])
     n_gpu_layers: str = _flag("auto", ["-ngl", "--gpu-layers", "--n-gpu-layers"],
                               "layers to offload to the GPU: a number, auto or all", env="LLAMA_ARG_N_GPU_LAYERS")
+    load_mode: str = _flag("", ["-lm", "--load-mode"], "model loading: auto, none, mmap, mlock, mmap+mlock, dio",
+                           env="LLAMA_ARG_LOAD_MODE", choices=["", "auto", "none", "mmap", "mlock", "mmap+mlock", "dio"])
+    split_mode: str = _flag("layer", ["-sm", "--split-mode"], "multi-GPU split: none, layer, row, tensor",
+                            env="LLAMA_ARG_SPLIT_MODE", choices=["none", "layer", "row", "tensor"])
+    tensor_split: str = _flag("", ["-ts", "--tensor-split"], "model proportions per GPU, e.g. 3,1",
+                              env="LLAMA_ARG_TENSOR_SPLIT")
+    main_gpu: int = _flag(0, ["-mg", "--main-gpu"], "GPU for split-mode none", env="LLAMA_ARG_MAIN_GPU")
+    device: str = _flag("", ["-dev", "--device"], "devices to offload to: none = CPU only (default: all)",
+                        env="LLAMA_ARG_DEVICE")
+    kv_offload: bool = _flag(True, ["-kvo", "--kv-offload"], "keep the KV cache on the GPU",
+                             env="LLAMA_ARG_KV_OFFLOAD", neg=["-nkvo", "--no-kv-offload"])
+    op_offload: bool = _flag(True, ["--op-offload"], "offload host tensor operations", neg=["--no-op-offload"])
+    no_host: bool = _flag(False, ["--no-host"], "bypass the host buffer", env="LLAMA_ARG_NO_HOST", kind="flag")
     warmup: bool = _flag(True, ["--warmup"], "run a warm-up decode at load", neg=["--no-warmup"])
     # --- sampling defaults ----------------------------------------------------------------
     samplers: str = _flag("penalties;dry;top_n_sigma;top_k;typ_p;top_p;min_p;xtc;temperature", ["--samplers"],

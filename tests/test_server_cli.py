@@ -42,6 +42,9 @@ SERVER = str(Path(sys.executable).parent / "pyllama-server")
       "--yarn-ext-factor", "0.5", "--override-kv", "tokenizer.ggml.add_bos_token=bool:false,x.n=int:3"],
      dict(rope_scaling="yarn", rope_scale=4.0, rope_freq_base=10000.0, yarn_orig_ctx=4096,
           yarn_ext_factor=0.5, override_kv=("tokenizer.ggml.add_bos_token=bool:false", "x.n=int:3"))),
+    (["-lm", "mmap+mlock", "-sm", "none", "-mg", "1", "-ts", "3,1", "-nkvo", "--no-op-offload", "-dev", "none"],
+     dict(load_mode="mmap+mlock", split_mode="none", main_gpu=1, tensor_split="3,1", kv_offload=False,
+          op_offload=False, device="none")),
     (["--reasoning-format", "deepseek", "--chat-template", "chatml", "-kvu", "--swa-full"],
      dict(reasoning_format="deepseek", chat_template="chatml", kv_unified=True, swa_full=True)),
 ])
@@ -93,6 +96,9 @@ def test_environment_variables_and_precedence():
     (["--override-kv", "a=float:x"], "Invalid type for KV override"),
     (["--override-kv", "a=list:1"], "Invalid type for KV override"),
     (["--rope-scaling", "cubic"], "invalid value for --rope-scaling"),
+    (["-lm", "fast"], "invalid value for -lm"),
+    (["-ts", "a,b"], "invalid value for --tensor-split"),
+    (["-dev", "CUDA0"], "--device"),
 ])
 def test_refused_flags(argv, message):
     with pytest.raises(FlagError, match=message.replace("(", r"\(")):

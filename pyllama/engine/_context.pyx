@@ -112,7 +112,7 @@ cdef class Context:
                   bint kv_unified=False, bint swa_full=False, bint offload_kqv=True,
                   rope_scaling=None, float rope_freq_base=0.0, float rope_freq_scale=0.0,
                   float yarn_ext_factor=-1.0, float yarn_attn_factor=-1.0, float yarn_beta_slow=-1.0,
-                  float yarn_beta_fast=-1.0, int yarn_orig_ctx=0):
+                  float yarn_beta_fast=-1.0, int yarn_orig_ctx=0, bint op_offload=True):
         self.ptr = NULL
         self.batch.token = NULL
         self.model = model
@@ -156,6 +156,7 @@ cdef class Context:
         params.kv_unified = kv_unified
         params.swa_full = swa_full
         params.offload_kqv = offload_kqv
+        params.op_offload = op_offload
         params.rope_scaling_type = ROPE_SCALING[rope_scaling]
         params.rope_freq_base = rope_freq_base
         params.rope_freq_scale = rope_freq_scale

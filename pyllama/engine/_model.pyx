@@ -120,6 +120,11 @@ def supports_gpu_offload():
 
 
 _GGUF_MAGIC = b"GGUF"
+LOAD_MODES = {"auto": L.LLAMA_LOAD_MODE_AUTO, "none": L.LLAMA_LOAD_MODE_NONE, "mmap": L.LLAMA_LOAD_MODE_MMAP,
+              "mlock": L.LLAMA_LOAD_MODE_MLOCK, "mmap+mlock": L.LLAMA_LOAD_MODE_MMAP_MLOCK,
+              "dio": L.LLAMA_LOAD_MODE_DIRECT_IO}
+SPLIT_MODES = {"none": L.LLAMA_SPLIT_MODE_NONE, "layer": L.LLAMA_SPLIT_MODE_LAYER,
+               "row": L.LLAMA_SPLIT_MODE_ROW, "tensor": L.LLAMA_SPLIT_MODE_TENSOR}
 
 
 cdef void _fill_override(L.llama_model_kv_override * item, str key, value) except *:
@@ -168,6 +173,11 @@ cdef class Model:
         repack: let the CPU backend repack weights for faster kernels (llama-server's --repack).
         kv_overrides: {key: value} metadata overrides (bool, int, float or str values), as
             llama-server's --override-kv.
+        load_mode: None (from use_mmap/use_mlock) or auto, none, mmap, mlock, mmap+mlock, dio.
+        split_mode: none, layer, row or tensor (several GPUs).
+        main_gpu: the GPU for split_mode none.
+        tensor_split: proportions of the model per GPU.
+        no_host: bypass the host buffer.
 
     Raises:
         ModelNotFoundError: the path does not exist or is not a file.
@@ -179,7 +189,8 @@ cdef class Model:
 
     def __cinit__(self, path, *, int n_gpu_layers=-1, bint use_mmap=True, bint use_mlock=False,
                   bint vocab_only=False, bint check_tensors=False, bint repack=True,
-                  kv_overrides=None):
+                  kv_overrides=None, load_mode=None, split_mode="layer", int main_gpu=0,
+                  tensor_split=None, bint no_host=False):
         self.ptr = NULL
         self.vocab = NULL
         self.path = os.fspath(path)
@@ -195,6 +206,21 @@ cdef class Model:
             params.load_mode = L.LLAMA_LOAD_MODE_MMAP_MLOCK if use_mlock else L.LLAMA_LOAD_MODE_MMAP
         else:
             params.load_mode = L.LLAMA_LOAD_MODE_MLOCK if use_mlock else L.LLAMA_LOAD_MODE_NONE
+        if load_mode is not None:
+            if load_mode not in LOAD_MODES:
+                raise InvalidRequestError(f"load_mode must be one of {', '.join(LOAD_MODES)}")
+            params.load_mode = LOAD_MODES[load_mode]
+        if split_mode not in SPLIT_MODES:
+            raise InvalidRequestError(f"split_mode must be one of {', '.join(SPLIT_MODES)}")
+        params.split_mode = SPLIT_MODES[split_mode]
+        params.main_gpu = main_gpu
+        params.no_host = no_host
+        cdef vector[float] split
+        if tensor_split:
+            split.resize(max(L.llama_max_devices(), len(tensor_split)))
+            for i, value in enumerate(tensor_split):
+                split[i] = value
+            params.tensor_split = split.data()
         params.vocab_only = vocab_only
         params.check_tensors = check_tensors
         params.use_extra_bufts = repack

@@ -118,6 +118,9 @@ class ServerState:
         s = self.settings
         ngl = {"auto": -1, "all": -1}.get(s.n_gpu_layers)
         ngl = int(s.n_gpu_layers) if ngl is None else ngl
+        if s.device == "none":
+            ngl = 0
+        split = [float(x) for x in s.tensor_split.replace("/", ",").split(",")] if s.tensor_split else None
         embeddings = s.embedding
         self.engine = Engine(
             self.model_path, n_parallel=s.parallel, n_ctx=s.ctx_size,
@@ -129,14 +132,16 @@ class ServerState:
             repack=s.repack, n_predict=-1, ctx_shift=s.context_shift,
             slot_prompt_similarity=s.slot_prompt_similarity, embeddings=embeddings,
             pooling=s.pooling or None,
-            model_options={"kv_overrides": s.kv_override_map()},
+            model_options={"kv_overrides": s.kv_override_map(), "load_mode": s.load_mode or None,
+                           "split_mode": s.split_mode, "main_gpu": s.main_gpu, "tensor_split": split,
+                           "no_host": s.no_host},
             lora=s.lora_list(), lora_init_without_apply=s.lora_init_without_apply,
             context_options=dict(
                 rope_scaling=s.rope_scaling or None, rope_freq_base=s.rope_freq_base,
                 rope_freq_scale=1.0 / s.rope_scale if s.rope_scale else s.rope_freq_scale,
                 yarn_orig_ctx=s.yarn_orig_ctx, yarn_ext_factor=s.yarn_ext_factor,
                 yarn_attn_factor=s.yarn_attn_factor, yarn_beta_slow=s.yarn_beta_slow,
-                yarn_beta_fast=s.yarn_beta_fast))
+                yarn_beta_fast=s.yarn_beta_fast, offload_kqv=s.kv_offload, op_offload=s.op_offload))
         if not embeddings:
             override = s.chat_template or ""
             kwargs = json.loads(s.chat_template_kwargs) if s.chat_template_kwargs else {}
