@@ -36,8 +36,10 @@ UNSUPPORTED = (
     "--draft-min --models-dir --models-preset --models-max --models-autoload --no-models-autoload "
     "--tools --mcp-servers-config --agent -ag "
     "--cache-reuse --cache-ram -cram --sleep-idle-seconds --path --media-path --log-file "
-    "--reasoning-budget --reasoning -rea --cors-origins --kv-unified-per-slot --numa -ot "
-    "--override-tensor --cpu-moe --n-cpu-moe -cmoe -ncmoe --fit --check-tensors"
+    "--reasoning-budget --reasoning -rea --kv-unified-per-slot --numa -ot "
+    "--override-tensor --cpu-moe --n-cpu-moe -cmoe -ncmoe --fit -fit --fit-target --fit-ctx --lazy-mode -lzm "
+    "--rpc --ctx-checkpoints --swa-checkpoints -ctxcp --checkpoint-min-step --cache-idle-slots --ui-config "
+    "--ui-config-file --log-prompts-dir --chat-template-kwargs-file --list-devices"
 ).split()
 
 

@@ -26,6 +26,9 @@ class Settings:
                        env="LLAMA_ARG_MODEL", metavar="FNAME")
     alias: str = _flag("", ["-a", "--alias"], "comma-separated model names for the API (default: the file name)",
                        env="LLAMA_ARG_ALIAS")
+    tags: str = _flag("", ["--tags"], "comma-separated informational tags, shown in /v1/models",
+                      env="LLAMA_ARG_TAGS")
+    check_tensors: bool = _flag(False, ["--check-tensors"], "validate tensor data while loading", kind="flag")
     ctx_size: int = _flag(0, ["-c", "--ctx-size"], "size of the prompt context (0 = from model)",
                           env="LLAMA_ARG_CTX_SIZE")
     n_predict: int = _flag(-1, ["-n", "--predict", "--n-predict"],
@@ -79,6 +82,8 @@ class Settings:
     swa_full: bool = _flag(False, ["--swa-full"], "full-size SWA cache", env="LLAMA_ARG_SWA_FULL", kind="flag")
     cache_prompt: bool = _flag(True, ["--cache-prompt"], "reuse the KV cache of a previous prompt (default for requests)",
                                env="LLAMA_ARG_CACHE_PROMPT", neg=["--no-cache-prompt"])
+    defrag_thold: float = _flag(-1.0, ["-dt", "--defrag-thold"], "deprecated, no effect (as upstream)",
+                                env="LLAMA_ARG_DEFRAG_THOLD")
     context_shift: bool = _flag(False, ["--context-shift"], "shift the context when it fills up",
                                 env="LLAMA_ARG_CONTEXT_SHIFT", neg=["--no-context-shift"])
     slot_prompt_similarity: float = _flag(0.1, ["-sps", "--slot-prompt-similarity"],
@@ -160,6 +165,15 @@ class Settings:
                               env="LLAMA_ARG_THREADS_HTTP")
     sse_ping_interval: int = _flag(30, ["--sse-ping-interval"], "seconds of silence before an SSE ping (-1 = never)",
                                    env="LLAMA_ARG_SSE_PING_INTERVAL")
+    reuse_port: bool = _flag(False, ["--reuse-port"], "allow several sockets to bind the same port",
+                             env="LLAMA_ARG_REUSE_PORT", kind="flag")
+    cors_origins: str = _flag("*", ["--cors-origins"], "allowed origins: *, localhost, or a literal value",
+                              env="LLAMA_ARG_CORS_ORIGINS")
+    cors_methods: str = _flag("GET, POST, DELETE, OPTIONS", ["--cors-methods"], "preflight Allow-Methods",
+                              env="LLAMA_ARG_CORS_METHODS")
+    cors_headers: str = _flag("*", ["--cors-headers"], "preflight Allow-Headers", env="LLAMA_ARG_CORS_HEADERS")
+    cors_credentials: bool = _flag(True, ["--cors-credentials"], "allow credentials (echo the Origin for *)",
+                                   env="LLAMA_ARG_CORS_CREDENTIALS", neg=["--no-cors-credentials"])
     api_prefix: str = _flag("", ["--api-prefix"], "prefix for every route", env="LLAMA_ARG_API_PREFIX")
     webui: bool = _flag(True, ["--ui", "--webui"], "built-in web UI (pyllama has none: --no-webui is implied)",
                         env="LLAMA_ARG_UI", neg=["--no-ui", "--no-webui"])
@@ -177,6 +191,7 @@ class Settings:
                         neg=["--no-slots"])
     props: bool = _flag(False, ["--props"], "enable POST /props", env="LLAMA_ARG_ENDPOINT_PROPS", kind="flag")
     slot_save_path: str = _flag("", ["--slot-save-path"], "folder for slot save/restore")
+    spm_infill: bool = _flag(False, ["--spm-infill"], "suffix/prefix/middle order for /infill", kind="flag")
     # --- chat -----------------------------------------------------------------------------
     jinja: bool = _flag(True, ["--jinja"], "use the Jinja template engine", env="LLAMA_ARG_JINJA",
                         neg=["--no-jinja"])

@@ -133,6 +133,7 @@ class ServerState:
             slot_prompt_similarity=s.slot_prompt_similarity, embeddings=embeddings,
             pooling=s.pooling or None,
             model_options={"kv_overrides": s.kv_override_map(), "load_mode": s.load_mode or None,
+                           "check_tensors": s.check_tensors,
                            "split_mode": s.split_mode, "main_gpu": s.main_gpu, "tensor_split": split,
                            "no_host": s.no_host},
             lora=s.lora_list(), lora_init_without_apply=s.lora_init_without_apply,

@@ -46,6 +46,7 @@ def gunicorn_options(settings: Settings) -> dict:
         "errorlog": "-",
         "loglevel": "debug" if settings.verbose else ("critical" if settings.log_disable else "info"),
         "worker_tmp_dir": "/dev/shm" if os.path.isdir("/dev/shm") else None,
+        "reuse_port": settings.reuse_port,
     }
     if settings.ssl_key_file and settings.ssl_cert_file:
         options["keyfile"] = settings.ssl_key_file

@@ -8,13 +8,13 @@ removed) or, when that is empty, `X-Api-Key`, and are compared in constant time.
 from __future__ import annotations
 
 import hmac
+from urllib.parse import urlsplit
 
 import falcon
 
 from pyllama.errors import AuthenticationError, UnavailableError
 
 PUBLIC = {"/health", "/v1/health", "/"}
-CORS_METHODS = "GET, POST, DELETE, OPTIONS"
 
 
 class CorsAndAuth:
@@ -23,14 +23,29 @@ class CorsAndAuth:
         self.keys = [k.encode() for k in state.settings.api_key]
         self.prefix = state.settings.api_prefix.rstrip("/")
 
+    def _allow_origin(self, origin: str | None) -> str | None:
+        # server.cpp's CORS rule: * echoes the Origin (with credentials), localhost echoes only
+        # local origins, anything else is sent verbatim.
+        s = self.state.settings
+        if s.cors_origins == "*":
+            return origin if s.cors_credentials and origin else "*" if not s.cors_credentials else None
+        if s.cors_origins == "localhost":
+            if origin:
+                host = urlsplit(origin).hostname or ""
+                if host in ("localhost", "127.0.0.1", "::1"):
+                    return origin
+            return None
+        return s.cors_origins
+
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
-        origin = req.get_header("Origin")
-        if origin:
-            resp.set_header("Access-Control-Allow-Origin", origin)
+        allow = self._allow_origin(req.get_header("Origin"))
+        if allow:
+            resp.set_header("Access-Control-Allow-Origin", allow)
         if req.method == "OPTIONS":
-            resp.set_header("Access-Control-Allow-Credentials", "true")
-            resp.set_header("Access-Control-Allow-Methods", CORS_METHODS)
-            resp.set_header("Access-Control-Allow-Headers", "*")
+            s = self.state.settings
+            resp.set_header("Access-Control-Allow-Credentials", "true" if s.cors_credentials else "false")
+            resp.set_header("Access-Control-Allow-Methods", s.cors_methods)
+            resp.set_header("Access-Control-Allow-Headers", s.cors_headers)
             resp.status = falcon.HTTP_200
             resp.content_type = "text/html"
             resp.text = ""

@@ -87,3 +87,18 @@ def test_tls_with_a_self_signed_certificate(synthetic_path, tmp_path):
             httpx.get(srv.base.replace("https", "http") + "/health", timeout=5).raise_for_status()
     finally:
         srv.stop()
+
+
+def test_cors_localhost_origins(synthetic_path):
+    srv = ServerProcess(["-m", str(synthetic_path), "-np", "1", "-c", "256", "--cors-origins", "localhost",
+                         "--cors-methods", "GET, POST"])
+    try:
+        srv.wait_ready()
+        local = httpx.get(srv.base + "/health", headers={"Origin": "http://localhost:3000"})
+        assert local.headers["access-control-allow-origin"] == "http://localhost:3000"
+        remote = httpx.get(srv.base + "/health", headers={"Origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in remote.headers
+        pre = httpx.options(srv.base + "/completion", headers={"Origin": "http://127.0.0.1:1"})
+        assert pre.headers["access-control-allow-methods"] == "GET, POST"
+    finally:
+        srv.stop()

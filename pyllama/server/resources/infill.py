@@ -69,5 +69,5 @@ class InfillResource(CompletionResource):
         body = read_json(req, self.state.settings.max_body_mb << 20)
         n_predict = self.state.settings.n_predict
         body["prompt"] = infill_tokens(model, body, self.state.settings.batch_size, max(0, n_predict),
-                                       engine.n_ctx_slot)
+                                       engine.n_ctx_slot, spm=self.state.settings.spm_infill)
         self.respond(req, resp, body)

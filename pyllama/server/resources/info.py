@@ -44,7 +44,8 @@ class ModelsResource:
                         "details": {"parent_model": "", "format": "gguf", "family": "", "families": [""],
                                     "parameter_size": "", "quantization_level": ""}}],
             "object": "list",
-            "data": [{"id": name, "aliases": self.state.aliases, "tags": [], "object": "model",
+            "data": [{"id": name, "aliases": self.state.aliases,
+                      "tags": [t for t in self.state.settings.tags.split(",") if t], "object": "model",
                       "created": int(time.time()), "owned_by": "llamacpp", "meta": meta}],
         })
 
