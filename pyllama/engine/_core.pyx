@@ -531,8 +531,14 @@ cdef class EngineCore:
                 reason = FinishReason.LIMIT
             elif is_eog:
                 reason = FinishReason.EOS
-        if text or probs is not None:
-            slot.channel.put(TokenEvent(text, [token], [probs] if probs is not None else None))
+        if text or probs is not None or request.timings_per_token:
+            timings = None
+            if request.timings_per_token:
+                timings = Timings(prompt_n=sc.n_prompt_done - sc.n_cached,
+                                  prompt_ms=(slot.t_prompt_done - slot.t_start) * 1e3,
+                                  predicted_n=slot.n_decoded, predicted_ms=(now - slot.t_prompt_done) * 1e3,
+                                  cache_n=sc.n_cached)
+            slot.channel.put(TokenEvent(text, [token], [probs] if probs is not None else None, timings))
         if reason is not None:
             self._release(slot, reason, stopping_word)
 

@@ -158,6 +158,7 @@ class Request:
     n_indent: int = 0
     special: bool = False  # render special tokens into the text
     lora: tuple[float, ...] | None = None  # a scale per loaded adapter; None = the server's scales
+    timings_per_token: bool = False  # attach the running Timings to every TokenEvent
     id: int = field(default_factory=lambda: next(_request_ids))
 
 
@@ -177,6 +178,7 @@ class TokenEvent:
     text: str
     tokens: list[int]
     probs: list | None = None  # per token: (TokenProb of the chosen one, [top TokenProb])
+    timings: "Timings | None" = None  # only with Request.timings_per_token
 
 
 @dataclass

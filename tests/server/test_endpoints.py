@@ -251,3 +251,15 @@ def test_langchain_chat_openai(http):
     assert isinstance(reply.content, str) and reply.response_metadata["finish_reason"] in ("length", "stop")
     streamed = "".join(part.content for part in llm.stream("Name a color."))
     assert streamed == reply.content
+
+
+def test_response_fields_and_timings_per_token(http):
+    r = http.post("/completion", json={"prompt": PROMPT, "n_predict": 3, "temperature": 0,
+                                       "response_fields": ["content", "timings/predicted_n", "nope/x"]}).json()
+    assert set(r) == {"content", "timings/predicted_n"} and r["timings/predicted_n"] == 3
+    with http.stream("POST", "/completion", json={"prompt": PROMPT, "n_predict": 4, "stream": True,
+                                                   "timings_per_token": True}) as resp:
+        events = sse_events(resp)
+    partial = [e for e in events if not e["stop"]]
+    assert partial and all("timings" in e for e in partial)
+    assert [e["timings"]["predicted_n"] for e in partial] == list(range(1, len(partial) + 1))

@@ -85,7 +85,7 @@ def generation_settings(request: Request, stream: bool, full: bool = True) -> di
         "n_discard": request.n_discard, "ignore_eos": s.ignore_eos, "stream": stream,
         "n_probs": s.n_probs, "min_keep": s.min_keep, "chat_format": "Content-only",
         "reasoning_format": "auto", "reasoning_in_content": False, "generation_prompt": "",
-        "samplers": list(s.samplers), "speculative.types": [], "timings_per_token": False,
+        "samplers": list(s.samplers), "speculative.types": [], "timings_per_token": request.timings_per_token,
         "post_sampling_probs": s.post_sampling_probs, "backend_sampling": s.backend_sampling, "lora": [],
     }
     if full:
@@ -130,6 +130,22 @@ def native_partial(index: int, text: str, tokens: list[int], n_predicted: int, n
            "tokens_predicted": n_predicted, "tokens_evaluated": n_prompt}
     if probs is not None:
         out["completion_probabilities"] = probs
+    return out
+
+
+def nested_fields(paths: list, obj: dict) -> dict:
+    """response_fields: keep only these paths; "a/b" pulls out obj["a"]["b"] under the key "a/b"
+    (json_get_nested_values); missing paths are skipped."""
+    out = {}
+    for path in paths:
+        current, ok = obj, True
+        for key in str(path).split("/"):
+            if ok and isinstance(current, dict) and key in current:
+                current = current[key]
+            else:
+                ok = False
+        if ok:
+            out[path] = current
     return out
 
 

@@ -264,6 +264,7 @@ def build_request(body: dict, tokens: list[int], sampling: SamplingParams, defau
         n_indent=get_int(body, "n_indent", 0, lo=0),
         special=defaults.special,
         lora=_request_lora(body),
+        timings_per_token=get_bool(body, "timings_per_token", False),
     )
 
 

@@ -76,8 +76,10 @@ class CompletionResource:
             post = task.request.sampling.post_sampling_probs
             probs = [fmt.prob_element(c, top, post) for c, top in task.probs] \
                 if task.request.sampling.n_probs else None
-            return fmt.native_final(task.index, task.result, task.request, name, task.prompt_text,
-                                    stream, return_tokens, probs)
+            out = fmt.native_final(task.index, task.result, task.request, name, task.prompt_text,
+                                   stream, return_tokens, probs)
+            fields = body.get("response_fields")
+            return fmt.nested_fields(fields, out) if isinstance(fields, list) and fields else out
 
         if not stream:
             results = [final(t) for t in run.gather()]
@@ -87,9 +89,11 @@ class CompletionResource:
         def frames(task, event):
             if isinstance(event, TokenEvent):
                 post = task.request.sampling.post_sampling_probs
-                return sse.frame(fmt.native_partial(
-                    task.index, event.text, event.tokens, len(task.tokens), len(task.request.prompt),
-                    _probs(task, event, post)))
+                chunk = fmt.native_partial(task.index, event.text, event.tokens, len(task.tokens),
+                                           len(task.request.prompt), _probs(task, event, post))
+                if event.timings is not None:
+                    chunk["timings"] = fmt.timings_dict(event.timings)
+                return sse.frame(chunk)
             if isinstance(event, FinishEvent):
                 return sse.frame(final(task))
             return b""
