@@ -114,6 +114,11 @@ cdef extern from "llama.h" nogil:
         LLAMA_SPLIT_MODE_ROW
         LLAMA_SPLIT_MODE_TENSOR
 
+    cdef enum llama_lazy_mode:
+        LLAMA_LAZY_MODE_OFF
+        LLAMA_LAZY_MODE_AUTO
+        LLAMA_LAZY_MODE_ON
+
     cdef enum llama_load_mode:
         LLAMA_LOAD_MODE_AUTO
         LLAMA_LOAD_MODE_NONE
@@ -162,6 +167,7 @@ cdef extern from "llama.h" nogil:
         int32_t n_gpu_layers
         llama_split_mode split_mode
         llama_load_mode load_mode
+        llama_lazy_mode lazy_mode
         int32_t main_gpu
         const float * tensor_split
         llama_progress_callback progress_callback
@@ -221,6 +227,7 @@ cdef extern from "llama.h" nogil:
 
     void llama_backend_init()
     void llama_backend_free()
+    void llama_numa_init(ggml_numa_strategy numa)
 
     llama_model * llama_model_load_from_file(const char * path_model, llama_model_params params)
     void llama_model_free(llama_model * model)

@@ -36,10 +36,10 @@ UNSUPPORTED = (
     "--draft-min --models-dir --models-preset --models-max --models-autoload --no-models-autoload "
     "--tools --mcp-servers-config --agent -ag "
     "--cache-reuse --cache-ram -cram --sleep-idle-seconds --path --media-path --log-file "
-    "--reasoning-budget --reasoning -rea --kv-unified-per-slot --numa -ot "
+    "--reasoning-budget --reasoning -rea --kv-unified-per-slot -ot "
     "--override-tensor --cpu-moe --n-cpu-moe -cmoe -ncmoe --fit -fit --fit-target --fit-ctx --lazy-mode -lzm "
-    "--rpc --ctx-checkpoints --swa-checkpoints -ctxcp --checkpoint-min-step --cache-idle-slots --ui-config "
-    "--ui-config-file --log-prompts-dir --chat-template-kwargs-file --list-devices"
+    "--rpc --ctx-checkpoints --swa-checkpoints -ctxcp --checkpoint-min-step --cache-idle-slots "
+    "--log-prompts-dir --chat-template-kwargs-file --list-devices"
 ).split()
 
 
@@ -164,7 +164,7 @@ def _finish(s: Settings) -> Settings:
         except OSError as exc:
             raise FlagError(f"cannot read --api-key-file: {exc}") from None
         changes["api_key"] = tuple(s.api_key) + tuple(keys)
-    for name in ("grammar_file", "json_schema_file", "chat_template_file"):
+    for name in ("grammar_file", "json_schema_file", "chat_template_file", "ui_config_file"):
         path = getattr(s, name)
         if path:
             try:
@@ -181,6 +181,15 @@ def _finish(s: Settings) -> Settings:
                 raise ValueError(f"LoRA adapter not found: {path}")
     except ValueError as exc:
         raise FlagError(str(exc)) from None
+    import json
+
+    ui = changes.get("ui_config", s.ui_config)
+    if ui:
+        try:
+            if not isinstance(json.loads(ui), dict):
+                raise ValueError
+        except ValueError:
+            raise FlagError("--ui-config must be a JSON object") from None
     if s.tensor_split:
         try:
             [float(x) for x in s.tensor_split.replace("/", ",").split(",")]

@@ -96,6 +96,10 @@ class Settings:
                               "layers to offload to the GPU: a number, auto or all", env="LLAMA_ARG_N_GPU_LAYERS")
     load_mode: str = _flag("", ["-lm", "--load-mode"], "model loading: auto, none, mmap, mlock, mmap+mlock, dio",
                            env="LLAMA_ARG_LOAD_MODE", choices=["", "auto", "none", "mmap", "mlock", "mmap+mlock", "dio"])
+    lazy_mode: str = _flag("auto", ["-lzm", "--lazy-mode"], "on-demand tensor reads: on, off, auto",
+                           env="LLAMA_ARG_LAZY_MODE", kind="tristate")
+    numa: str = _flag("", ["--numa"], "NUMA strategy: distribute, isolate, numactl", env="LLAMA_ARG_NUMA",
+                      choices=["", "distribute", "isolate", "numactl"])
     split_mode: str = _flag("layer", ["-sm", "--split-mode"], "multi-GPU split: none, layer, row, tensor",
                             env="LLAMA_ARG_SPLIT_MODE", choices=["none", "layer", "row", "tensor"])
     tensor_split: str = _flag("", ["-ts", "--tensor-split"], "model proportions per GPU, e.g. 3,1",
@@ -177,6 +181,9 @@ class Settings:
     api_prefix: str = _flag("", ["--api-prefix"], "prefix for every route", env="LLAMA_ARG_API_PREFIX")
     webui: bool = _flag(True, ["--ui", "--webui"], "built-in web UI (pyllama has none: --no-webui is implied)",
                         env="LLAMA_ARG_UI", neg=["--no-ui", "--no-webui"])
+    ui_config: str = _flag("", ["--ui-config"], "UI defaults (JSON object), echoed in /props ui_settings",
+                           env="LLAMA_ARG_UI_CONFIG")
+    ui_config_file: str = _flag("", ["--ui-config-file"], "file with the UI defaults", env="LLAMA_ARG_UI_CONFIG_FILE")
     max_body_mb: int = _flag(64, ["--max-body-mb"], "pyllama: largest request body in MiB (413 beyond)")
     # --- features -------------------------------------------------------------------------
     embedding: bool = _flag(False, ["--embedding", "--embeddings"], "embedding endpoints only",

@@ -47,3 +47,9 @@ def test_importing_pyllama_loads_no_engine():
     code = "import sys, pyllama; print(any(m.startswith('pyllama.engine') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "False"
+
+
+def test_server_uses_only_public_engine_names():
+    for path in (PKG / "server").rglob("*.py"):
+        bad = [n for n in _imports(path) if n.startswith("pyllama.engine._") or n == "pyllama._llama"]
+        assert not bad, f"{path.name} imports {bad}"

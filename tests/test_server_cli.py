@@ -45,6 +45,8 @@ SERVER = str(Path(sys.executable).parent / "pyllama-server")
     (["-lm", "mmap+mlock", "-sm", "none", "-mg", "1", "-ts", "3,1", "-nkvo", "--no-op-offload", "-dev", "none"],
      dict(load_mode="mmap+mlock", split_mode="none", main_gpu=1, tensor_split="3,1", kv_offload=False,
           op_offload=False, device="none")),
+    (["-lzm", "off", "--numa", "distribute", "--ui-config", '{"theme": "dark"}', "--tags", "a,b"],
+     dict(lazy_mode="off", numa="distribute", ui_config='{"theme": "dark"}', tags="a,b")),
     (["--reasoning-format", "deepseek", "--chat-template", "chatml", "-kvu", "--swa-full"],
      dict(reasoning_format="deepseek", chat_template="chatml", kv_unified=True, swa_full=True)),
 ])
@@ -97,6 +99,8 @@ def test_environment_variables_and_precedence():
     (["--override-kv", "a=list:1"], "Invalid type for KV override"),
     (["--rope-scaling", "cubic"], "invalid value for --rope-scaling"),
     (["-lm", "fast"], "invalid value for -lm"),
+    (["--ui-config", "[1]"], "--ui-config must be a JSON object"),
+    (["--numa", "spread"], "invalid value for --numa"),
     (["-ts", "a,b"], "invalid value for --tensor-split"),
     (["-dev", "CUDA0"], "--device"),
 ])

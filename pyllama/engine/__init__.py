@@ -5,7 +5,15 @@ Imports: the compiled engine modules and `errors`; never falcon or the server.
 
 from pyllama.engine._context import Context, default_threads
 from pyllama.engine.client import Engine, RequestHandle, Retry
-from pyllama.engine._model import Model, llama_version, set_log_level, supports_gpu_offload, system_info
+from pyllama.engine._model import (
+    LoraAdapter,
+    Model,
+    llama_version,
+    numa_init,
+    set_log_level,
+    supports_gpu_offload,
+    system_info,
+)
 from pyllama.engine._sampling import SamplerChain, json_schema_to_grammar
 from pyllama.engine.types import (
     DEFAULT_SEED,
@@ -35,11 +43,13 @@ __all__ = [
     "Timings",
     "TokenEvent",
     "TokenProb",
+    "LoraAdapter",
     "Model",
     "SamplerChain",
     "default_threads",
     "json_schema_to_grammar",
     "llama_version",
+    "numa_init",
     "set_log_level",
     "supports_gpu_offload",
     "system_info",

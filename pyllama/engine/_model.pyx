@@ -123,6 +123,18 @@ _GGUF_MAGIC = b"GGUF"
 LOAD_MODES = {"auto": L.LLAMA_LOAD_MODE_AUTO, "none": L.LLAMA_LOAD_MODE_NONE, "mmap": L.LLAMA_LOAD_MODE_MMAP,
               "mlock": L.LLAMA_LOAD_MODE_MLOCK, "mmap+mlock": L.LLAMA_LOAD_MODE_MMAP_MLOCK,
               "dio": L.LLAMA_LOAD_MODE_DIRECT_IO}
+LAZY_MODES = {"off": L.LLAMA_LAZY_MODE_OFF, "auto": L.LLAMA_LAZY_MODE_AUTO, "on": L.LLAMA_LAZY_MODE_ON}
+NUMA = {"distribute": L.GGML_NUMA_STRATEGY_DISTRIBUTE, "isolate": L.GGML_NUMA_STRATEGY_ISOLATE,
+        "numactl": L.GGML_NUMA_STRATEGY_NUMACTL}
+
+
+def numa_init(str strategy):
+    """Apply a NUMA strategy (distribute, isolate, numactl) once, before loading a model."""
+    if strategy not in NUMA:
+        raise InvalidRequestError("numa must be distribute, isolate or numactl")
+    L.llama_numa_init(NUMA[strategy])
+
+
 SPLIT_MODES = {"none": L.LLAMA_SPLIT_MODE_NONE, "layer": L.LLAMA_SPLIT_MODE_LAYER,
                "row": L.LLAMA_SPLIT_MODE_ROW, "tensor": L.LLAMA_SPLIT_MODE_TENSOR}
 
@@ -178,6 +190,7 @@ cdef class Model:
         main_gpu: the GPU for split_mode none.
         tensor_split: proportions of the model per GPU.
         no_host: bypass the host buffer.
+        lazy_mode: on, off or auto: read the rows of marked tensors on demand.
 
     Raises:
         ModelNotFoundError: the path does not exist or is not a file.
@@ -190,7 +203,7 @@ cdef class Model:
     def __cinit__(self, path, *, int n_gpu_layers=-1, bint use_mmap=True, bint use_mlock=False,
                   bint vocab_only=False, bint check_tensors=False, bint repack=True,
                   kv_overrides=None, load_mode=None, split_mode="layer", int main_gpu=0,
-                  tensor_split=None, bint no_host=False):
+                  tensor_split=None, bint no_host=False, lazy_mode="auto"):
         self.ptr = NULL
         self.vocab = NULL
         self.path = os.fspath(path)
@@ -215,6 +228,9 @@ cdef class Model:
         params.split_mode = SPLIT_MODES[split_mode]
         params.main_gpu = main_gpu
         params.no_host = no_host
+        if lazy_mode not in LAZY_MODES:
+            raise InvalidRequestError("lazy_mode must be on, off or auto")
+        params.lazy_mode = LAZY_MODES[lazy_mode]
         cdef vector[float] split
         if tensor_split:
             split.resize(max(L.llama_max_devices(), len(tensor_split)))

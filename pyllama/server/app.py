@@ -116,6 +116,10 @@ class ServerState:
     def load(self) -> None:
         """Load the model and start the engine (worker process, background thread)."""
         s = self.settings
+        if s.numa:
+            from pyllama.engine import numa_init
+
+            numa_init(s.numa)
         ngl = {"auto": -1, "all": -1}.get(s.n_gpu_layers)
         ngl = int(s.n_gpu_layers) if ngl is None else ngl
         if s.device == "none":
@@ -133,7 +137,7 @@ class ServerState:
             slot_prompt_similarity=s.slot_prompt_similarity, embeddings=embeddings,
             pooling=s.pooling or None,
             model_options={"kv_overrides": s.kv_override_map(), "load_mode": s.load_mode or None,
-                           "check_tensors": s.check_tensors,
+                           "check_tensors": s.check_tensors, "lazy_mode": s.lazy_mode,
                            "split_mode": s.split_mode, "main_gpu": s.main_gpu, "tensor_split": split,
                            "no_host": s.no_host},
             lora=s.lora_list(), lora_init_without_apply=s.lora_init_without_apply,

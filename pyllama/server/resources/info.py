@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -76,7 +77,7 @@ class PropsResource:
             "endpoint_props": self.state.settings.props,
             "endpoint_metrics": self.state.settings.metrics,
             "ui": False,
-            "ui_settings": {},
+            "ui_settings": json.loads(self.state.settings.ui_config) if self.state.settings.ui_config else {},
             "chat_template": chat.info["source"] if chat else "",
             "chat_template_caps": chat.caps if chat else {},
             "bos_token": model.token_text(model.token_bos) if model.token_bos is not None else "",
