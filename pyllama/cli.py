@@ -36,7 +36,7 @@ UNSUPPORTED = (
     "--draft-min --models-dir --models-preset --models-max --models-autoload --no-models-autoload "
     "--tools --mcp-servers-config --agent -ag "
     "--cache-reuse --cache-ram -cram --sleep-idle-seconds --path --media-path --log-file "
-    "--reasoning-budget --reasoning -rea --kv-unified-per-slot -ot "
+    "--reasoning-budget --reasoning -rea -ot "
     "--override-tensor --cpu-moe --n-cpu-moe -cmoe -ncmoe --fit -fit --fit-target --fit-ctx --lazy-mode -lzm "
     "--rpc --ctx-checkpoints --swa-checkpoints -ctxcp --checkpoint-min-step --cache-idle-slots "
     "--log-prompts-dir --chat-template-kwargs-file --list-devices"

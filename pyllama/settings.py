@@ -79,6 +79,9 @@ class Settings:
                               choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"])
     kv_unified: bool | None = _flag(None, ["-kvu", "--kv-unified"], "one KV buffer for all slots",
                                     env="LLAMA_ARG_KV_UNIFIED", neg=["-no-kvu", "--no-kv-unified"])
+    kv_unified_per_slot: int = _flag(0, ["--kv-unified-per-slot"],
+                                     "cap each slot's context; without -c the pool is parallel x N",
+                                     env="LLAMA_ARG_KV_UNIFIED_PER_SLOT")
     swa_full: bool = _flag(False, ["--swa-full"], "full-size SWA cache", env="LLAMA_ARG_SWA_FULL", kind="flag")
     cache_prompt: bool = _flag(True, ["--cache-prompt"], "reuse the KV cache of a previous prompt (default for requests)",
                                env="LLAMA_ARG_CACHE_PROMPT", neg=["--no-cache-prompt"])

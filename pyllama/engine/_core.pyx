@@ -149,7 +149,7 @@ cdef class EngineCore:
     cdef SlotC * slots_c
     cdef readonly list slots
     cdef readonly int n_slots
-    cdef readonly int n_ctx_slot
+    cdef public int n_ctx_slot  # may be capped below the context's per-sequence size
     cdef readonly int n_batch
     cdef int n_swa
     cdef public int n_predict_default

@@ -119,6 +119,7 @@ class Engine:
             rope_scaling, rope_freq_base, yarn_*, ...).
         lora: [(path, scale)] LoRA adapters to load; their ids are their positions.
         lora_init_without_apply: start every adapter at scale 0 (until set_lora_scales).
+        n_ctx_slot_max: cap each slot's context (llama-server's --kv-unified-per-slot); 0 = none.
     """
 
     def __init__(self, model_path, *, n_parallel: int = 1, n_ctx: int = 4096, n_batch: int = 2048,
@@ -129,7 +130,8 @@ class Engine:
                  slot_prompt_similarity: float = 0.1, n_threads_sampling: int | None = None,
                  embeddings: bool = False, pooling: str | None = None,
                  model_options: dict | None = None, context_options: dict | None = None,
-                 lora: list | None = None, lora_init_without_apply: bool = False) -> None:
+                 lora: list | None = None, lora_init_without_apply: bool = False,
+                 n_ctx_slot_max: int = 0) -> None:
         self._lock = threading.Condition()
         self._pending: collections.deque = collections.deque()
         self._cancels: list[int] = []
@@ -145,7 +147,8 @@ class Engine:
             ctx_shift=ctx_shift, slot_prompt_similarity=slot_prompt_similarity,
             n_threads_sampling=n_threads_sampling, embeddings=embeddings, pooling=pooling,
             model_options=model_options or {}, context_options=context_options or {},
-            lora=list(lora or []), lora_init_without_apply=lora_init_without_apply)
+            lora=list(lora or []), lora_init_without_apply=lora_init_without_apply,
+            n_ctx_slot_max=n_ctx_slot_max)
         self.embeddings = embeddings
         self.lora_paths: list[str] = []
         self.model: Model | None = None
@@ -293,6 +296,8 @@ class Engine:
             self.core = EngineCore(context, n_predict=p["n_predict"], ctx_shift=p["ctx_shift"],
                                    slot_prompt_similarity=p["slot_prompt_similarity"],
                                    n_threads_sampling=p["n_threads_sampling"] or context.n_threads)
+            if p["n_ctx_slot_max"] > 0:
+                self.core.n_ctx_slot = min(self.core.n_ctx_slot, p["n_ctx_slot_max"])
             self.core.lora_adapters = [self.model.load_lora(path) for path, _ in p["lora"]]
             self.core.lora_scales = tuple(0.0 if p["lora_init_without_apply"] else float(scale)
                                           for _, scale in p["lora"])

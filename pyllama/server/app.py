@@ -126,8 +126,11 @@ class ServerState:
             ngl = 0
         split = [float(x) for x in s.tensor_split.replace("/", ",").split(",")] if s.tensor_split else None
         embeddings = s.embedding
+        n_ctx = s.ctx_size
+        if s.kv_unified_per_slot > 0 and n_ctx == 0:
+            n_ctx = s.parallel * s.kv_unified_per_slot
         self.engine = Engine(
-            self.model_path, n_parallel=s.parallel, n_ctx=s.ctx_size,
+            self.model_path, n_parallel=s.parallel, n_ctx=n_ctx, n_ctx_slot_max=s.kv_unified_per_slot,
             n_batch=s.ubatch_size if embeddings else s.batch_size, n_ubatch=s.ubatch_size,
             n_threads=None if s.threads < 1 else s.threads,
             n_threads_batch=None if s.threads_batch < 1 else s.threads_batch,

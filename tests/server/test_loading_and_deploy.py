@@ -76,3 +76,17 @@ def test_sigterm_drains_an_in_flight_stream(synthetic_path):
                     srv.proc.send_signal(signal.SIGTERM)
     assert events[-1]["stop"] is True and events[-1]["tokens_predicted"] == 60
     assert srv.proc.wait(60) == 0
+
+
+def test_kv_unified_per_slot_caps_each_slot(synthetic_path):
+    state = ServerState(parse_server_args(["-m", str(synthetic_path), "--kv-unified-per-slot", "256"],
+                                          environ={}), str(synthetic_path))
+    state.load()
+    try:
+        client = falcon.testing.TestClient(create_app(state))
+        props = client.simulate_get("/props").json
+        assert props["total_slots"] == 4 and props["default_generation_settings"]["n_ctx"] == 256
+        r = client.simulate_post("/completion", json={"prompt": [1] * 300})
+        assert r.status_code == 400 and r.json["error"]["n_ctx"] == 256
+    finally:
+        state.close()
