@@ -28,6 +28,7 @@ from pyllama.engine.types import (
     ErrorEvent,
     FinishEvent,
     FinishReason,
+    ProgressEvent,
     Timings,
     TokenEvent,
     TokenProb,
@@ -56,6 +57,7 @@ cdef struct SlotC:
     int n_prompt_done
     int n_cached
     bint held               # not in this step's batch (another LoRA set runs this step)
+    bint prefilled          # took prompt tokens in this step's batch
 
 
 cdef int utf8_complete_len(bytes data):
@@ -201,6 +203,7 @@ cdef class EngineCore:
             self.slots_c[i].sampler = NULL
             self.slots_c[i].on_backend = False
             self.slots_c[i].held = False
+            self.slots_c[i].prefilled = False
             slot = Slot(i)
             # the C loop reaches the Slot's vectors through these (the Slot lives as long)
             self.slots_c[i].cache = &slot.cache_tokens
@@ -305,6 +308,8 @@ cdef class EngineCore:
         sc.i_batch = -1
         sc.sampler = sampler.state
         self.prefill_ids.push_back(slot.id)
+        if request.return_progress:
+            channel.put(ProgressEvent(n_prompt, keep, keep, 0.0))
         logger.debug("slot %d: request %d, %d prompt tokens, %d cached", slot.id, request.id,
                      n_prompt, keep)
 
@@ -363,7 +368,15 @@ cdef class EngineCore:
                 self._abort_all(exc)
             return True
 
-        # 5. publish
+        # 5. publish: prompt progress, then the sampled tokens
+        for i in range(self.n_slots):
+            if self.slots_c[i].prefilled:
+                self.slots_c[i].prefilled = False
+                slot = <Slot>self.slots[i]
+                if slot.busy and slot.request.return_progress:
+                    slot.channel.put(ProgressEvent(<int>slot.prompt.size(), self.slots_c[i].n_cached,
+                                                   self.slots_c[i].n_prompt_done,
+                                                   (time.perf_counter() - slot.t_start) * 1e3))
         for j in range(<int>self.sample_slots.size()):
             i = self.sample_slots[j]
             self._process_token(<Slot>self.slots[i])
@@ -407,6 +420,7 @@ cdef class EngineCore:
                 j += 1
                 continue
             take = min(self.n_batch - n, <int>sc.prompt.size() - sc.n_prompt_done)
+            sc.prefilled = take > 0
             for k in range(sc.n_prompt_done, sc.n_prompt_done + take):
                 _batch_put(batch, n, sc.prompt[0][k], sc.n_past, sid, k == <int>sc.prompt.size() - 1)
                 sc.cache.push_back(sc.prompt[0][k])

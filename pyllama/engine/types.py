@@ -159,6 +159,7 @@ class Request:
     special: bool = False  # render special tokens into the text
     lora: tuple[float, ...] | None = None  # a scale per loaded adapter; None = the server's scales
     timings_per_token: bool = False  # attach the running Timings to every TokenEvent
+    return_progress: bool = False  # ProgressEvents while the prompt is processed
     id: int = field(default_factory=lambda: next(_request_ids))
 
 
@@ -179,6 +180,16 @@ class TokenEvent:
     tokens: list[int]
     probs: list | None = None  # per token: (TokenProb of the chosen one, [top TokenProb])
     timings: "Timings | None" = None  # only with Request.timings_per_token
+
+
+@dataclass
+class ProgressEvent:
+    """Prompt processing progress: at the start, then after each prompt batch."""
+
+    total: int
+    cache: int
+    processed: int
+    time_ms: float
 
 
 @dataclass

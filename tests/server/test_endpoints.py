@@ -263,3 +263,20 @@ def test_response_fields_and_timings_per_token(http):
     partial = [e for e in events if not e["stop"]]
     assert partial and all("timings" in e for e in partial)
     assert [e["timings"]["predicted_n"] for e in partial] == list(range(1, len(partial) + 1))
+
+
+def test_return_progress(http):
+    prompt = "Progress test: " + "one two three four five " * 60
+    with http.stream("POST", "/completion", json={"prompt": prompt, "n_predict": 2, "stream": True,
+                                                   "return_progress": True, "cache_prompt": False}) as r:
+        events = sse_events(r)
+    progress = [e["prompt_progress"] for e in events if "prompt_progress" in e]
+    assert progress[0]["processed"] == progress[0]["cache"] == 0
+    assert progress[-1]["processed"] == progress[-1]["total"] > 300
+    assert events[-1]["stop"] is True
+    with http.stream("POST", "/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "stream": True,
+            "return_progress": True}) as r:
+        chunks = [e for e in sse_events(r) if e != "[DONE]"]
+    with_progress = [c for c in chunks if "prompt_progress" in c]
+    assert with_progress and with_progress[0]["choices"][0]["delta"] == {"role": "assistant", "content": None}

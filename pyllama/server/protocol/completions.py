@@ -133,6 +133,11 @@ def native_partial(index: int, text: str, tokens: list[int], n_predicted: int, n
     return out
 
 
+def progress_dict(event) -> dict:
+    return {"total": event.total, "cache": event.cache, "processed": event.processed,
+            "time_ms": event.time_ms}
+
+
 def nested_fields(paths: list, obj: dict) -> dict:
     """response_fields: keep only these paths; "a/b" pulls out obj["a"]["b"] under the key "a/b"
     (json_get_nested_values); missing paths are skipped."""

@@ -265,6 +265,7 @@ def build_request(body: dict, tokens: list[int], sampling: SamplingParams, defau
         special=defaults.special,
         lora=_request_lora(body),
         timings_per_token=get_bool(body, "timings_per_token", False),
+        return_progress=get_bool(body, "return_progress", False) and get_bool(body, "stream", False),
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from pyllama.engine import FinishEvent, FinishReason, TokenEvent
+from pyllama.engine import FinishEvent, FinishReason, ProgressEvent, TokenEvent
 from pyllama.errors import EngineError, InvalidRequestError
 from pyllama.server import sse
 from pyllama.server.protocol import completions as fmt
@@ -144,6 +144,10 @@ class ChatResource:
         def frames(task, event, first=False):
             out = []
             state = task.extra
+            if isinstance(event, ProgressEvent):
+                # every progress event repeats the role delta and carries prompt_progress
+                return sse.frame(chunk(task.index, {"role": "assistant", "content": None},
+                                       prompt_progress=fmt.progress_dict(event)))
             if "msg" not in state:
                 state["msg"] = {}
                 out.append(chunk(task.index, {"role": "assistant", "content": None}))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pyllama.engine import FinishEvent, TokenEvent
+from pyllama.engine import FinishEvent, ProgressEvent, TokenEvent
 from pyllama.errors import InvalidRequestError
 from pyllama.server import sse
 from pyllama.server.protocol import completions as fmt
@@ -96,6 +96,11 @@ class CompletionResource:
                 return sse.frame(chunk)
             if isinstance(event, FinishEvent):
                 return sse.frame(final(task))
+            if isinstance(event, ProgressEvent):
+                return sse.frame({"index": task.index, "content": "", "tokens": [], "stop": False,
+                                  "id_slot": -1, "tokens_predicted": 0,
+                                  "tokens_evaluated": len(task.request.prompt),
+                                  "prompt_progress": fmt.progress_dict(event)})
             return b""
 
         stream_response(resp, run, frames, frames, ping_interval=self.state.settings.sse_ping_interval)
