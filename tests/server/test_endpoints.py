@@ -116,8 +116,8 @@ def test_chat_json_schema_response_format(http):
     schema = {"type": "object", "properties": {"color": {"type": "string", "enum": ["red", "blue"]}},
               "required": ["color"]}
     r = http.post("/v1/chat/completions", json={
-        "messages": [{"role": "user", "content": "Pick a color as JSON."}], "max_tokens": 40,
-        "response_format": {"type": "json_schema", "json_schema": {"schema": schema}}})
+        "messages": [{"role": "user", "content": "Pick a color as JSON."}], "max_tokens": 120,
+        "temperature": 0, "response_format": {"type": "json_schema", "json_schema": {"schema": schema}}})
     assert r.status_code == 200
     assert json.loads(r.json()["choices"][0]["message"]["content"])["color"] in ("red", "blue")
     bad = http.post("/v1/chat/completions", json={
