@@ -118,16 +118,16 @@ def test_cancel_frees_the_slot_within_a_step(engine):
     handle = engine.submit(request)
     first = handle.get(timeout=60)
     assert isinstance(first, TokenEvent)
+    steps_before = engine.stats()["n_steps"]
     handle.cancel()
-    events = []
     while True:
         event = handle.get(timeout=30)
         assert event is not None
-        events.append(event)
         if isinstance(event, FinishEvent):
             break
-    assert events[-1].reason == FinishReason.CANCELLED
-    assert len(events) <= 3  # at most one more step ran
+    assert event.reason == FinishReason.CANCELLED
+    # the step in flight may finish; the next one no longer carries the request
+    assert engine.stats()["n_steps"] - steps_before <= 2
     deadline = time.time() + 5
     while engine.core.n_busy and time.time() < deadline:
         time.sleep(0.01)
