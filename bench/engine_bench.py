@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import statistics
 import subprocess
 import threading
@@ -28,13 +29,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november "
-         "oscar papa quebec romeo sierra tango uniform victor whiskey xray yankee zulu").split()
-
-
-def prompt_text(i: int, n_words: int) -> str:
-    # Distinct prompts of the same length, so no request reuses another's cache.
-    return f"Story {i}: " + " ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(n_words))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from prompts import prompt_text  # noqa: E402
 
 
 def run_pyllama(model: str, n_par: int, args) -> dict:

@@ -26,12 +26,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november "
-         "oscar papa quebec romeo sierra tango uniform victor whiskey xray yankee zulu").split()
-
-
-def prompt_text(i: int, n_words: int, shared_prefix: str) -> str:
-    return shared_prefix + f"Story {i}: " + " ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(n_words))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from prompts import WORDS, prompt_text  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:
