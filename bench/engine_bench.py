@@ -24,13 +24,12 @@ import os
 import sys
 import statistics
 import subprocess
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prompts import prompt_text  # noqa: E402
+from prompts import prompt_text, run_concurrently  # noqa: E402
 
 
 def run_pyllama(model: str, n_par: int, args) -> dict:
@@ -53,12 +52,7 @@ def run_pyllama(model: str, n_par: int, args) -> dict:
                     ttft[i] = time.perf_counter() - t0
             totals[i] = len(h.result.tokens)
 
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(n_par)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - t0
+        wall = run_concurrently(n_par, one)
         after = eng.stats()
     n_tok = after["n_tokens_predicted"] - before["n_tokens_predicted"]
     outside = (after["t_step"] - after["t_decode"]) - (before["t_step"] - before["t_decode"])
@@ -101,12 +95,7 @@ def run_server(binary: Path, model: str, n_par: int, args, port: int = 8097) -> 
         t0 = time.perf_counter()
         one(0, warm=True)
         t0 = time.perf_counter()
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(n_par)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - t0
+        wall = run_concurrently(n_par, one)
     finally:
         srv.terminate()
         srv.wait()

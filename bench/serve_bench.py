@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import threading
@@ -27,7 +26,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prompts import WORDS, prompt_text  # noqa: E402
+from prompts import WORDS, prompt_text, run_concurrently  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -127,13 +126,7 @@ def run_level(server: Server, concurrency: int, args, shared_prefix: str) -> dic
             with lock:
                 results.append(res)
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    wall = run_concurrently(concurrency, client)
     ok = [r for r in results if "error" not in r]
     itl = [g for r in ok for g in r["itl"]]
     return {"tps": sum(r["tokens"] for r in ok) / wall, "rps": len(ok) / wall,

@@ -341,7 +341,7 @@ class Engine:
                     break
                 jobs = list(self._pending)
                 self._pending.clear()
-            valid, inputs = [], []
+            valid = []
             for job in jobs:
                 try:
                     for tokens in job.inputs:

@@ -56,7 +56,7 @@ def get_float(body: dict, name: str, default: float, lo: float | None = None,
         if hi is not None:
             value = min(hi, value)
     elif (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise _err(name, f"out of range")
+        raise _err(name, "out of range")
     return value
 
 

@@ -215,6 +215,12 @@ class MessagesResource:
         resp.stream = anthropic_errors()
 
 
+def count_prompt_tokens(state, chat_body: dict) -> int:
+    """Tokens of the rendered chat prompt, as the completion would tokenize it."""
+    native, _ = prepare_chat(state, chat_body)
+    return len(state.engine.model.tokenize(native["prompt"], add_special=True, parse_special=True))
+
+
 class CountTokensResource:
     """POST /v1/messages/count_tokens: {"input_tokens": N}."""
 
@@ -224,9 +230,7 @@ class CountTokensResource:
     def on_post(self, req, resp):
         body = read_json(req, self.state.settings.max_body_mb << 20)
         body.setdefault("max_tokens", 1)
-        native, _ = prepare_chat(self.state, to_chat(body))
-        tokens = self.state.engine.model.tokenize(native["prompt"], add_special=True, parse_special=True)
-        write_json(resp, {"input_tokens": len(tokens)})
+        write_json(resp, {"input_tokens": count_prompt_tokens(self.state, to_chat(body))})
 
 
 class ChatInputTokensResource:
@@ -237,8 +241,7 @@ class ChatInputTokensResource:
 
     def on_post(self, req, resp):
         body = read_json(req, self.state.settings.max_body_mb << 20)
-        native, _ = prepare_chat(self.state, body)
-        tokens = self.state.engine.model.tokenize(native["prompt"], add_special=True, parse_special=True)
-        write_json(resp, {"input_tokens": len(tokens), "object": "response.input_tokens"})
+        write_json(resp, {"input_tokens": count_prompt_tokens(self.state, body),
+                          "object": "response.input_tokens"})
 
 
