@@ -9,10 +9,13 @@ Imports: engine internals, `engine.types`, `errors`; never falcon or the server.
 from __future__ import annotations
 
 import collections
+import ctypes
 import dataclasses
 import logging
 import queue
+import sys
 import threading
+import time
 from typing import Iterator
 
 from pyllama.engine._context import Context
@@ -32,6 +35,16 @@ from pyllama.engine.types import (
 from pyllama.errors import EngineError, InvalidRequestError, NotSupportedError, PyllamaError, UnavailableError
 
 logger = logging.getLogger(__name__)
+
+
+def _name_os_thread(name: str) -> None:
+    # Linux: `top -H` and /proc/<pid>/task/*/comm show it, and threads started from this one
+    # (ggml's compute threads) inherit it; elsewhere a no-op.
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+        except (OSError, AttributeError):
+            pass
 
 
 class Retry(Exception):
@@ -154,6 +167,7 @@ class Engine:
         self.model: Model | None = None
         self.core: EngineCore | None = None
         self.embedder: EmbeddingCore | None = None
+        self.t_busy = 0.0  # engine-thread seconds not spent waiting for work
         self._thread = threading.Thread(target=self._run, name="pyllama-engine", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -274,10 +288,12 @@ class Engine:
         """Engine counters (read without locking; approximate while running)."""
         stats = self.core.stats() if self.core else {}
         stats["n_pending"] = len(self._pending)
+        stats["t_busy"] = self.t_busy
         return stats
 
     # --- engine thread -----------------------------------------------------------------------
     def _run(self) -> None:
+        _name_os_thread("pyllama-engine")  # before the context: its compute threads inherit it
         p = self._params
         try:
             self.model = Model(p["model_path"], n_gpu_layers=p["n_gpu_layers"], use_mmap=p["use_mmap"],
@@ -308,6 +324,7 @@ class Engine:
             return
         self._ready.set()
         deferred: collections.deque = collections.deque()
+        clock = time.perf_counter
         try:
             while True:
                 with self._lock:
@@ -316,6 +333,7 @@ class Engine:
                         self._lock.wait()
                     if not self._running:
                         break
+                    t0 = clock()
                     deferred.extend(self._pending)
                     self._pending.clear()
                     cancels, self._cancels = self._cancels, []
@@ -325,6 +343,7 @@ class Engine:
                 self._run_calls(calls)
                 self._admit(deferred)
                 self.core.step()
+                self.t_busy += clock() - t0
         except BaseException as exc:  # never leave callers waiting
             logger.exception("engine thread failed")
             self._fail_all(EngineError(f"engine thread failed: {exc}"), deferred)

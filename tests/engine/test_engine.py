@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
@@ -328,3 +329,16 @@ def test_lora_sets_are_never_mixed_in_one_batch(synthetic_path, tmp_path):
         first = eng.submit(Request(prompt=tokens, sampling=sampling, n_predict=2, lora=(1.0,))).wait()
         other = eng.submit(Request(prompt=tokens, sampling=sampling, n_predict=2, lora=(0.0,), id_slot=first.id_slot)).wait()
         assert other.timings.cache_n == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread names via /proc")
+def test_engine_thread_is_named_and_counts_its_busy_time(engine):
+    from pathlib import Path
+
+    names = {p.read_text().strip() for p in Path("/proc/self/task").glob("*/comm")}
+    assert "pyllama-engine" in names  # what `top -H` shows; compute threads inherit it
+    before = engine.stats()
+    _run(engine, PROMPTS[0], n=4)
+    after = engine.stats()
+    assert after["t_decode"] > before["t_decode"]
+    assert after["t_busy"] - before["t_busy"] >= after["t_decode"] - before["t_decode"]

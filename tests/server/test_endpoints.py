@@ -209,18 +209,24 @@ def test_disconnect_frees_the_slot(http, server):
 
 
 def test_metrics_move(http):
-    def value(name):
+    def value(name, prefix="llamacpp"):
         for line in http.get("/metrics").text.splitlines():
-            if line.startswith(f"llamacpp:{name} "):
+            if line.startswith(f"{prefix}:{name} "):
                 return float(line.split()[1])
 
     before = value("tokens_predicted_total")
+    busy, decode = value("engine_busy_seconds_total", "pyllama"), value("engine_decode_seconds_total", "pyllama")
     http.post("/completion", json={"prompt": "Hello", "n_predict": 5, "temperature": 0})
     r = http.get("/metrics")
     assert r.headers["content-type"].startswith("text/plain") and "Process-Start-Time-Unix" in r.headers
     assert "# TYPE llamacpp:prompt_tokens_total counter" in r.text
     assert value("tokens_predicted_total") == before + 5
     assert value("n_decode_total") > 0
+    # our engine counters: decode time is part of the engine thread's busy time
+    busy_after = value("engine_busy_seconds_total", "pyllama")
+    decode_after = value("engine_decode_seconds_total", "pyllama")
+    assert decode_after > decode and busy_after - busy >= decode_after - decode
+    assert value("engine_tokens_predicted_total", "pyllama") >= 5
 
 
 def test_slots_save_restore_erase(http, slot_dir):

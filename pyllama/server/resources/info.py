@@ -222,11 +222,19 @@ class MetricsResource:
                 ("n_busy_slots_per_decode", "Average number of busy slots per llama_decode() call",
                  stats.get("n_tokens_predicted", 0) / n_decode if n_decode else 0.0),
             ]
+        # ours, beside upstream's: where the engine thread's time goes
+        engine_counters = [
+            ("engine_busy_seconds_total", "Engine thread time not spent waiting for work.", stats.get("t_busy", 0.0)),
+            ("engine_decode_seconds_total", "Engine thread time inside llama_decode().", stats.get("t_decode", 0.0)),
+            ("engine_steps_total", "Engine steps (one llama_decode() batch each).", stats.get("n_steps", 0)),
+            ("engine_tokens_predicted_total", "Tokens sampled by the engine.", stats.get("n_tokens_predicted", 0)),
+        ]
         lines = []
-        for kind, items in (("counter", counters), ("gauge", gauges)):
+        for prefix, kind, items in (("llamacpp", "counter", counters), ("llamacpp", "gauge", gauges),
+                                    ("pyllama", "counter", engine_counters)):
             for name, help_text, value in items:
-                lines += [f"# HELP llamacpp:{name} {help_text}", f"# TYPE llamacpp:{name} {kind}",
-                          f"llamacpp:{name} {_num(value)}"]
+                lines += [f"# HELP {prefix}:{name} {help_text}", f"# TYPE {prefix}:{name} {kind}",
+                          f"{prefix}:{name} {_num(value)}"]
         resp.status = falcon.HTTP_200
         resp.content_type = "text/plain; version=0.0.4"
         resp.set_header("Process-Start-Time-Unix", str(self.state.start_us))
