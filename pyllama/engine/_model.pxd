@@ -1,6 +1,8 @@
 # cython: language_level=3
 from libc.stdint cimport int32_t
 
+from libcpp.vector cimport vector
+
 from pyllama cimport _llama as L
 
 
@@ -9,6 +11,7 @@ cdef class Model:
     cdef const L.llama_vocab * vocab
     cdef readonly int32_t n_vocab
     cdef readonly str path
+    cdef vector[L.llama_token] eog_ids  # every end-of-generation token, found once at load
 
     cdef int _require_open(self) except -1
     cdef int check_token(self, L.llama_token token) except -1

@@ -260,6 +260,11 @@ cdef class Model:
             raise InvalidModelError(f"failed to load model {self.path}: {detail}")
         self.vocab = L.llama_model_get_vocab(self.ptr)
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
+        cdef L.llama_token t
+        with nogil:  # ignore_eos biases them per request; a vocabulary scan costs ms
+            for t in range(self.n_vocab):
+                if L.llama_vocab_is_eog(self.vocab, t):
+                    self.eog_ids.push_back(t)
 
     def __dealloc__(self):
         if self.ptr != NULL:
@@ -444,6 +449,11 @@ cdef class Model:
         """Say whether `token` ends generation (EOS, EOT and the like)."""
         self.check_token(token)
         return bool(L.llama_vocab_is_eog(self.vocab, token))
+
+    @property
+    def eog_tokens(self):
+        """Every token that ends generation, in id order."""
+        return list(self.eog_ids)
 
     def is_control(self, L.llama_token token):
         self.check_token(token)

@@ -233,11 +233,10 @@ cdef L.llama_sampler * _make_chain(Model model, params) except NULL:
                 bias.bias = value
                 biases.push_back(bias)
         if params.ignore_eos:
-            for token in range(model.n_vocab):
-                if L.llama_vocab_is_eog(model.vocab, token):
-                    bias.token = token
-                    bias.bias = -INFINITY
-                    biases.push_back(bias)
+            for i in range(<int32_t>model.eog_ids.size()):
+                bias.token = model.eog_ids[i]
+                bias.bias = -INFINITY
+                biases.push_back(bias)
         for i in range(n_suppress):
             bias.token = suppress[i]
             bias.bias = -INFINITY

@@ -66,6 +66,7 @@ class RequestHandle:
         self._sink = sink
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self.result: FinishEvent | None = None
+        self.sampler: SamplerChain | None = None  # built by submit(), owned by the engine once admitted
 
     def put(self, event) -> None:  # engine thread
         if self._sink is not None:
@@ -182,16 +183,19 @@ class Engine:
 
         Raises:
             UnavailableError: the engine is shut down.
-            InvalidRequestError: the json_schema cannot be turned into a grammar.
+            InvalidRequestError: a sampling parameter is out of range, or the grammar or
+                json_schema does not parse.
         """
         if self.embeddings:
             raise NotSupportedError("This server does not support completions. Start it without `--embeddings`")
         sampling = request.sampling
         if sampling.json_schema is not None and not sampling.grammar:
-            # Converted here, on the caller's thread, so a bad schema fails before queueing.
             request.sampling = dataclasses.replace(
                 sampling, grammar=json_schema_to_grammar(sampling.json_schema), json_schema=None)
         handle = RequestHandle(self, request, sink, tag)
+        # Built here, on the caller's thread: grammar parsing and bias tables never stall the
+        # engine's steps, and a bad grammar fails before queueing.
+        handle.sampler = SamplerChain(self.model, request.sampling)
         with self._lock:
             if not self._running:
                 raise UnavailableError("the engine is shutting down")
@@ -424,8 +428,7 @@ class Engine:
                 continue
             deferred.remove(handle)
             try:
-                sampler = SamplerChain(self.model, handle.request.sampling)
-                self.core.admit(slot, handle.request, sampler, handle)
+                self.core.admit(slot, handle.request, handle.sampler, handle)
             except PyllamaError as exc:
                 handle.put(ErrorEvent(exc))
 

@@ -271,13 +271,11 @@ def test_json_schema_that_cannot_be_converted_fails_at_submit(engine):
         engine.submit(Request(prompt=engine.model.tokenize("x"), sampling=SamplingParams(json_schema="{oops")))
 
 
-def test_bad_grammar_is_an_error_event_and_the_engine_keeps_serving(engine):
+def test_bad_grammar_is_refused_at_submit_and_the_engine_keeps_serving(engine):
     from pyllama.errors import InvalidRequestError
 
-    handle = engine.submit(Request(prompt=engine.model.tokenize("x"),
-                                   sampling=SamplingParams(grammar="root ::= (")))
     with pytest.raises(InvalidRequestError, match="failed to parse grammar"):
-        handle.wait()
+        engine.submit(Request(prompt=engine.model.tokenize("x"), sampling=SamplingParams(grammar="root ::= (")))
     assert _run(engine, PROMPTS[0], n=2)[1].reason == FinishReason.LIMIT
 
 
