@@ -108,8 +108,11 @@ cdef class Slot:
     cdef int n_decoded
     cdef int n_predict
     cdef bytes pending_bytes
-    cdef str generated_text
-    cdef int n_sent
+    # Sent text is kept as pieces and joined once at the end (no growing-string copies per
+    # token); only the unsent tail, held back while it may become a stop string, is a str.
+    cdef list sent_parts
+    cdef str unsent
+    cdef int n_sent  # characters sent
     cdef list generated_tokens
     cdef bint truncated
     cdef double t_start
@@ -289,7 +292,8 @@ cdef class EngineCore:
         slot.n_predict = request.n_predict if request.n_predict != -1 else self.n_predict_default
         sc.n_cached = keep
         slot.pending_bytes = b""
-        slot.generated_text = ""
+        slot.sent_parts = []
+        slot.unsent = ""
         slot.n_sent = 0
         slot.generated_tokens = []
         slot.truncated = False
@@ -520,7 +524,7 @@ cdef class EngineCore:
         cdef int n_ok = utf8_complete_len(data)
         new_text = data[:n_ok].decode("utf-8", "replace")
         slot.pending_bytes = data[n_ok:]
-        slot.generated_text += new_text
+        slot.unsent += new_text
 
         reason = None
         stopping_word = ""
@@ -528,11 +532,14 @@ cdef class EngineCore:
             reason, stopping_word = self._check_stop_strings(slot, len(new_text), is_eog)
         if reason is None and request.n_indent > 0 and self._indent_too_small(slot):
             reason = FinishReason.LIMIT
-        send_upto = len(slot.generated_text)
+        send_upto = len(slot.unsent)
         if reason is None and not is_eog:
             send_upto = self._partial_stop_at(slot)
-        text = slot.generated_text[slot.n_sent:send_upto]
-        slot.n_sent = max(slot.n_sent, send_upto)
+        text = slot.unsent[:send_upto]
+        if text:
+            slot.unsent = slot.unsent[send_upto:]
+            slot.sent_parts.append(text)
+            slot.n_sent += len(text)
 
         if reason is None:
             if not self.ctx_shift and sc.n_past + 1 >= self.n_ctx_slot:
@@ -556,10 +563,14 @@ cdef class EngineCore:
         if reason is not None:
             self._release(slot, reason, stopping_word)
 
+    cdef str _full_text(self, Slot slot):
+        return "".join(slot.sent_parts) + slot.unsent
+
     cdef bint _indent_too_small(self, Slot slot) except -1:
         # n_indent: a new line indented less than n_indent ends generation; the line is cut
         # after its indentation (server_context::process_token). Checked before text is sent.
-        cdef str text = slot.generated_text
+        # Joins the whole text per token: n_indent (infill) outputs are short.
+        cdef str text = self._full_text(slot)
         cdef int pos, n_indent
         if slot.has_new_line and slot.last_nl_pos > 0:
             pos = slot.last_nl_pos
@@ -568,7 +579,7 @@ cdef class EngineCore:
                 n_indent += 1
                 pos += 1
             if pos < len(text) and n_indent < slot.request.n_indent:
-                slot.generated_text = text[:max(pos, slot.n_sent)]
+                slot.unsent = text[slot.n_sent:max(pos, slot.n_sent)]
                 return True
         pos = text.find("\n", slot.last_nl_pos)
         if pos >= 0:
@@ -578,7 +589,7 @@ cdef class EngineCore:
 
     cdef tuple _check_stop_strings(self, Slot slot, int n_new, bint is_eog):
         # A full stop string in the unsent text cuts the text there (find_stopping_strings).
-        cdef str unsent = slot.generated_text[slot.n_sent:]
+        cdef str unsent = slot.unsent
         best = -1
         word_found = ""
         for word in slot.request.stop:
@@ -588,17 +599,17 @@ cdef class EngineCore:
                 best, word_found = pos, word
         if best < 0:
             return None, ""
-        slot.generated_text = slot.generated_text[:slot.n_sent + best]
+        slot.unsent = unsent[:best]
         return FinishReason.WORD, word_found
 
     cdef int _partial_stop_at(self, Slot slot):
-        # Hold back a suffix that may still grow into a stop string.
-        cdef str text = slot.generated_text
+        # Hold back a suffix of the unsent text that may still grow into a stop string.
+        cdef str text = slot.unsent
         cdef int hold = len(text)
         for word in slot.request.stop:
-            pos = _find_partial_stop(text[slot.n_sent:], word)
+            pos = _find_partial_stop(text, word)
             if pos >= 0:
-                hold = min(hold, slot.n_sent + pos)
+                hold = min(hold, pos)
         return hold
 
     cdef object _token_probs(self, Slot slot, L.llama_token token):
@@ -636,14 +647,15 @@ cdef class EngineCore:
                           predicted_ms=(now - t_prompt_done) * 1e3 if slot.t_prompt_done else 0.0,
                           cache_n=sc.n_cached)
         if slot.pending_bytes:
-            tail = slot.pending_bytes.decode("utf-8", "replace")
-            slot.generated_text += tail
+            slot.unsent += slot.pending_bytes.decode("utf-8", "replace")
             slot.pending_bytes = b""
-        if slot.n_sent < len(slot.generated_text) and reason != FinishReason.CANCELLED:
-            slot.channel.put(TokenEvent(slot.generated_text[slot.n_sent:], []))
-            slot.n_sent = len(slot.generated_text)
+        if slot.unsent and reason != FinishReason.CANCELLED:
+            slot.channel.put(TokenEvent(slot.unsent, []))
+        text = self._full_text(slot)
+        slot.sent_parts = None
+        slot.unsent = ""
         slot.channel.put(FinishEvent(
-            reason=reason, text=slot.generated_text, tokens=slot.generated_tokens,
+            reason=reason, text=text, tokens=slot.generated_tokens,
             stopping_word=stopping_word, truncated=slot.truncated,
             n_prompt_tokens=<int>slot.prompt.size(), tokens_evaluated=<int>slot.prompt.size(),
             tokens_cached=sc.n_past, timings=timings, id_slot=slot.id))

@@ -26,11 +26,18 @@ class Task:
     index: int
     request: Request
     prompt_text: str = ""
-    text: str = ""
+    pieces: list = field(default_factory=list)  # streamed text, joined only when read
     tokens: list = field(default_factory=list)
     probs: list = field(default_factory=list)
     result: FinishEvent | None = None
     extra: dict = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        """The text streamed so far."""
+        if len(self.pieces) > 1:
+            self.pieces[:] = ["".join(self.pieces)]
+        return self.pieces[0] if self.pieces else ""
 
 
 class Run:
@@ -41,17 +48,24 @@ class Run:
         self.engine = state.require_ready()
         self.tasks = tasks
         self.events: queue.SimpleQueue = queue.SimpleQueue()
-        self.handles = [self.engine.submit(t.request, self.events, t.index) for t in tasks]
+        self.handles = []
+        try:
+            for t in tasks:
+                self.handles.append(self.engine.submit(t.request, self.events, t.index))
+        except BaseException:
+            self.cancel()
+            raise
         self.open = len(tasks)
 
     def cancel(self) -> None:
         for handle in self.handles:
             handle.cancel()
 
-    def next(self, timeout: float | None):
-        """(task, event) or None on timeout. Raises the error of an ErrorEvent."""
+    def next(self, timeout: float | None, block: bool = True):
+        """(task, event), or None when none came within `timeout` (at once with block=False).
+        Raises the error of an ErrorEvent."""
         try:
-            tag, event = self.events.get(timeout=timeout)
+            tag, event = self.events.get(block, timeout)
         except queue.Empty:
             return None
         task = self.tasks[tag]
@@ -60,7 +74,7 @@ class Run:
             self.cancel()
             raise event.error
         if isinstance(event, TokenEvent):
-            task.text += event.text
+            task.pieces.append(event.text)
             task.tokens += event.tokens
             if event.probs:
                 task.probs += event.probs
@@ -112,7 +126,16 @@ def stream_response(resp: falcon.Response, run: Run, first_frames, later_frames,
                 if item is None:
                     yield sse.PING
                     continue
-                data = later_frames(*item)
+                # events that queued meanwhile (a slow reader) leave in the same write
+                chunks = [later_frames(*item)]
+                try:
+                    while run.open and (item := run.next(None, block=False)) is not None:
+                        chunks.append(later_frames(*item))
+                except Exception as exc:
+                    chunks.append(sse.frame(body_for(exc)[1]))
+                    yield b"".join(chunks)
+                    return
+                data = b"".join(chunks)
                 if data:
                     yield data
             if done:
