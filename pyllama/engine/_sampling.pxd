@@ -12,6 +12,12 @@ cdef struct SamplerState:
     L.llama_token_data * cur         # n_vocab candidates, reused every token
     L.llama_token_data_array cur_p   # the candidates after the last sample (post-sampling probs)
     int32_t n_vocab
+    # When every sampler before top_k is a no-op, only the top_k candidates (by biased logit)
+    # are loaded, sorted: the chain then does the same with k entries instead of n_vocab.
+    int32_t prefilter_k              # 0: load every candidate
+    int32_t n_bias
+    L.llama_logit_bias * bias        # the chain's logit biases, to rank candidates as it will
+    unsigned char * biased           # n_vocab flags: the token has a bias
 
 
 cdef L.llama_token sampler_sample(SamplerState * s, const float * logits) noexcept nogil

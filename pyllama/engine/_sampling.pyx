@@ -12,7 +12,7 @@ Imports: `_llama`, `_model`, `engine.types`, `errors`. A chain belongs to one th
 
 from libc.math cimport INFINITY
 from libc.stdint cimport int32_t, uint32_t
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport calloc, free, malloc
 from libcpp.string cimport string
 from libcpp.vector cimport vector
 
@@ -59,12 +59,94 @@ cdef inline void _load_logits(SamplerState * s, const float * logits) noexcept n
     s.cur_p.sorted = False
 
 
+cdef inline bint _ranks_before(float a, int32_t ia, float b, int32_t ib) noexcept nogil:
+    return a > b or (a == b and ia < ib)
+
+
+cdef inline void _sift_down(float * val, int32_t * ids, int32_t n, int32_t i) noexcept nogil:
+    # min-heap on (value, then higher id first): the root is the weakest kept candidate
+    cdef int32_t c
+    cdef float tv
+    cdef int32_t ti
+    while True:
+        c = 2 * i + 1
+        if c >= n:
+            return
+        if c + 1 < n and _ranks_before(val[c], ids[c], val[c + 1], ids[c + 1]):
+            c += 1
+        if not _ranks_before(val[i], ids[i], val[c], ids[c]):
+            return
+        tv = val[i]; val[i] = val[c]; val[c] = tv
+        ti = ids[i]; ids[i] = ids[c]; ids[c] = ti
+        i = c
+
+
+cdef inline void _offer(float * val, int32_t * ids, int32_t * n, int32_t k, float v, int32_t t) noexcept nogil:
+    cdef int32_t i, p
+    cdef float tv
+    cdef int32_t ti
+    if n[0] < k:
+        i = n[0]
+        n[0] += 1
+        val[i] = v
+        ids[i] = t
+        while i > 0:  # sift up
+            p = (i - 1) // 2
+            if not _ranks_before(val[p], ids[p], val[i], ids[i]):
+                break
+            tv = val[i]; val[i] = val[p]; val[p] = tv
+            ti = ids[i]; ids[i] = ids[p]; ids[p] = ti
+            i = p
+    elif _ranks_before(v, t, val[0], ids[0]):
+        val[0] = v
+        ids[0] = t
+        _sift_down(val, ids, n[0], 0)
+
+
+cdef void _load_top_k(SamplerState * s, const float * logits) noexcept nogil:
+    # The k best candidates by biased logit, best first, with their unbiased logits: the chain's
+    # logit-bias sampler adds the biases back, which keeps them sorted, and top_k keeps them all.
+    cdef int32_t k = s.prefilter_k, n = 0, i, t
+    cdef float val[256]
+    cdef int32_t ids[256]
+    cdef float v
+    cdef const unsigned char * biased = s.biased
+    for i in range(s.n_vocab):
+        v = logits[i]
+        if n == k and v < val[0]:  # the common case: not among the best
+            continue
+        if biased != NULL and biased[i]:
+            continue
+        _offer(val, ids, &n, k, v, i)
+    for i in range(s.n_bias):
+        t = s.bias[i].token
+        _offer(val, ids, &n, k, logits[t] + s.bias[i].bias, t)
+    # heap -> best first: repeatedly move the weakest to the end
+    i = n
+    while i > 1:
+        i -= 1
+        v = val[0]; val[0] = val[i]; val[i] = v
+        t = ids[0]; ids[0] = ids[i]; ids[i] = t
+        _sift_down(val, ids, i, 0)
+    for i in range(n):
+        s.cur[i].id = ids[i]
+        s.cur[i].logit = logits[ids[i]]
+        s.cur[i].p = 0.0
+    s.cur_p.data = s.cur
+    s.cur_p.size = n
+    s.cur_p.selected = -1
+    s.cur_p.sorted = True
+
+
 cdef L.llama_token sampler_sample(SamplerState * s, const float * logits) noexcept nogil:
     # Picks a token from one logits row; does not accept it. Any thread, no GIL.
     cdef L.llama_token_data single
     cdef L.llama_token_data_array single_p
     cdef L.llama_token token
-    _load_logits(s, logits)
+    if s.prefilter_k > 0:
+        _load_top_k(s, logits)
+    else:
+        _load_logits(s, logits)
     L.llama_sampler_apply(s.chain, &s.cur_p)
     token = s.cur_p.data[s.cur_p.selected].id
     if s.grammar == NULL:
@@ -122,9 +204,9 @@ cdef class SamplerChain:
                                        "json_schema": None})
         self.params = params
 
-        self.state = <SamplerState *> malloc(sizeof(SamplerState))
-        self.state.chain = NULL
-        self.state.grammar = NULL
+        self.state = <SamplerState *> calloc(1, sizeof(SamplerState))
+        if self.state == NULL:
+            raise MemoryError()
         self.state.n_vocab = model.n_vocab
         self.state.cur = <L.llama_token_data *> malloc(sizeof(L.llama_token_data) * model.n_vocab)
         if self.state.cur == NULL:
@@ -134,7 +216,7 @@ cdef class SamplerChain:
         self.state.cur_p.selected = -1
         if params.grammar:
             self.state.grammar = _make_grammar(model, params)
-        self.state.chain = _make_chain(model, params)
+        self.state.chain = _make_chain(model, params, self.state)
 
     def __dealloc__(self):
         if self.state != NULL:
@@ -143,6 +225,8 @@ cdef class SamplerChain:
             if self.state.grammar != NULL:
                 L.llama_sampler_free(self.state.grammar)
             free(self.state.cur)
+            free(self.state.bias)
+            free(self.state.biased)
             free(self.state)
             self.state = NULL
 
@@ -171,6 +255,11 @@ cdef class SamplerChain:
         cdef int i
         return [(<bytes>L.llama_sampler_name(L.llama_sampler_chain_get(self.state.chain, i))).decode()
                 for i in range(L.llama_sampler_chain_n(self.state.chain))]
+
+    @property
+    def prefilter_k(self):
+        """How many candidates each sample loads instead of the whole vocabulary (0: all)."""
+        return self.state.prefilter_k
 
     @property
     def seed(self):
@@ -216,7 +305,43 @@ def _regex_escape(text):
     return re.sub(r"([.^$|()\[\]{}*+?\\])", r"\\\1", text)
 
 
-cdef L.llama_sampler * _make_chain(Model model, params) except NULL:
+cdef bint _noop_before_top_k(str name, params):
+    # Samplers that leave the candidates untouched with these params (their apply returns early).
+    if name == "penalties":
+        return params.repeat_last_n == 0 or (params.repeat_penalty == 1.0 and params.frequency_penalty == 0.0
+                                             and params.presence_penalty == 0.0)
+    if name == "dry":
+        return params.dry_multiplier == 0.0 or params.dry_base < 1.0 or params.dry_penalty_last_n == 0
+    if name == "top_n_sigma":
+        return params.top_n_sigma <= 0.0
+    return False
+
+
+cdef bint _prefilter_enabled = True
+
+
+def set_top_k_prefilter(bint enabled):
+    """Turn the top-k prefilter of chains built from now on on or off (to compare the two)."""
+    global _prefilter_enabled
+    _prefilter_enabled = enabled
+
+
+cdef int32_t _prefilter_k(params):
+    # top_k over the whole vocabulary is the first sampler that changes anything: load only
+    # its k candidates. Not with a grammar (it resamples over all of them), mirostat, or the
+    # chain running on the backend.
+    if not _prefilter_enabled or params.grammar or params.mirostat or params.backend_sampling \
+            or not (0 < params.top_k <= 256):
+        return 0
+    if "top_k" not in params.samplers:
+        return 0
+    for name in params.samplers[:list(params.samplers).index("top_k")]:
+        if not _noop_before_top_k(name, params):
+            return 0
+    return params.top_k
+
+
+cdef L.llama_sampler * _make_chain(Model model, params, SamplerState * state=NULL) except NULL:
     cdef L.llama_sampler_chain_params cparams = L.llama_sampler_chain_default_params()
     cparams.no_perf = True
     cdef L.llama_sampler * chain = L.llama_sampler_chain_init(cparams)
@@ -244,6 +369,19 @@ cdef L.llama_sampler * _make_chain(Model model, params) except NULL:
         if biases.size():
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_logit_bias(
                 model.n_vocab, biases.size(), biases.data()))
+        # (a token biased twice is summed over the whole vocabulary but not over k candidates)
+        if state != NULL and _prefilter_k(params) > 0 and \
+                len({biases[i].token for i in range(<int32_t>biases.size())}) == biases.size():
+            state.prefilter_k = min(_prefilter_k(params), model.n_vocab)
+            state.n_bias = biases.size()
+            if biases.size():
+                state.bias = <L.llama_logit_bias *> malloc(sizeof(L.llama_logit_bias) * biases.size())
+                state.biased = <unsigned char *> calloc(model.n_vocab, 1)
+                if state.bias == NULL or state.biased == NULL:
+                    raise MemoryError()
+                for i in range(<int32_t>biases.size()):
+                    state.bias[i] = biases[i]
+                    state.biased[biases[i].token] = 1
 
         if params.mirostat == 1:
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(params.temperature))

@@ -340,3 +340,40 @@ def test_engine_thread_is_named_and_counts_its_busy_time(engine):
     after = engine.stats()
     assert after["t_decode"] > before["t_decode"]
     assert after["t_busy"] - before["t_busy"] >= after["t_decode"] - before["t_decode"]
+
+
+@pytest.mark.parametrize("params", [
+    dict(seed=5), dict(seed=5, ignore_eos=True), dict(temperature=0.0),
+    dict(seed=7, top_k=100, top_p=0.9, logit_bias=((10, 5.0), (20, -3.0))),
+    dict(seed=4, logit_bias=((236764, 8.0),)), dict(seed=12, xtc_probability=0.5, xtc_threshold=0.05),
+    dict(seed=3, n_probs=3, post_sampling_probs=True),
+])
+def test_top_k_prefilter_samples_exactly_as_the_full_vocabulary(engine, params):
+    # Loading only top_k candidates must not change a single token (one request at a time:
+    # batch composition alone changes quantised CPU results).
+    from pyllama.engine import _sampling
+
+    prompt = engine.model.tokenize("Once upon a time")
+    results = []
+    for prefilter in (True, False):
+        _sampling.set_top_k_prefilter(prefilter)
+        try:
+            results.append(engine.submit(Request(prompt=prompt, sampling=SamplingParams(**params), n_predict=24,
+                                                 cache_prompt=False)).wait())
+        finally:
+            _sampling.set_top_k_prefilter(True)
+    assert results[0].tokens and results[0].tokens == results[1].tokens
+
+
+def test_top_k_prefilter_applies_only_when_nothing_before_top_k_acts(gemma_path):
+    from pyllama.engine import Model, SamplerChain
+
+    model = Model(gemma_path, vocab_only=True)
+    assert SamplerChain(model, SamplingParams()).prefilter_k == 40
+    assert SamplerChain(model, SamplingParams(ignore_eos=True, top_k=8)).prefilter_k == 8
+    assert SamplerChain(model, SamplingParams(repeat_penalty=1.1)).prefilter_k == 0
+    assert SamplerChain(model, SamplingParams(dry_multiplier=0.8)).prefilter_k == 0
+    assert SamplerChain(model, SamplingParams(top_k=0)).prefilter_k == 0
+    assert SamplerChain(model, SamplingParams(grammar='root ::= "a"')).prefilter_k == 0
+    assert SamplerChain(model, SamplingParams(samplers=("temperature", "top_k"))).prefilter_k == 0
+    assert SamplerChain(model, SamplingParams(logit_bias=((5, 1.0), (5, 2.0)))).prefilter_k == 0
