@@ -5,13 +5,7 @@ Runs, alternately at each parallel level: pyllama's Engine in-process, upstream'
 decode, no sampling). Prints a markdown table: aggregate generated tokens/s, time to first
 token, and the engine's own time per token outside llama_decode.
 
-Build the upstream yardstick first (nothing of it is committed):
-    python vendor/fetch.py --all --dest ../upstream-llama.cpp
-    cmake -S ../upstream-llama.cpp -B ../upstream-build -G Ninja -DCMAKE_BUILD_TYPE=Release \
-        -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_OPENSSL=OFF \
-        -DCMAKE_C_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" \
-        -DCMAKE_CXX_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-    ninja -C ../upstream-build llama-server llama-batched-bench
+Build the upstream yardstick first (nothing of it is committed): bash bench/build_upstream.sh
 Then:
     python bench/engine_bench.py --upstream ../upstream-build/bin [--parallel 1,4,8]
 """
