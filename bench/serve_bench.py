@@ -211,7 +211,8 @@ def run_level(server: Server, mode: str, concurrency: int, args) -> dict:
     def client(c: int):
         for r in range(args.requests_per_client):
             i = c * 1000 + r
-            res = one_request(server, mode, prompt_text(i, args.prompt_words), args.n_predict, 42 + i)
+            res = one_request(server, mode, prompt_text(i, args.prompt_words, args.shared_prefix_text),
+                              args.n_predict, 42 + i)
             with lock:
                 results.append(res)
 
@@ -322,12 +323,16 @@ def main() -> None:
     parser.add_argument("--n-predict", type=int, default=64)
     parser.add_argument("--prompt-words", type=int, default=24)
     parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--shared-prefix", type=int, default=0, metavar="WORDS",
+                        help="a prefix of this many words shared by every prompt of the load (prompt cache)")
     parser.add_argument("--cache-probe-tokens", type=int, default=2000, help="shared prefix length; 0 = no probe")
     parser.add_argument("--limit", action="store_true", help="llama-batched-bench at the same shapes")
     parser.add_argument("--raw", action="store_true", help="llama-bench single-stream decode")
     parser.add_argument("--md", help="also write the tables to this file")
     parser.add_argument("--png", help="plot tokens/s and TTFT against concurrency")
     args = parser.parse_args()
+    args.shared_prefix_text = " ".join(WORDS[j % len(WORDS)] for j in range(args.shared_prefix)) + " " \
+        if args.shared_prefix else ""
     from pyllama.models import default_model_path
 
     model = str(args.model or default_model_path())
@@ -394,19 +399,23 @@ def main() -> None:
 
     lines = [f"model {Path(model).name}; flags: -np {args.np} -cb -c {args.ctx} -t {args.threads} "
              f"{args.server_args}".rstrip() + f"; {args.n_predict} generated tokens per request (ignore_eos), "
-             f"prompts of {args.prompt_words} words, {args.requests_per_client} requests per client", ""]
+             f"prompts of {args.prompt_words} words" + (f" after a shared {args.shared_prefix}-word prefix"
+                                                         if args.shared_prefix else "")
+             + f", {args.requests_per_client} requests per client", ""]
     for mode in args.modes:
         lines += [f"### streaming {'/v1/chat/completions' if mode == 'chat' else '/completion'}", "",
                   "| c | server | tok/s | req/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | "
-                  "errors | peak RSS MB |" + (" of limit |" if limit else ""),
-                  "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if limit else "")]
+                  "errors | peak RSS MB | server prompt ms p50 | server tok/s per stream p50 |"
+                  + (" of limit |" if limit else ""),
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if limit else "")]
         for c in args.concurrency:
             for ct in contenders:
                 r = table[(ct.name, mode, c)]
                 frac = f" {r['tps'] / limit[c]:.0%} |" if c in limit else (" |" if limit else "")
                 lines.append(f"| {c} | {ct.name} | {r['tps']:.1f} | {r['rps']:.2f} | {1e3 * r['ttft50']:.0f} | "
                              f"{1e3 * r['ttft99']:.0f} | {1e3 * r['itl50']:.1f} | {1e3 * r['itl99']:.1f} | "
-                             f"{r['errors']} | {r['rss']:.0f} |" + frac)
+                             f"{r['errors']} | {r['rss']:.0f} | {r['server_prompt_ms']:.0f} | {r['server_tps']:.1f} |"
+                             + frac)
         for other in contenders[1:]:
             lines += ["", f"{OURS} / {other.name}:", "",
                       "| c | tok/s ratio | TTFT p50 ratio | ITL p99 ratio | RSS difference MB |", "|---|---|---|---|---|"]
