@@ -8,6 +8,7 @@ cdef class Context:
     cdef L.llama_batch batch
     cdef readonly Model model
     cdef readonly bint embeddings
+    cdef readonly bint kv_unified  # one KV stream for all sequences
 
     cdef void _free(self) noexcept
     cdef int _require_open(self) except -1

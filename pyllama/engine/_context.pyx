@@ -154,6 +154,7 @@ cdef class Context:
         params.embeddings = embeddings
         params.pooling_type = POOLING[pooling]
         params.kv_unified = kv_unified
+        self.kv_unified = kv_unified
         params.swa_full = swa_full
         params.offload_kqv = offload_kqv
         params.op_offload = op_offload

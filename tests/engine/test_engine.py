@@ -377,3 +377,28 @@ def test_top_k_prefilter_applies_only_when_nothing_before_top_k_acts(gemma_path)
     assert SamplerChain(model, SamplingParams(grammar='root ::= "a"')).prefilter_k == 0
     assert SamplerChain(model, SamplingParams(samplers=("temperature", "top_k"))).prefilter_k == 0
     assert SamplerChain(model, SamplingParams(logit_bias=((5, 1.0), (5, 2.0)))).prefilter_k == 0
+
+
+def test_new_requests_keep_the_busy_slots_together(synthetic_engine):
+    # One KV stream per slot: a decode spans every stream between the lowest and the highest
+    # busy slot, so scattered slots cost more per step. Make LRU order scattered (0, 2, 4, 6
+    # least recent), then start four requests at once: they must take four adjacent slots.
+    eng = synthetic_engine
+    prompt = eng.model.tokenize("Hello world")
+    for slot in (0, 2, 4, 6, 1, 3, 5, 7):
+        eng.submit(Request(prompt=prompt, sampling=SamplingParams(seed=1), n_predict=1, id_slot=slot)).wait()
+    handles = [eng.submit(Request(prompt=eng.model.tokenize(f"the {i} of"), sampling=SamplingParams(seed=i, ignore_eos=True),
+                                  n_predict=200, cache_prompt=False)) for i in range(4)]
+    try:
+        busy = []
+        for _ in range(100):
+            busy = eng.call(lambda core: sorted(s.id for s in core.slots if s.busy))
+            if len(busy) == 4:
+                break
+            time.sleep(0.01)
+        assert len(busy) == 4 and busy[-1] - busy[0] == 3, busy
+    finally:
+        for h in handles:
+            h.cancel()
+        for h in handles:
+            h.wait()
