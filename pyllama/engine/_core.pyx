@@ -234,27 +234,26 @@ cdef class EngineCore:
         if not idle:
             return None
         # Upstream takes the slot whose cache shares most of the prompt, else the least
-        # recently used one. Among equals we first keep the busy slots close together: with one
-        # KV stream per slot, a decode attends over every stream from the lowest busy slot to
-        # the highest, so scattered slots cost up to 2.6x per step (4 of 8 slots, 0/2/4/6
-        # against 0-3, gemma-3-270m on 2 CPU threads). LRU breaks the remaining ties.
+        # recently used one. While other slots are busy we also keep them close together: with
+        # one KV stream per slot, a decode attends over every stream from the lowest busy slot
+        # to the highest, so scattered slots cost up to 2.6x per step (4 of 8 slots, 0/2/4/6
+        # against 0-3, gemma-3-270m on 2 CPU threads). So then a slot next to the busy ones
+        # wins over the least recently used, and over a cache match at most SLOT_LCP_SLACK
+        # tokens better (a few tokens recomputed cost less than a wider span on every step).
         busy = [(<Slot>s).id for s in self.slots if (<Slot>s).busy]
-        if busy and not self.context.kv_unified:
-            lo, hi = min(busy), max(busy)
-            rank = lambda s: (max(hi, (<Slot>s).id) - min(lo, (<Slot>s).id), (<Slot>s).t_last_used)
-        else:
-            rank = lambda s: (<Slot>s).t_last_used
+        compact = bool(busy) and not self.context.kv_unified
+        lo, hi = (min(busy), max(busy)) if busy else (0, 0)
+        span = lambda s: max(hi, (<Slot>s).id) - min(lo, (<Slot>s).id) if compact else 0
         if self.slot_prompt_similarity > 0 and request.cache_prompt:
-            scored = []
-            for s in idle:
-                slot = <Slot>s
-                if slot.cache_tokens.size():
-                    scored.append((_common_prefix(slot.cache_tokens, request.prompt), slot))
+            scored = [(_common_prefix((<Slot>s).cache_tokens, request.prompt), s) for s in idle
+                      if (<Slot>s).cache_tokens.size()]
             best_lcp = max([lcp for lcp, _ in scored], default=0)
             if best_lcp / max(1, len(request.prompt)) > self.slot_prompt_similarity:
-                # A few tokens more to recompute cost less than a scattered slot on every step.
-                return min([slot for lcp, slot in scored if lcp >= best_lcp - SLOT_LCP_SLACK], key=rank)
-        return min(idle, key=rank)
+                slack = SLOT_LCP_SLACK if compact else 0
+                near = [(span(s), -lcp, (<Slot>s).t_last_used, (<Slot>s).id, s) for lcp, s in scored
+                        if lcp >= best_lcp - slack]
+                return min(near)[-1]
+        return min(idle, key=lambda s: (span(s), (<Slot>s).t_last_used))
 
     def admit(self, Slot slot, request, SamplerChain sampler, channel):
         """Start `request` on `slot`: reuse the cached prefix, queue the rest for prefill.

@@ -402,3 +402,14 @@ def test_new_requests_keep_the_busy_slots_together(synthetic_engine):
             h.cancel()
         for h in handles:
             h.wait()
+
+
+def test_an_idle_engine_reuses_the_slot_with_the_longest_cached_prefix(synthetic_engine):
+    # Keeping busy slots together must not cost cache hits when nothing else runs.
+    eng = synthetic_engine
+    prompt = eng.model.tokenize(" the of and a the of and a the of and a")
+    other = eng.model.tokenize(" the of is in it")
+    eng.submit(Request(prompt=other, sampling=SamplingParams(seed=1), n_predict=1, id_slot=5)).wait()
+    eng.submit(Request(prompt=prompt, sampling=SamplingParams(seed=1), n_predict=1, id_slot=3)).wait()
+    again = eng.submit(Request(prompt=prompt, sampling=SamplingParams(seed=1), n_predict=1)).wait()
+    assert again.id_slot == 3 and again.timings.cache_n == len(prompt) - 1
