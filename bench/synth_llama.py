@@ -30,7 +30,7 @@ from pathlib import Path
 
 # pyllama.synthetic from this checkout, installed or not.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from pyllama.synthetic import SyntheticSpec, _vocab  # noqa: E402
+from pyllama.synthetic import SyntheticSpec, _vocab, add_llama_blocks, add_llama_shape  # noqa: E402
 
 N_VOCAB = 128256  # Llama-3's vocabulary size
 # Llama-3's chat header tokens, so the template's markers are single control tokens.
@@ -145,20 +145,11 @@ def write_model(path: Path, shape: LlamaShape) -> Path:
     spec = shape.spec
     tokens, scores, types, special_ids = vocab()
     head_dim = spec.n_embd // spec.n_head
-    n_embd_kv = head_dim * spec.n_head_kv
 
     writer = GGUFWriter(str(path), "llama")
-    writer.add_name(spec.name)
+    add_llama_shape(writer, spec)
     writer.add_vocab_size(len(tokens))
-    writer.add_context_length(spec.n_ctx_train)
-    writer.add_embedding_length(spec.n_embd)
-    writer.add_block_count(spec.n_layer)
-    writer.add_feed_forward_length(spec.n_ff)
-    writer.add_head_count(spec.n_head)
-    writer.add_head_count_kv(spec.n_head_kv)
-    writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(shape.rope_theta)
-    writer.add_layer_norm_rms_eps(1e-5)
     writer.add_file_type(LlamaFileType.MOSTLY_F16)
     writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)
@@ -173,22 +164,14 @@ def write_model(path: Path, shape: LlamaShape) -> Path:
     writer.add_chat_template(CHAT_TEMPLATE)
 
     blocks = RandomBlocks(spec.seed)
-    norm = np.ones(spec.n_embd, dtype=np.float32)  # norms stay f32, as converters write them
+    ones = np.ones(spec.n_embd, dtype=np.float32)  # norms stay f32, as converters write them
+    norm = lambda n: ones  # noqa: E731 (one array for every norm: they are all n_embd long)
     writer.add_tensor("token_embd.weight", blocks.get(len(tokens), spec.n_embd))
     writer.add_tensor("rope_freqs.weight", llama3_rope_freqs(head_dim, shape.rope_theta, shape.rope_scale))
-    writer.add_tensor("output_norm.weight", norm)
+    writer.add_tensor("output_norm.weight", ones)
     if not shape.tied_output:
         writer.add_tensor("output.weight", blocks.get(len(tokens), spec.n_embd))
-    for i in range(spec.n_layer):
-        writer.add_tensor(f"blk.{i}.attn_norm.weight", norm)
-        writer.add_tensor(f"blk.{i}.attn_q.weight", blocks.get(spec.n_embd, spec.n_embd))
-        writer.add_tensor(f"blk.{i}.attn_k.weight", blocks.get(n_embd_kv, spec.n_embd))
-        writer.add_tensor(f"blk.{i}.attn_v.weight", blocks.get(n_embd_kv, spec.n_embd))
-        writer.add_tensor(f"blk.{i}.attn_output.weight", blocks.get(spec.n_embd, spec.n_embd))
-        writer.add_tensor(f"blk.{i}.ffn_norm.weight", norm)
-        writer.add_tensor(f"blk.{i}.ffn_gate.weight", blocks.get(spec.n_ff, spec.n_embd))
-        writer.add_tensor(f"blk.{i}.ffn_up.weight", blocks.get(spec.n_ff, spec.n_embd))
-        writer.add_tensor(f"blk.{i}.ffn_down.weight", blocks.get(spec.n_embd, spec.n_ff))
+    add_llama_blocks(writer, spec, blocks.get, norm)
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -50,6 +50,34 @@ def _vocab(extra: int) -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, [int(t) for t in types]
 
 
+def add_llama_shape(writer, spec: SyntheticSpec) -> None:
+    """Write the llama architecture keys for `spec`'s shape to a GGUFWriter."""
+    writer.add_name(spec.name)
+    writer.add_context_length(spec.n_ctx_train)
+    writer.add_embedding_length(spec.n_embd)
+    writer.add_block_count(spec.n_layer)
+    writer.add_feed_forward_length(spec.n_ff)
+    writer.add_head_count(spec.n_head)
+    writer.add_head_count_kv(spec.n_head_kv)
+    writer.add_rope_dimension_count(spec.n_embd // spec.n_head)
+    writer.add_layer_norm_rms_eps(1e-5)
+
+
+def add_llama_blocks(writer, spec: SyntheticSpec, weight, norm) -> None:
+    """Add every transformer block's tensors; `weight(rows, cols)` and `norm(n)` make them."""
+    n_embd_kv = spec.n_embd // spec.n_head * spec.n_head_kv
+    for i in range(spec.n_layer):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", norm(spec.n_embd))
+        writer.add_tensor(f"blk.{i}.attn_q.weight", weight(spec.n_embd, spec.n_embd))
+        writer.add_tensor(f"blk.{i}.attn_k.weight", weight(n_embd_kv, spec.n_embd))
+        writer.add_tensor(f"blk.{i}.attn_v.weight", weight(n_embd_kv, spec.n_embd))
+        writer.add_tensor(f"blk.{i}.attn_output.weight", weight(spec.n_embd, spec.n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", norm(spec.n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_gate.weight", weight(spec.n_ff, spec.n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", weight(spec.n_ff, spec.n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", weight(spec.n_embd, spec.n_ff))
+
+
 def write_synthetic_model(path: str | Path, spec: SyntheticSpec = SyntheticSpec()) -> Path:
     """Write a random-weight llama GGUF to `path` and return the path."""
     import numpy as np
@@ -67,19 +95,9 @@ def write_synthetic_model(path: str | Path, spec: SyntheticSpec = SyntheticSpec(
             scores.append(0.0)
             types.append(3)  # CONTROL
     n_vocab = len(tokens)
-    head_dim = spec.n_embd // spec.n_head
-    n_embd_kv = head_dim * spec.n_head_kv
 
     writer = GGUFWriter(str(path), "llama")
-    writer.add_name(spec.name)
-    writer.add_context_length(spec.n_ctx_train)
-    writer.add_embedding_length(spec.n_embd)
-    writer.add_block_count(spec.n_layer)
-    writer.add_feed_forward_length(spec.n_ff)
-    writer.add_head_count(spec.n_head)
-    writer.add_head_count_kv(spec.n_head_kv)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_layer_norm_rms_eps(1e-5)
+    add_llama_shape(writer, spec)
     writer.add_file_type(LlamaFileType.MOSTLY_F16 if spec.f16 else LlamaFileType.ALL_F32)
     writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)
@@ -104,16 +122,7 @@ def write_synthetic_model(path: str | Path, spec: SyntheticSpec = SyntheticSpec(
     writer.add_tensor("token_embd.weight", weight(n_vocab, spec.n_embd, scale=0.5))
     writer.add_tensor("output_norm.weight", norm(spec.n_embd))
     writer.add_tensor("output.weight", weight(n_vocab, spec.n_embd, scale=0.5))
-    for i in range(spec.n_layer):
-        writer.add_tensor(f"blk.{i}.attn_norm.weight", norm(spec.n_embd))
-        writer.add_tensor(f"blk.{i}.attn_q.weight", weight(spec.n_embd, spec.n_embd))
-        writer.add_tensor(f"blk.{i}.attn_k.weight", weight(n_embd_kv, spec.n_embd))
-        writer.add_tensor(f"blk.{i}.attn_v.weight", weight(n_embd_kv, spec.n_embd))
-        writer.add_tensor(f"blk.{i}.attn_output.weight", weight(spec.n_embd, spec.n_embd))
-        writer.add_tensor(f"blk.{i}.ffn_norm.weight", norm(spec.n_embd))
-        writer.add_tensor(f"blk.{i}.ffn_gate.weight", weight(spec.n_ff, spec.n_embd))
-        writer.add_tensor(f"blk.{i}.ffn_up.weight", weight(spec.n_ff, spec.n_embd))
-        writer.add_tensor(f"blk.{i}.ffn_down.weight", weight(spec.n_embd, spec.n_ff))
+    add_llama_blocks(writer, spec, weight, norm)
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -63,11 +63,18 @@ cdef inline bint _ranks_before(float a, int32_t ia, float b, int32_t ib) noexcep
     return a > b or (a == b and ia < ib)
 
 
+cdef inline void _swap(float * val, int32_t * ids, int32_t a, int32_t b) noexcept nogil:
+    cdef float v = val[a]
+    cdef int32_t t = ids[a]
+    val[a] = val[b]
+    ids[a] = ids[b]
+    val[b] = v
+    ids[b] = t
+
+
 cdef inline void _sift_down(float * val, int32_t * ids, int32_t n, int32_t i) noexcept nogil:
     # min-heap on (value, then higher id first): the root is the weakest kept candidate
     cdef int32_t c
-    cdef float tv
-    cdef int32_t ti
     while True:
         c = 2 * i + 1
         if c >= n:
@@ -76,15 +83,12 @@ cdef inline void _sift_down(float * val, int32_t * ids, int32_t n, int32_t i) no
             c += 1
         if not _ranks_before(val[i], ids[i], val[c], ids[c]):
             return
-        tv = val[i]; val[i] = val[c]; val[c] = tv
-        ti = ids[i]; ids[i] = ids[c]; ids[c] = ti
+        _swap(val, ids, i, c)
         i = c
 
 
 cdef inline void _offer(float * val, int32_t * ids, int32_t * n, int32_t k, float v, int32_t t) noexcept nogil:
     cdef int32_t i, p
-    cdef float tv
-    cdef int32_t ti
     if n[0] < k:
         i = n[0]
         n[0] += 1
@@ -94,8 +98,7 @@ cdef inline void _offer(float * val, int32_t * ids, int32_t * n, int32_t k, floa
             p = (i - 1) // 2
             if not _ranks_before(val[p], ids[p], val[i], ids[i]):
                 break
-            tv = val[i]; val[i] = val[p]; val[p] = tv
-            ti = ids[i]; ids[i] = ids[p]; ids[p] = ti
+            _swap(val, ids, i, p)
             i = p
     elif _ranks_before(v, t, val[0], ids[0]):
         val[0] = v
@@ -125,8 +128,7 @@ cdef void _load_top_k(SamplerState * s, const float * logits) noexcept nogil:
     i = n
     while i > 1:
         i -= 1
-        v = val[0]; val[0] = val[i]; val[i] = v
-        t = ids[0]; ids[0] = ids[i]; ids[i] = t
+        _swap(val, ids, 0, i)
         _sift_down(val, ids, i, 0)
     for i in range(n):
         s.cur[i].id = ids[i]
@@ -341,6 +343,25 @@ cdef int32_t _prefilter_k(params):
     return params.top_k
 
 
+cdef int _set_prefilter(SamplerState * state, Model model, params, vector[L.llama_logit_bias] & biases) except -1:
+    # Arms _load_top_k with the chain's biases, so it ranks candidates as the chain will.
+    cdef int32_t k = _prefilter_k(params), i, n = biases.size()
+    # (a token biased twice is summed over the whole vocabulary but not over k candidates)
+    if k == 0 or len({biases[i].token for i in range(n)}) != n:
+        return 0
+    state.prefilter_k = min(k, model.n_vocab)
+    state.n_bias = n
+    if n:
+        state.bias = <L.llama_logit_bias *> malloc(sizeof(L.llama_logit_bias) * n)
+        state.biased = <unsigned char *> calloc(model.n_vocab, 1)
+        if state.bias == NULL or state.biased == NULL:
+            raise MemoryError()
+        for i in range(n):
+            state.bias[i] = biases[i]
+            state.biased[biases[i].token] = 1
+    return 0
+
+
 cdef L.llama_sampler * _make_chain(Model model, params, SamplerState * state=NULL) except NULL:
     cdef L.llama_sampler_chain_params cparams = L.llama_sampler_chain_default_params()
     cparams.no_perf = True
@@ -369,19 +390,8 @@ cdef L.llama_sampler * _make_chain(Model model, params, SamplerState * state=NUL
         if biases.size():
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_logit_bias(
                 model.n_vocab, biases.size(), biases.data()))
-        # (a token biased twice is summed over the whole vocabulary but not over k candidates)
-        if state != NULL and _prefilter_k(params) > 0 and \
-                len({biases[i].token for i in range(<int32_t>biases.size())}) == biases.size():
-            state.prefilter_k = min(_prefilter_k(params), model.n_vocab)
-            state.n_bias = biases.size()
-            if biases.size():
-                state.bias = <L.llama_logit_bias *> malloc(sizeof(L.llama_logit_bias) * biases.size())
-                state.biased = <unsigned char *> calloc(model.n_vocab, 1)
-                if state.bias == NULL or state.biased == NULL:
-                    raise MemoryError()
-                for i in range(<int32_t>biases.size()):
-                    state.bias[i] = biases[i]
-                    state.biased[biases[i].token] = 1
+        if state != NULL:
+            _set_prefilter(state, model, params, biases)
 
         if params.mirostat == 1:
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(params.temperature))

@@ -211,12 +211,16 @@ class Timings:
         return 1e3 * self.prompt_n / self.prompt_ms if self.prompt_ms > 0 else 0.0
 
     @property
+    def _steps(self) -> int:
+        return max(0, self.predicted_n - 1)  # the first token comes with the prompt batch
+
+    @property
     def predicted_per_token_ms(self) -> float:
-        return self.predicted_ms / self.predicted_n if self.predicted_n else 0.0
+        return self.predicted_ms / self._steps if self._steps else 0.0
 
     @property
     def predicted_per_second(self) -> float:
-        return 1e3 * self.predicted_n / self.predicted_ms if self.predicted_ms > 0 else 0.0
+        return 1e3 * self._steps / self.predicted_ms if self._steps and self.predicted_ms > 0 else 0.0
 
 
 @dataclass

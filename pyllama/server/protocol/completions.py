@@ -27,17 +27,16 @@ def finish_reason(event: FinishEvent) -> str:
 
 
 def timings_dict(t: Timings) -> dict:
-    steps = max(0, t.predicted_n - 1)  # the first token comes with the prompt batch
     return {
         "cache_n": t.cache_n,
         "prompt_n": t.prompt_n,
         "prompt_ms": t.prompt_ms,
-        "prompt_per_token_ms": t.prompt_ms / t.prompt_n if t.prompt_n else 0.0,
-        "prompt_per_second": 1e3 * t.prompt_n / t.prompt_ms if t.prompt_ms > 0 else 0.0,
+        "prompt_per_token_ms": t.prompt_per_token_ms,
+        "prompt_per_second": t.prompt_per_second,
         "predicted_n": t.predicted_n,
         "predicted_ms": t.predicted_ms,
-        "predicted_per_token_ms": t.predicted_ms / steps if steps else 0.0,
-        "predicted_per_second": 1e3 * steps / t.predicted_ms if steps and t.predicted_ms > 0 else 0.0,
+        "predicted_per_token_ms": t.predicted_per_token_ms,
+        "predicted_per_second": t.predicted_per_second,
     }
 
 

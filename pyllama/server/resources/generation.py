@@ -118,20 +118,17 @@ def stream_response(resp: falcon.Response, run: Run, first_frames, later_frames,
         try:
             yield b"".join(pending)
             while run.open:
+                chunks = []
                 try:
                     item = run.next(timeout)
-                except Exception as exc:  # mid-stream: one error frame, no [DONE]
-                    yield sse.frame(body_for(exc)[1])
-                    return
-                if item is None:
-                    yield sse.PING
-                    continue
-                # events that queued meanwhile (a slow reader) leave in the same write
-                chunks = [later_frames(*item)]
-                try:
-                    while run.open and (item := run.next(None, block=False)) is not None:
+                    if item is None:
+                        yield sse.PING
+                        continue
+                    # events that queued meanwhile (a slow reader) leave in the same write
+                    while item is not None:
                         chunks.append(later_frames(*item))
-                except Exception as exc:
+                        item = run.next(None, block=False) if run.open else None
+                except Exception as exc:  # mid-stream: one error frame, no [DONE]
                     chunks.append(sse.frame(body_for(exc)[1]))
                     yield b"".join(chunks)
                     return
