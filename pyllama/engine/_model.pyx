@@ -38,6 +38,20 @@ cdef extern from *:
 
 PYLLAMA_LLAMA_COMMIT = (<bytes>PYLLAMA_LLAMA_COMMIT_C).decode()
 
+cdef extern from *:
+    """
+    #ifdef GGML_BACKEND_DL
+    #define PYLLAMA_BACKEND_DL 1
+    #else
+    #define PYLLAMA_BACKEND_DL 0
+    #endif
+    """
+    int PYLLAMA_BACKEND_DL
+
+# True when ggml's backends are modules loaded at import (the wheel); False when the CPU
+# backend is linked into libggml (make's native build: ggml refuses GGML_NATIVE with DL).
+BACKEND_DL = bool(PYLLAMA_BACKEND_DL)
+
 # --- llama.cpp logging -------------------------------------------------------------------------
 # PERF: the level gate is a C int, so filtered-out lines (most of load-time DEBUG/INFO) never
 # take the GIL. Errors always pass: the last ones explain a failed load.
@@ -94,9 +108,162 @@ def set_log_level(level):
         _log_min_level = L.GGML_LOG_LEVEL_ERROR
 
 
+# --- ggml backends ------------------------------------------------------------------------------
+# The build has GGML_BACKEND_DL: every backend (the CPU one included) is a module loaded here,
+# before anything else touches ggml, as upstream's tools do with ggml_backend_load_all().
+LIB_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lib")
+_BACKEND_FILE_PREFIX = "libggml-"
+_BACKEND_FILE_SUFFIX = ".so"
+# What was loaded, for list_backends(): (backend package or "pyllama", file path).
+_loaded_backend_files = []
+
+
+def _backend_package_dirs():
+    """Yield (name, lib folder) of each installed backend package (entry points pyllama.backends).
+
+    A backend package (e.g. pyllama-serve-cuda13) carries ggml backend modules in its own lib/
+    folder and pins this package's exact version; a package of another version is not loaded,
+    since ggml's backend interface is only stable within one pin.
+    """
+    from importlib.metadata import entry_points
+
+    from pyllama import __version__
+
+    for ep in entry_points(group="pyllama.backends"):
+        try:
+            module = ep.load()
+        except Exception as exc:  # a broken optional package must not stop the core
+            llama_logger.warning("backend package %s could not be imported: %s", ep.name, exc)
+            continue
+        version = getattr(module, "__version__", None)
+        if version != __version__:
+            llama_logger.warning(
+                "backend package %s is version %s but pyllama is %s: not loaded "
+                "(install the same version of both)", ep.name, version, __version__)
+            continue
+        yield ep.name, os.path.join(os.path.dirname(os.path.abspath(module.__file__)), "lib")
+
+
+def _backend_modules(folder):
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return []
+    return [os.path.join(folder, n) for n in names
+            if n.startswith(_BACKEND_FILE_PREFIX) and n.endswith(_BACKEND_FILE_SUFFIX)
+            and n not in ("libggml-base.so",)]
+
+
+cdef _load_module(str path, str owner):
+    cdef bytes cpath = os.fsencode(path)
+    cdef const char * c_path = cpath
+    cdef L.ggml_backend_reg_t reg
+    with nogil:
+        reg = L.ggml_backend_load(c_path)
+    if reg == NULL:
+        llama_logger.warning("failed to load ggml backend module %s", path)
+        return False
+    _loaded_backend_files.append((owner, path))
+    return True
+
+
+def _load_backends():
+    """Load the ggml backend modules: backend packages' first, then pyllama/lib's.
+
+    In pyllama/lib, ggml_backend_load_all_from_path picks the best CPU module for this CPU (a
+    portable build ships one per CPU level). PYLLAMA_CPU_VARIANT=<name> (e.g. haswell, x64)
+    loads libggml-cpu-<name>.so instead: for testing a lower CPU level on a newer machine.
+    """
+    # A build without GGML_BACKEND_DL (make's native one) has its CPU backend linked in.
+    for i in range(L.ggml_backend_reg_count()):
+        _loaded_backend_files.append(("built-in", (<bytes>L.ggml_backend_reg_name(
+            L.ggml_backend_reg_get(i))).decode()))
+    for owner, folder in _backend_package_dirs():
+        for path in _backend_modules(folder):
+            _load_module(path, owner)
+    variant = os.environ.get("PYLLAMA_CPU_VARIANT", "").strip()
+    if not BACKEND_DL and not variant:
+        return
+    cdef bytes cdir = os.fsencode(LIB_DIR)
+    cdef const char * c_dir = cdir
+    if variant:
+        forced = os.path.join(LIB_DIR, f"libggml-cpu-{variant}.so")
+        if not os.path.isfile(forced):
+            have = [os.path.basename(p)[len("libggml-cpu-"):-3] for p in _backend_modules(LIB_DIR)
+                    if os.path.basename(p).startswith("libggml-cpu-")]
+            raise ImportError(f"PYLLAMA_CPU_VARIANT={variant}: no {forced} in this build "
+                              f"(variants: {', '.join(have) or 'none, a native build'})")
+        for path in _backend_modules(LIB_DIR):
+            if not os.path.basename(path).startswith("libggml-cpu"):
+                _load_module(path, "pyllama")
+        _load_module(forced, "pyllama")
+    else:
+        before = L.ggml_backend_reg_count()
+        with nogil:
+            L.ggml_backend_load_all_from_path(c_dir)
+        for i in range(before, L.ggml_backend_reg_count()):
+            _loaded_backend_files.append(("pyllama", (<bytes>L.ggml_backend_reg_name(
+                L.ggml_backend_reg_get(i))).decode()))
+    if L.ggml_backend_dev_by_type(L.GGML_BACKEND_DEVICE_TYPE_CPU) == NULL:
+        detail = "; ".join(_recent_errors)
+        raise ImportError(f"no ggml CPU backend could be loaded from {LIB_DIR}"
+                          + (f": {detail}" if detail else ""))
+
+
 L.llama_log_set(_log_callback, NULL)
+_load_backends()
 L.llama_backend_init()
 set_log_level(llama_logger.getEffectiveLevel())
+
+_DEVICE_TYPES = {L.GGML_BACKEND_DEVICE_TYPE_CPU: "cpu", L.GGML_BACKEND_DEVICE_TYPE_GPU: "gpu",
+                 L.GGML_BACKEND_DEVICE_TYPE_IGPU: "igpu", L.GGML_BACKEND_DEVICE_TYPE_ACCEL: "accel",
+                 L.GGML_BACKEND_DEVICE_TYPE_META: "meta"}
+
+
+def list_devices():
+    """Return every ggml device: name, description, type, backend, total and free bytes.
+
+    Thread-safe. CPU devices are included (type "cpu"); upstream's --list-devices omits them.
+    """
+    cdef size_t i, free_bytes, total
+    cdef L.ggml_backend_dev_t dev
+    out = []
+    for i in range(L.ggml_backend_dev_count()):
+        dev = L.ggml_backend_dev_get(i)
+        free_bytes = total = 0
+        L.ggml_backend_dev_memory(dev, &free_bytes, &total)
+        out.append({
+            "name": (<bytes>L.ggml_backend_dev_name(dev)).decode(),
+            "description": (<bytes>L.ggml_backend_dev_description(dev)).decode("utf-8", "replace"),
+            "type": _DEVICE_TYPES.get(L.ggml_backend_dev_type(dev), "unknown"),
+            "backend": (<bytes>L.ggml_backend_reg_name(L.ggml_backend_dev_backend_reg(dev))).decode(),
+            "memory_total": total,
+            "memory_free": free_bytes,
+        })
+    return out
+
+
+def list_backends():
+    """Return (owner, module) of each ggml backend at import, in registration order.
+
+    The owner is "pyllama" (pyllama/lib), a backend package's name, or "built-in" (linked into
+    libggml: a build without GGML_BACKEND_DL); the module is its file, or the backend's name
+    where ggml picked the file (the best CPU module of a portable build) or none was loaded.
+    """
+    return list(_loaded_backend_files)
+
+
+def format_device_list():
+    """Return upstream's `--list-devices` text (common_print_available_devices)."""
+    lines = ["Available devices:"]
+    gpus = [d for d in list_devices() if d["type"] != "cpu"]
+    if not gpus:
+        lines.append("  (none)")
+    mib = 1024 * 1024
+    for d in gpus:
+        lines.append(f"  {d['name']}: {d['description']} ({d['memory_total'] // mib} MiB, "
+                     f"{d['memory_free'] // mib} MiB free)")
+    return "\n".join(lines) + "\n"
 
 
 def llama_version():
@@ -191,6 +358,8 @@ cdef class Model:
         tensor_split: proportions of the model per GPU.
         no_host: bypass the host buffer.
         lazy_mode: on, off or auto: read the rows of marked tensors on demand.
+        devices: names of the devices to offload to (see list_devices()); None for every
+            device, ["none"] or [] for none (llama-server's -dev).
 
     Raises:
         ModelNotFoundError: the path does not exist or is not a file.
@@ -203,7 +372,7 @@ cdef class Model:
     def __cinit__(self, path, *, int n_gpu_layers=-1, bint use_mmap=True, bint use_mlock=False,
                   bint vocab_only=False, bint check_tensors=False, bint repack=True,
                   kv_overrides=None, load_mode=None, split_mode="layer", int main_gpu=0,
-                  tensor_split=None, bint no_host=False, lazy_mode="auto"):
+                  tensor_split=None, bint no_host=False, lazy_mode="auto", devices=None):
         self.ptr = NULL
         self.vocab = NULL
         self.path = os.fspath(path)
@@ -237,6 +406,18 @@ cdef class Model:
             for i, value in enumerate(tensor_split):
                 split[i] = value
             params.tensor_split = split.data()
+        cdef vector[L.ggml_backend_dev_t] chosen
+        cdef L.ggml_backend_dev_t dev
+        if devices is not None:
+            names = [d for d in devices if d]
+            if names != ["none"]:
+                for name in names:  # as upstream's parse_device_list
+                    dev = L.ggml_backend_dev_by_name(name.encode())
+                    if dev == NULL or L.ggml_backend_dev_type(dev) == L.GGML_BACKEND_DEVICE_TYPE_CPU:
+                        raise InvalidRequestError(f"invalid device: {name}")
+                    chosen.push_back(dev)
+            chosen.push_back(NULL)
+            params.devices = chosen.data()
         params.vocab_only = vocab_only
         params.check_tensors = check_tensors
         params.use_extra_bufts = repack

@@ -122,8 +122,6 @@ class ServerState:
             numa_init(s.numa)
         ngl = {"auto": -1, "all": -1}.get(s.n_gpu_layers)
         ngl = int(s.n_gpu_layers) if ngl is None else ngl
-        if s.device == "none":
-            ngl = 0
         split = [float(x) for x in s.tensor_split.replace("/", ",").split(",")] if s.tensor_split else None
         embeddings = s.embedding
         n_ctx = s.ctx_size
@@ -142,7 +140,8 @@ class ServerState:
             model_options={"kv_overrides": s.kv_override_map(), "load_mode": s.load_mode or None,
                            "check_tensors": s.check_tensors, "lazy_mode": s.lazy_mode,
                            "split_mode": s.split_mode, "main_gpu": s.main_gpu, "tensor_split": split,
-                           "no_host": s.no_host},
+                           "no_host": s.no_host,
+                           "devices": s.device.split(",") if s.device else None},
             lora=s.lora_list(), lora_init_without_apply=s.lora_init_without_apply,
             context_options=dict(
                 rope_scaling=s.rope_scaling or None, rope_freq_base=s.rope_freq_base,
