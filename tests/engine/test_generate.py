@@ -18,7 +18,9 @@ def ctx(gemma):
 
 
 def _run(ctx, model, sampler, n=24, prompt=PROMPT):
-    return list(ctx.generate(model.tokenize(prompt), sampler, max_tokens=n))
+    # The quantised model's text depends on the CPU's kernels: tests compare runs on this
+    # machine, never the text itself. stop_at_eog=False: exactly n tokens, whenever it would stop.
+    return list(ctx.generate(model.tokenize(prompt), sampler, max_tokens=n, stop_at_eog=False))
 
 
 def test_context_parameters(gemma):
@@ -33,12 +35,14 @@ def test_context_parameters(gemma):
     assert default.n_ctx == gemma.n_ctx_train
 
 
-def test_greedy_is_deterministic_and_coherent(ctx, gemma):
+def test_greedy_is_deterministic(ctx, gemma):
     first = _run(ctx, gemma, SamplerChain.greedy(gemma))
     second = _run(ctx, gemma, SamplerChain.greedy(gemma))
     assert first == second and len(first) == 24
-    text = gemma.detokenize(first)
-    assert "red" in text and "blue" in text
+    assert all(0 <= t < gemma.n_vocab for t in first) and gemma.detokenize(first)
+    # stopping at the end-of-generation token only ever shortens the same greedy run
+    stopped = list(ctx.generate(gemma.tokenize(PROMPT), SamplerChain.greedy(gemma), max_tokens=24))
+    assert stopped == first[:len(stopped)] and not any(gemma.is_eog(t) for t in stopped)
 
 
 def test_seeded_sampling_is_deterministic(ctx, gemma):
@@ -62,9 +66,9 @@ def test_seeded_sampling_is_deterministic(ctx, gemma):
 
 
 def test_stop_reasons(ctx, gemma):
-    gen = ctx.generate(gemma.tokenize(PROMPT), SamplerChain.greedy(gemma), max_tokens=3)
+    gen = ctx.generate(gemma.tokenize(PROMPT), SamplerChain.greedy(gemma), max_tokens=3, stop_at_eog=False)
     assert len(list(gen)) == 3
-    gen = ctx.generate(gemma.tokenize(PROMPT), SamplerChain.greedy(gemma), max_tokens=2)
+    gen = ctx.generate(gemma.tokenize(PROMPT), SamplerChain.greedy(gemma), max_tokens=2, stop_at_eog=False)
     with pytest.raises(StopIteration) as info:
         while True:
             next(gen)
@@ -89,13 +93,15 @@ def test_prompt_longer_than_the_context(gemma):
 
 
 def test_long_prompt_is_decoded_in_batches(gemma):
+    # The same 32-token micro-batches either way (the quantised kernels' numbers depend on the
+    # batch shape): only how generate() splits the prompt into decode calls differs.
     c = Context(gemma, n_ctx=1024, n_batch=32, n_ubatch=32)
     prompt = gemma.tokenize("One two three four five six seven eight nine ten. " * 12)
     assert len(prompt) > 100
-    full = Context(gemma, n_ctx=1024, n_batch=1024)
+    full = Context(gemma, n_ctx=1024, n_batch=1024, n_ubatch=32)
     greedy = SamplerChain.greedy(gemma)
-    assert list(c.generate(prompt, greedy, max_tokens=8)) == list(
-        full.generate(prompt, greedy, max_tokens=8))
+    chunked = list(c.generate(prompt, greedy, max_tokens=8, stop_at_eog=False))
+    assert len(chunked) == 8 and chunked == list(full.generate(prompt, greedy, max_tokens=8, stop_at_eog=False))
 
 
 def test_bad_generate_arguments(ctx, gemma, synthetic):
@@ -160,11 +166,39 @@ def test_kv_overrides_and_rope_options(gemma_path):
     assert plain.tokenize("Hi")[0] == plain.token_bos and no_bos.tokenize("Hi") == plain.tokenize("Hi")[1:]
     with pytest.raises(InvalidRequestError):
         Model(gemma_path, kv_overrides={"x": [1]})
-    prompt = plain.tokenize("The three primary colors are")
-    greedy = SamplerChain.greedy(plain)
-    default = list(Context(plain, n_ctx=512).generate(prompt, greedy, max_tokens=12))
-    scaled = list(Context(plain, n_ctx=512, rope_scaling="linear", rope_freq_scale=0.25)
-                  .generate(prompt, greedy, max_tokens=12))
-    assert default != scaled  # the override reaches the graph
     with pytest.raises(InvalidRequestError):
         Context(plain, rope_scaling="cubic")
+    # The override reaches the graph: after a prompt long enough for positions to matter, the
+    # next token's log-probabilities move well beyond the run-to-run noise (none: the same
+    # computation twice gives the same numbers). Greedy tokens alone may not change on some
+    # CPU's kernels.
+    default = _next_token_logprobs(gemma_path)
+    assert default == _next_token_logprobs(gemma_path)
+    for options in (dict(rope_scaling="linear", rope_freq_scale=0.25), dict(rope_freq_base=100.0),
+                    dict(rope_scaling="yarn", rope_freq_scale=0.25, yarn_orig_ctx=128)):
+        assert _mean_logprob_change(default, _next_token_logprobs(gemma_path, **options)) > 0.1, options
+
+
+ROPE_PROMPT = " ".join(f"Line {i}: the {c} box holds {i * 7 % 13} stones." for i, c in
+                       zip(range(16), ["red", "green", "blue", "white", "black"] * 4))
+
+
+def _next_token_logprobs(gemma_path, **context_options):
+    # {token id: log p} of the 40 likeliest next tokens after ROPE_PROMPT, before sampling
+    import math
+
+    from pyllama.engine import Engine, Request, SamplingParams, TokenEvent
+
+    with Engine(gemma_path, n_ctx=512, n_batch=512, context_options=context_options) as eng:
+        prompt = eng.model.tokenize(ROPE_PROMPT)
+        assert len(prompt) > 180
+        handle = eng.submit(Request(prompt=prompt, sampling=SamplingParams(temperature=0.0, n_probs=40),
+                                    n_predict=1))
+        (_, top), = [p for e in handle if isinstance(e, TokenEvent) and e.probs for p in e.probs]
+    return {t.id: math.log(t.prob) for t in top}
+
+
+def _mean_logprob_change(default, other):
+    # over the default's 10 likeliest tokens; one that left the other's top 40 counts as 5
+    ids = sorted(default, key=default.get, reverse=True)[:10]
+    return sum(min(5.0, abs(default[i] - other[i])) if i in other else 5.0 for i in ids) / len(ids)

@@ -63,6 +63,16 @@ def server(gemma_path, slot_dir):
     srv.stop()
 
 
+@pytest.fixture(scope="session")
+def synthetic_server(synthetic_path):
+    # The F32 synthetic model gives the same numbers whatever the batch: runs side by side
+    # must equal runs alone (the quantised default model's batched kernels differ).
+    srv = ServerProcess(["-m", str(synthetic_path), "-np", "4", "-c", "2048"])
+    srv.wait_ready()
+    yield srv
+    srv.stop()
+
+
 @pytest.fixture
 def http(server):
     with httpx.Client(base_url=server.base, timeout=120) as client:

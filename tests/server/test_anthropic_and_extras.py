@@ -12,16 +12,18 @@ def test_anthropic_messages(server):
     import anthropic
 
     client = anthropic.Anthropic(base_url=server.base, api_key="none")
-    msg = client.messages.create(model="x", max_tokens=8, system="Be brief.", extra_body={"temperature": 0},
+    # cache_prompt false: both runs evaluate the whole prompt, the same computation
+    extra = {"temperature": 0, "cache_prompt": False}
+    msg = client.messages.create(model="x", max_tokens=8, system="Be brief.", extra_body=extra,
                                  messages=[{"role": "user", "content": "Name a color."}])
     assert msg.type == "message" and msg.role == "assistant"
     assert msg.stop_reason in ("max_tokens", "end_turn") and msg.usage.output_tokens <= 8
     text = "".join(b.text for b in msg.content if b.type == "text")
-    with client.messages.stream(model="x", max_tokens=8, system="Be brief.", extra_body={"temperature": 0},
+    with client.messages.stream(model="x", max_tokens=8, system="Be brief.", extra_body=extra,
                                 messages=[{"role": "user", "content": "Name a color."}]) as stream:
         streamed = "".join(stream.text_stream)
         final = stream.get_final_message()
-    assert final.stop_reason == msg.stop_reason
+    assert final.stop_reason == msg.stop_reason and final.usage.output_tokens == msg.usage.output_tokens
     assert streamed == text  # greedy: the stream spells out the same answer
 
 
@@ -98,7 +100,7 @@ def test_unix_socket(synthetic_path, tmp_path):
                 except httpx.HTTPError:
                     pass
                 time.sleep(0.1)
-            r = client.post("/completion", json={"prompt": "Hello", "n_predict": 2})
+            r = client.post("/completion", json={"prompt": "Hello", "n_predict": 2, "ignore_eos": True})
             assert r.status_code == 200 and r.json()["tokens_predicted"] == 2
     finally:
         srv.stop()

@@ -27,7 +27,7 @@ def test_health_is_503_while_loading_then_200(synthetic_path):
     state.load()
     try:
         assert client.simulate_get("/health").json == {"status": "ok"}
-        r = client.simulate_post("/completion", json={"prompt": "Hello", "n_predict": 3})
+        r = client.simulate_post("/completion", json={"prompt": "Hello", "n_predict": 3, "ignore_eos": True})
         assert r.status_code == 200 and r.json["tokens_predicted"] == 3
     finally:
         state.close()
@@ -50,7 +50,7 @@ def test_gunicorn_directly_with_the_wsgi_factory(synthetic_path):
                     break
             except httpx.HTTPError:
                 time.sleep(0.1)
-        r = httpx.post(base + "/completion", json={"prompt": "Hello", "n_predict": 2})
+        r = httpx.post(base + "/completion", json={"prompt": "Hello", "n_predict": 2, "ignore_eos": True})
         assert r.status_code == 200 and r.json()["tokens_predicted"] == 2
         assert "llamacpp:n_decode_total" in httpx.get(base + "/metrics").text
     finally:

@@ -81,7 +81,8 @@ def test_tls_with_a_self_signed_certificate(synthetic_path, tmp_path):
     context = ssl.create_default_context(cafile=str(cert))
     try:
         srv.wait_ready(verify=context)
-        r = httpx.post(srv.base + "/completion", json={"prompt": "Hello", "n_predict": 2}, verify=context)
+        r = httpx.post(srv.base + "/completion", json={"prompt": "Hello", "n_predict": 2, "ignore_eos": True},
+                       verify=context)
         assert r.status_code == 200 and r.json()["tokens_predicted"] == 2
         with pytest.raises(httpx.HTTPError):  # plain HTTP gets no answer from a TLS port
             httpx.get(srv.base.replace("https", "http") + "/health", timeout=5).raise_for_status()

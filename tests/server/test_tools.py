@@ -12,7 +12,9 @@ from .conftest import ServerProcess
 TEMPLATE = Path(__file__).parents[1] / "data" / "hermes-tools.jinja"
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Get the weather of a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    # maxLength: the grammar ends the call within max_tokens, whatever city the model picks
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24}},
+                   "required": ["city"]}}}]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,8 @@ def test_required_tool_call(tools_server):
     client = OpenAI(base_url=tools_server.base + "/v1", api_key="none")
     messages = [{"role": "user", "content": "What is the weather in Paris?"}]
     # a 270M base model needs a nudge to start the call; the grammar does the rest
-    nudge = {"logit_bias": {"<tool_call>": 5}}
+    # cache_prompt false: the streamed run below repeats this computation exactly
+    nudge = {"logit_bias": {"<tool_call>": 5}, "cache_prompt": False}
     res = client.chat.completions.create(model="x", messages=messages, tools=TOOLS, tool_choice="required",
                                          parallel_tool_calls=False, max_tokens=200, temperature=0,
                                          extra_body=nudge)
