@@ -8,7 +8,8 @@ from pathlib import Path
 
 
 def _pyllama(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pyllama", *args], capture_output=True,
+    # -P: the installed pyllama (a wheel, in CI), not the source folder the tests run from
+    return subprocess.run([sys.executable, "-P", "-m", "pyllama", *args], capture_output=True,
                           text=True, timeout=300)
 
 

@@ -39,8 +39,11 @@ def test_gunicorn_directly_with_the_wsgi_factory(synthetic_path):
         port = s.getsockname()[1]
     env = {**os.environ, "PYLLAMA_ARGS": f"-m {synthetic_path} -np 2 -c 512 --port {port} --metrics"}
     gunicorn = str(Path(sys.executable).parent / "gunicorn")
+    # gunicorn puts its working folder on sys.path: run it elsewhere than the source tree, as a
+    # deployment does, so the installed pyllama is the one imported
     proc = subprocess.Popen([gunicorn, "-c", "python:pyllama.server.wsgi", "pyllama.server.wsgi:create_app()"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            cwd=synthetic_path.parent)
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.time() + 60
