@@ -137,6 +137,8 @@ done
 # ggml_backend_load() needs ggml_backend_init; ggml_backend_score is optional, and only the CPU
 # variants define it (ggml-cuda does not).
 nm -D --defined-only "$so" | grep -qw ggml_backend_init || die "libggml-cuda.so lacks ggml_backend_init"
+grep -qx 'cuda13 = pyllama_cuda13' "$check"/*.dist-info/entry_points.txt ||
+    die "no pyllama.backends entry point cuda13 = pyllama_cuda13"
 extra=$(cd "$check" && find . -type f ! -path './pyllama_cuda13/*' ! -path './*.dist-info/*')
 [[ -z "$extra" ]] || die "unexpected files in the wheel: $extra"
 log "$(basename "$whl"): $(du -m "$whl" | cut -f1) MB zipped, $(du -sm "$check" | cut -f1) MB unpacked"
