@@ -1,12 +1,11 @@
-// See pyllama_bridge.h. JSON text crosses the boundary, so Cython sees only std::string.
+// See pyllama_bridge.h.
 #include "pyllama_bridge.h"
 
 #include "chat.h"
 #include "json-schema-to-grammar.h"
+#include "json.h"
 
-#include <nlohmann/json.hpp>
-
-using ojson = nlohmann::ordered_json;
+#include <random>
 
 struct pyllama_chat {
     common_chat_templates_ptr tmpls;
@@ -32,85 +31,193 @@ void pyllama_chat_free(pyllama_chat * chat) {
 }
 
 std::string pyllama_chat_info(const pyllama_chat * chat) {
-    ojson caps = ojson::object();
+    common_json caps = common_json::object();
     for (const auto & [name, value] : common_chat_templates_get_caps(chat->tmpls.get())) {
         caps[name] = value;
     }
-    return ojson{
-        {"source", common_chat_templates_source(chat->tmpls.get())},
-        {"tool_use_source", common_chat_templates_source(chat->tmpls.get(), "tool_use")},
-        {"explicit", common_chat_templates_was_explicit(chat->tmpls.get())},
-        {"supports_enable_thinking", common_chat_templates_support_enable_thinking(chat->tmpls.get())},
-        {"caps", caps},
-    }.dump();
+    common_json out = common_json::object();
+    out["source"] = common_chat_templates_source(chat->tmpls.get());
+    out["tool_use_source"] = common_chat_templates_source(chat->tmpls.get(), "tool_use");
+    out["explicit"] = common_chat_templates_was_explicit(chat->tmpls.get());
+    out["supports_enable_thinking"] = common_chat_templates_support_enable_thinking(chat->tmpls.get());
+    out["caps"] = caps;
+    return out.dump();
 }
 
 template <typename T>
-static T value_or(const ojson & j, const char * key, T fallback) {
-    auto it = j.find(key);
-    return (it == j.end() || it->is_null()) ? fallback : it->get<T>();
+static T value_or(const common_json & j, const char * key, T fallback) {
+    return (!j.contains(key) || j.at(key).is_null()) ? fallback : j.at(key).get<T>();
+}
+
+static bool present(const common_json & j, const char * key) {
+    return j.contains(key) && !j.at(key).is_null();
 }
 
 std::string pyllama_chat_apply(const pyllama_chat * chat, const std::string & inputs_json) {
-    const ojson in = ojson::parse(inputs_json);
+    const common_json in = common_json::parse(inputs_json);
     common_chat_templates_inputs inputs;
-    inputs.messages = common_chat_msgs_parse_oaicompat(common_json::parse(in.at("messages").dump()));
-    if (in.contains("tools") && !in.at("tools").is_null()) {
-        inputs.tools = common_chat_tools_parse_oaicompat(common_json::parse(in.at("tools").dump()));
+    inputs.messages = common_chat_msgs_parse_oaicompat(in.at("messages"));
+    if (present(in, "tools")) {
+        inputs.tools = common_chat_tools_parse_oaicompat(in.at("tools"));
     }
     inputs.tool_choice = common_chat_tool_choice_parse_oaicompat(value_or<std::string>(in, "tool_choice", "auto"));
     inputs.json_schema = value_or<std::string>(in, "json_schema", "");
     inputs.grammar = value_or<std::string>(in, "grammar", "");
     inputs.use_jinja = value_or<bool>(in, "use_jinja", true);
     inputs.add_generation_prompt = value_or<bool>(in, "add_generation_prompt", true);
-    if (in.contains("continue_final_message") && !in.at("continue_final_message").is_null()) {
-        inputs.continue_final_message =
-            common_chat_continuation_parse(common_json::parse(in.at("continue_final_message").dump()));
+    if (present(in, "continue_final_message")) {
+        inputs.continue_final_message = common_chat_continuation_parse(in.at("continue_final_message"));
     }
     inputs.parallel_tool_calls = value_or<bool>(in, "parallel_tool_calls", false);
     inputs.reasoning_format = common_reasoning_format_from_name(value_or<std::string>(in, "reasoning_format", "auto"));
     inputs.enable_thinking = value_or<bool>(in, "enable_thinking", true);
-    if (in.contains("chat_template_kwargs")) {
+    if (present(in, "chat_template_kwargs")) {
         for (const auto & item : in.at("chat_template_kwargs").items()) {
-            inputs.chat_template_kwargs[item.key()] = item.value().get<std::string>();
+            inputs.chat_template_kwargs[item.key()] = item.value().dump();
         }
     }
 
     const auto params = common_chat_templates_apply(chat->tmpls.get(), inputs);
 
-    ojson triggers = ojson::array();
+    common_json triggers = common_json::array();
     for (const auto & t : params.grammar_triggers) {
-        triggers.push_back({{"type", (int) t.type}, {"value", t.value}, {"token", t.token}});
+        common_json trigger = common_json::object();
+        trigger["type"] = (int) t.type;
+        trigger["value"] = t.value;
+        trigger["token"] = t.token;
+        triggers.push_back(trigger);
     }
-    return ojson{
-        {"prompt", params.prompt},
-        {"format", (int) params.format},
-        {"format_name", common_chat_format_name(params.format)},
-        {"grammar", params.grammar},
-        {"grammar_lazy", params.grammar_lazy},
-        {"grammar_triggers", triggers},
-        {"preserved_tokens", params.preserved_tokens},
-        {"additional_stops", params.additional_stops},
-        {"generation_prompt", params.generation_prompt},
-        {"supports_thinking", params.supports_thinking},
-        {"thinking_start_tag", params.thinking_start_tag},
-        {"thinking_end_tags", params.thinking_end_tags},
-        {"parser", params.parser},
-    }.dump();
+    common_json out = common_json::object();
+    out["prompt"] = params.prompt;
+    out["format"] = (int) params.format;
+    out["format_name"] = common_chat_format_name(params.format);
+    out["grammar"] = params.grammar;
+    out["grammar_lazy"] = params.grammar_lazy;
+    out["grammar_triggers"] = triggers;
+    out["preserved_tokens"] = params.preserved_tokens;
+    out["additional_stops"] = params.additional_stops;
+    out["generation_prompt"] = params.generation_prompt;
+    out["supports_thinking"] = params.supports_thinking;
+    out["thinking_start_tag"] = params.thinking_start_tag;
+    out["thinking_end_tags"] = params.thinking_end_tags;
+    out["parser"] = params.parser;
+    return out.dump_safe();
 }
 
-std::string pyllama_chat_parse(const std::string & text, bool is_partial, const std::string & params_json) {
-    const ojson in = ojson::parse(params_json);
+struct pyllama_chat_parser {
     common_chat_parser_params params;
-    params.format = (common_chat_format) value_or<int>(in, "format", 0);
-    params.reasoning_format = common_reasoning_format_from_name(value_or<std::string>(in, "reasoning_format", "auto"));
-    params.reasoning_in_content = value_or<bool>(in, "reasoning_in_content", false);
-    params.generation_prompt = value_or<std::string>(in, "generation_prompt", "");
-    params.parse_tool_calls = value_or<bool>(in, "parse_tool_calls", true);
-    params.is_continuation = value_or<bool>(in, "is_continuation", false);
-    const auto parser = value_or<std::string>(in, "parser", "");
-    if (!parser.empty()) {
-        params.parser.load(parser);
+    common_chat_msg msg;
+    std::string text;
+    std::vector<std::string> tool_call_ids;
+};
+
+pyllama_chat_parser * pyllama_chat_parser_new(const std::string & params_json) {
+    const common_json in = common_json::parse(params_json);
+    auto * p = new pyllama_chat_parser();
+    try {
+        p->params.format = (common_chat_format) value_or<int>(in, "format", 0);
+        p->params.reasoning_format =
+            common_reasoning_format_from_name(value_or<std::string>(in, "reasoning_format", "auto"));
+        p->params.reasoning_in_content = value_or<bool>(in, "reasoning_in_content", false);
+        p->params.generation_prompt = value_or<std::string>(in, "generation_prompt", "");
+        p->params.parse_tool_calls = value_or<bool>(in, "parse_tool_calls", true);
+        p->params.is_continuation = value_or<bool>(in, "is_continuation", false);
+        const auto parser = value_or<std::string>(in, "parser", "");
+        if (!parser.empty()) {
+            p->params.parser.load(parser);  // once per request, not once per token
+        }
+    } catch (...) {
+        delete p;
+        throw;
     }
-    return common_chat_parse(text, is_partial, params).to_json_oaicompat().dump_safe();
+    p->msg.role = "assistant";
+    return p;
+}
+
+void pyllama_chat_parser_free(pyllama_chat_parser * parser) {
+    delete parser;
+}
+
+// upstream's gen_tool_call_id (tools/server/server-common.cpp random_string)
+static std::string random_tool_call_id() {
+    static const char chars[] = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    thread_local std::mt19937 rng{std::random_device{}()};
+    std::uniform_int_distribution<size_t> pick(0, sizeof(chars) - 2);
+    std::string id(32, ' ');
+    for (auto & c : id) {
+        c = chars[pick(rng)];
+    }
+    return id;
+}
+
+static common_json diff_to_json_oaicompat(const common_chat_msg_diff & diff) {
+    // server_chat_msg_diff_to_json_oaicompat (tools/server/server-chat.cpp)
+    common_json delta = common_json::object();
+    if (!diff.reasoning_content_delta.empty()) {
+        delta["reasoning_content"] = diff.reasoning_content_delta;
+    }
+    if (!diff.content_delta.empty()) {
+        delta["content"] = diff.content_delta;
+    }
+    if (diff.tool_call_index != std::string::npos) {
+        common_json tool_call = common_json::object();
+        tool_call["index"] = diff.tool_call_index;
+        if (!diff.tool_call_delta.id.empty()) {
+            tool_call["id"] = diff.tool_call_delta.id;
+            tool_call["type"] = "function";
+        }
+        if (!diff.tool_call_delta.name.empty() || !diff.tool_call_delta.arguments.empty()) {
+            common_json function = common_json::object();
+            if (!diff.tool_call_delta.name.empty()) {
+                function["name"] = diff.tool_call_delta.name;
+            }
+            if (!diff.tool_call_delta.arguments.empty()) {
+                function["arguments"] = diff.tool_call_delta.arguments;
+            }
+            tool_call["function"] = function;
+        }
+        common_json calls = common_json::array();
+        calls.push_back(tool_call);
+        delta["tool_calls"] = calls;
+    }
+    return delta;
+}
+
+std::string pyllama_chat_parser_update(pyllama_chat_parser * p, const std::string & text, bool is_partial,
+                                       bool replace) {
+    // task_result_state::update_chat_msg (tools/server/server-task.cpp)
+    if (replace) {
+        p->text = text;
+    } else {
+        p->text += text;
+    }
+    common_chat_msg parsed;
+    try {
+        parsed = common_chat_parse(p->text, is_partial, p->params);
+    } catch (const std::exception &) {
+        parsed = common_chat_msg();  // output the format cannot read stays plain content
+        parsed.role = "assistant";
+        parsed.content = p->text;
+    }
+    common_json out = common_json::array();
+    if (parsed.empty()) {
+        return out.dump();
+    }
+    parsed.set_tool_call_ids(p->tool_call_ids, random_tool_call_id);
+    std::vector<common_chat_msg_diff> diffs;
+    try {
+        diffs = common_chat_msg_diff::compute_diffs(p->msg, parsed);
+    } catch (const std::exception &) {
+        // a re-parse that is not an extension of the last one (e.g. a partial marker that
+        // turned out to be text): nothing to send for this step
+    }
+    p->msg = std::move(parsed);
+    for (const auto & diff : diffs) {
+        out.push_back(diff_to_json_oaicompat(diff));
+    }
+    return out.dump_safe();
+}
+
+std::string pyllama_chat_parser_message(const pyllama_chat_parser * p) {
+    return p->msg.to_json_oaicompat().dump_safe();
 }

@@ -1,5 +1,7 @@
 // C++ glue over llama.cpp's `common` library, for what Cython cannot reach directly
 // (common's C++ types). Declared for Cython in pyllama/_bridge.pxd.
+// JSON text crosses the boundary once each way: Python writes it with orjson, this side reads
+// it with common_json::parse and writes its answer with one dump.
 #pragma once
 
 #include <string>
@@ -25,11 +27,29 @@ std::string pyllama_chat_info(const pyllama_chat * chat);
 // Apply the template (common_chat_templates_apply). `inputs_json` holds the OpenAI-style
 // fields: messages, tools, tool_choice, json_schema (text), grammar, add_generation_prompt,
 // continue_final_message, use_jinja, parallel_tool_calls, reasoning_format, enable_thinking,
-// chat_template_kwargs (values as JSON text). Returns common_chat_params as JSON text.
+// chat_template_kwargs (an object; each value reaches the template as its JSON text).
+// Returns common_chat_params as JSON text.
 // Throws std::exception with upstream's message on bad input.
 std::string pyllama_chat_apply(const pyllama_chat * chat, const std::string & inputs_json);
 
-// Parse model output into an OpenAI-style message (common_chat_parse). `params_json` holds
-// format, reasoning_format, reasoning_in_content, generation_prompt, parse_tool_calls,
-// is_continuation, parser. Returns the message as JSON text.
-std::string pyllama_chat_parse(const std::string & text, bool is_partial, const std::string & params_json);
+// The chat half of upstream's task_result_state (tools/server/server-task.h): the parser
+// parameters loaded once per request, the text generated so far and the last parsed message
+// kept here, and only the message diffs handed back. One per request; not thread-safe (the
+// HTTP thread that streams the request owns it). Free with pyllama_chat_parser_free.
+struct pyllama_chat_parser;
+
+// `params_json` holds format, reasoning_format, reasoning_in_content, generation_prompt,
+// parse_tool_calls, is_continuation, parser (a serialised PEG arena from pyllama_chat_apply).
+// Throws std::exception when the parameters do not load.
+pyllama_chat_parser * pyllama_chat_parser_new(const std::string & params_json);
+void pyllama_chat_parser_free(pyllama_chat_parser * parser);
+
+// Append `text` (or, with `replace`, take it as the whole output), parse the output so far
+// (common_chat_parse; output its format cannot read stays plain content) and return the diffs
+// against the previous message as OpenAI deltas, a JSON array (update_chat_msg +
+// server_chat_msg_diff_to_json_oaicompat). Tool calls keep the ids they first got.
+std::string pyllama_chat_parser_update(pyllama_chat_parser * parser, const std::string & text, bool is_partial,
+                                       bool replace);
+
+// The last parsed message, OpenAI-shaped (common_chat_msg::to_json_oaicompat), as JSON text.
+std::string pyllama_chat_parser_message(const pyllama_chat_parser * parser);

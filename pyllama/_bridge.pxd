@@ -1,6 +1,7 @@
 # cython: language_level=3
 """C++ declarations of csrc/pyllama_bridge.h: our glue over llama.cpp's common library."""
 
+from libcpp cimport bool as cbool
 from libcpp.string cimport string
 
 from pyllama._llama cimport llama_model
@@ -16,4 +17,10 @@ cdef extern from "pyllama_bridge.h" nogil:
     void pyllama_chat_free(pyllama_chat * chat)
     string pyllama_chat_info(const pyllama_chat * chat) except +
     string pyllama_chat_apply(const pyllama_chat * chat, const string & inputs_json) except +
-    string pyllama_chat_parse(const string & text, bint is_partial, const string & params_json) except +
+
+    struct pyllama_chat_parser
+    pyllama_chat_parser * pyllama_chat_parser_new(const string & params_json) except +
+    void pyllama_chat_parser_free(pyllama_chat_parser * parser)
+    string pyllama_chat_parser_update(pyllama_chat_parser * parser, const string & text, cbool is_partial,
+                                      cbool replace) except +
+    string pyllama_chat_parser_message(const pyllama_chat_parser * parser) except +

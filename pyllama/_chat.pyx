@@ -1,9 +1,10 @@
 # cython: language_level=3, embedsignature=True
-"""ChatTemplates: llama.cpp's common chat code (templates, tool calls, reasoning parsing).
+"""ChatTemplates and ChatParser: llama.cpp's common chat code (templates, tool calls, reasoning).
 
-A thin shell over csrc/pyllama_bridge.cpp; JSON text goes in and out, and server/templates.py
-turns it into Python objects. Everything here is pure CPU work over the template, so it is
-thread-safe and runs on the HTTP threads.
+A thin shell over csrc/pyllama_bridge.cpp. JSON crosses the boundary as UTF-8 bytes, once each
+way (orjson on this side, common_json on the other); server/templates.py turns it into Python
+objects. Templates are pure CPU work over the template, thread-safe, run on the HTTP threads;
+a ChatParser belongs to the one thread that streams its request.
 Imports: `_bridge`, `_llama` (declarations only), `engine._model`, `errors`.
 """
 
@@ -15,7 +16,11 @@ from pyllama._bridge cimport (
     pyllama_chat_free,
     pyllama_chat_info,
     pyllama_chat_init,
-    pyllama_chat_parse,
+    pyllama_chat_parser,
+    pyllama_chat_parser_free,
+    pyllama_chat_parser_message,
+    pyllama_chat_parser_new,
+    pyllama_chat_parser_update,
 )
 from pyllama.engine._model cimport Model
 
@@ -48,33 +53,61 @@ cdef class ChatTemplates:
             self.ptr = NULL
 
     def info_json(self):
-        """Source, capabilities and origin of the template, as JSON text."""
-        return pyllama_chat_info(self.ptr).decode("utf-8", "replace")
+        """Source, capabilities and origin of the template, as JSON bytes."""
+        return <bytes>pyllama_chat_info(self.ptr)
 
-    def apply_json(self, str inputs_json):
-        """Apply the template; JSON text in (see csrc/pyllama_bridge.h), JSON text out.
+    def apply_json(self, bytes inputs_json):
+        """Apply the template; JSON bytes in (see csrc/pyllama_bridge.h), JSON bytes out.
 
         Raises:
             InvalidRequestError: with upstream's message, for input the template refuses.
         """
-        cdef string c_in = inputs_json.encode()
+        cdef string c_in = inputs_json
         cdef string out
         try:
             with nogil:
                 out = pyllama_chat_apply(self.ptr, c_in)
         except Exception as exc:
             raise InvalidRequestError(str(exc)) from None
-        return out.decode("utf-8", "replace")
+        return <bytes>out
 
 
-def parse_json(str text, bint is_partial, str params_json):
-    """Parse model output into an OpenAI message, as JSON text (common_chat_parse). Thread-safe."""
-    cdef string c_text = text.encode()
-    cdef string c_params = params_json.encode()
-    cdef string out
-    try:
+cdef class ChatParser:
+    """One request's chat output parser: the text so far and its last message live in C++.
+
+    Args:
+        params_json: the parser parameters as JSON bytes (format, reasoning_format,
+            generation_prompt, parse_tool_calls, parser, ...), loaded once here.
+
+    Raises:
+        InvalidRequestError: the parameters do not load.
+    """
+
+    cdef pyllama_chat_parser * ptr
+
+    def __cinit__(self, bytes params_json):
+        self.ptr = NULL
+        cdef string c_params = params_json
+        try:
+            with nogil:
+                self.ptr = pyllama_chat_parser_new(c_params)
+        except Exception as exc:
+            raise InvalidRequestError(f"failed to load the chat parser: {exc}") from None
+
+    def __dealloc__(self):
+        if self.ptr != NULL:
+            pyllama_chat_parser_free(self.ptr)
+            self.ptr = NULL
+
+    def update(self, str text, bint is_partial, bint replace=False):
+        """Add new output text (or, with replace, the whole output) and return the message
+        diffs as OpenAI delta objects, JSON bytes of an array."""
+        cdef string c_text = text.encode("utf-8", "surrogatepass")
+        cdef string out
         with nogil:
-            out = pyllama_chat_parse(c_text, is_partial, c_params)
-    except Exception as exc:
-        raise InvalidRequestError(f"failed to parse the model output: {exc}") from None
-    return out.decode("utf-8", "replace")
+            out = pyllama_chat_parser_update(self.ptr, c_text, is_partial, replace)
+        return <bytes>out
+
+    def message_json(self):
+        """The last parsed message, OpenAI-shaped, as JSON bytes."""
+        return <bytes>pyllama_chat_parser_message(self.ptr)

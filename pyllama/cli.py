@@ -1,9 +1,8 @@
 """Command lines: `pyllama-server` (llama-server's flags) and `pyllama generate`.
 
-`pyllama-server` parses llama-server's flags (long and short forms, `_` for `-` in long names,
-LLAMA_ARG_* environment variables, the same defaults) into a Settings, then runs the server
-under gunicorn. A llama-server flag pyllama does not support is refused by name.
-Imports: `settings`, `errors`, `server.app` (lazily), and the public `engine` names for generate.
+`pyllama-server` turns llama-server's flags into Settings (pyllama/flags.py), then runs the
+server under gunicorn.
+Imports: `flags`, `errors`, `server.gunicorn` (lazily), and the public `engine` names.
 """
 
 from __future__ import annotations
@@ -11,213 +10,13 @@ from __future__ import annotations
 import argparse
 import codecs
 import logging
-import os
 import sys
-from dataclasses import fields, replace
 
 from pyllama import __version__
 from pyllama.errors import PyllamaError
-from pyllama.settings import Settings
+from pyllama.flags import FlagError, parse_server_args, server_help
 
 logger = logging.getLogger(__name__)
-
-TRUTHY = {"true", "1", "on", "enabled"}
-FALSY = {"false", "0", "off", "disabled"}
-TRISTATE = {**{v: "on" for v in ("on", "enabled", "true", "1")},
-            **{v: "off" for v in ("off", "disabled", "false", "0")},
-            "auto": "auto", "-1": "auto"}
-
-# llama-server flags that exist upstream but that this version does not implement.
-UNSUPPORTED = (
-    "-mu --model-url -hf -hfr --hf-repo -hff --hf-file -hft --hf-token -dr --docker-repo --offline "
-    "--control-vector --control-vector-scaled "
-    "--control-vector-layer-range -mm --mmproj -mmu --mmproj-url --no-mmproj --mmproj-auto "
-    "--mmproj-offload --no-mmproj-offload --spec-type -md --model-draft -hfd --draft --draft-max "
-    "--draft-min --models-dir --models-preset --models-max --models-autoload --no-models-autoload "
-    "--tools --mcp-servers-config --agent -ag "
-    "--cache-reuse --cache-ram -cram --sleep-idle-seconds --path --media-path --log-file "
-    "--reasoning-budget --reasoning -rea -ot "
-    "--override-tensor --cpu-moe --n-cpu-moe -cmoe -ncmoe --fit -fit --fit-target --fit-ctx --lazy-mode -lzm "
-    "--rpc --ctx-checkpoints --swa-checkpoints -ctxcp --checkpoint-min-step --cache-idle-slots "
-    "--log-prompts-dir --chat-template-kwargs-file"
-).split()
-
-
-class FlagError(Exception):
-    """A command line that cannot be turned into Settings."""
-
-
-def _flag_table():
-    table = {}
-    for f in fields(Settings):
-        meta = f.metadata
-        for name in meta["names"]:
-            table[name] = (f, True)
-        for name in meta.get("neg", ()):
-            table[name] = (f, False)
-    return table
-
-
-def _normalise(name: str) -> str:
-    return "--" + name[2:].replace("_", "-") if name.startswith("--") else name
-
-
-def _convert(f, raw: str, source: str):
-    meta = f.metadata
-    kind = meta.get("kind")
-    try:
-        if kind == "tristate":
-            if raw.lower() not in TRISTATE:
-                raise ValueError
-            return TRISTATE[raw.lower()]
-        if kind in ("flag",) or f.type in ("bool", "bool | None"):
-            low = raw.lower()
-            if low in TRUTHY:
-                return True
-            if low in FALSY:
-                return False
-            raise ValueError
-        if f.type == "int":
-            return int(raw)
-        if f.type == "float":
-            return float(raw)
-    except ValueError:
-        raise FlagError(f"invalid value for {source}: {raw!r}") from None
-    if meta.get("choices") and raw not in meta["choices"]:
-        raise FlagError(f"invalid value for {source}: {raw!r} (expected one of "
-                        f"{', '.join(c for c in meta['choices'] if c)})")
-    return raw
-
-
-def parse_server_args(argv: list[str], environ: dict | None = None) -> Settings:
-    """Turn llama-server flags (and LLAMA_ARG_* variables) into Settings.
-
-    Raises:
-        FlagError: an unknown, unsupported or malformed flag.
-    """
-    environ = os.environ if environ is None else environ
-    table = _flag_table()
-    values: dict = {}
-    i = 0
-    while i < len(argv):
-        token = argv[i]
-        i += 1
-        name, eq, inline = token.partition("=") if token.startswith("--") else (token, "", "")
-        name = _normalise(name)
-        if name not in table:
-            if name in UNSUPPORTED:
-                raise FlagError(f"{name} is a llama-server flag that pyllama does not support yet")
-            raise FlagError(f"invalid argument: {token}")
-        f, positive = table[name]
-        kind = f.metadata.get("kind")
-        takes_value = positive and kind not in ("flag",) and f.type not in ("bool", "bool | None")
-        if not takes_value:
-            if eq:
-                raise FlagError(f"{name} takes no value")
-            values[f.name] = positive
-            continue
-        if eq:
-            raw = inline
-        elif i < len(argv):
-            raw = argv[i]
-            i += 1
-        else:
-            raise FlagError(f"expected value for argument {name}")
-        if kind in ("append", "keys"):
-            parts = [p for p in raw.split(",")] if kind == "keys" else [raw]
-            values[f.name] = tuple(values.get(f.name, ())) + tuple(p for p in parts if p)
-        else:
-            values[f.name] = _convert(f, raw, name)
-    for f in fields(Settings):
-        env = f.metadata.get("env")
-        if not env or env not in environ or f.name in values:
-            continue
-        raw = environ[env]
-        kind = f.metadata.get("kind")
-        if kind == "flag":
-            if raw.lower() in TRUTHY:
-                values[f.name] = True
-            continue
-        if kind in ("append", "keys"):
-            values[f.name] = tuple(p for p in raw.split(",") if p)
-        else:
-            values[f.name] = _convert(f, raw, env)
-    settings = Settings(**values)
-    return _finish(settings)
-
-
-def _finish(s: Settings) -> Settings:
-    if s.parallel == 0 or s.parallel < -1:
-        raise FlagError("--parallel must be >= 1 (or -1 for auto)")
-    changes = {}
-    if s.parallel == -1:
-        # upstream's auto: 4 slots sharing one unified KV pool
-        changes["parallel"] = 4
-        if s.kv_unified is None:
-            changes["kv_unified"] = True
-    if s.reranking:
-        changes.update(embedding=True, pooling="rank")
-    if s.api_key_file:
-        try:
-            with open(s.api_key_file, encoding="utf-8") as fh:
-                keys = [ln.strip() for ln in fh if ln.strip() and not ln.lstrip().startswith("#")]
-        except OSError as exc:
-            raise FlagError(f"cannot read --api-key-file: {exc}") from None
-        changes["api_key"] = tuple(s.api_key) + tuple(keys)
-    for name in ("grammar_file", "json_schema_file", "chat_template_file", "ui_config_file"):
-        path = getattr(s, name)
-        if path:
-            try:
-                with open(path, encoding="utf-8") as fh:
-                    changes[name.rsplit("_file", 1)[0]] = fh.read()
-            except OSError as exc:
-                raise FlagError(f"cannot read --{name.replace('_', '-')}: {exc}") from None
-    if s.slot_save_path and not os.path.isdir(s.slot_save_path):
-        raise FlagError(f"--slot-save-path {s.slot_save_path}: not a folder")
-    try:
-        s.kv_override_map()
-        for path, _ in s.lora_list():
-            if not os.path.isfile(path):
-                raise ValueError(f"LoRA adapter not found: {path}")
-    except ValueError as exc:
-        raise FlagError(str(exc)) from None
-    import json
-
-    ui = changes.get("ui_config", s.ui_config)
-    if ui:
-        try:
-            if not isinstance(json.loads(ui), dict):
-                raise ValueError
-        except ValueError:
-            raise FlagError("--ui-config must be a JSON object") from None
-    if s.tensor_split:
-        try:
-            [float(x) for x in s.tensor_split.replace("/", ",").split(",")]
-        except ValueError:
-            raise FlagError(f"invalid value for --tensor-split: {s.tensor_split!r}") from None
-    if s.device and not [d for d in s.device.split(",") if d]:
-        raise FlagError("error while handling argument \"--device\": no devices specified")
-    if s.n_gpu_layers not in ("auto", "all"):
-        try:
-            int(s.n_gpu_layers)
-        except ValueError:
-            raise FlagError(f"invalid value for --n-gpu-layers: {s.n_gpu_layers!r}") from None
-    return replace(s, **changes) if changes else s
-
-
-def server_help() -> str:
-    lines = ["usage: pyllama-server [options]", "",
-             "llama-server's flags; each may also come from its environment variable.", ""]
-    for f in fields(Settings):
-        meta = f.metadata
-        names = ", ".join(list(meta["names"]) + list(meta.get("neg", ())))
-        env = f" (env: {meta['env']})" if meta.get("env") else ""
-        lines.append(f"  {names:<44} {meta['help']} [default: {f.default}]{env}")
-    lines += ["", "  -h, --help                                   this help", 
-              "  --version                                    pyllama and llama.cpp versions",
-              "  --list-devices                               print list of available devices and exit"]
-    return "\n".join(lines)
-
 
 def version_text() -> str:
     from pyllama.engine import llama_version
@@ -226,7 +25,7 @@ def version_text() -> str:
 
 
 def _pinned_commit() -> str:
-    from pyllama.engine._model import llama_build_commit
+    from pyllama.engine._model import llama_build_commit  # TODO: public name
 
     return llama_build_commit()
 

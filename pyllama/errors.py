@@ -110,3 +110,18 @@ class DecodeError(EngineError):
 
 class DefaultModelMissingError(ModelLoadError):
     """The default model's packages are not installed."""
+
+
+def error_json(exc: BaseException) -> tuple[int, dict]:
+    """The HTTP status and llama-server's error object for any exception.
+
+    `{"error": {"code": <status>, "message": ..., "type": ...}}`, with n_prompt_tokens and n_ctx
+    for context errors (upstream's format_error_response, tools/server/server-common.cpp).
+    Anything that is not a PyllamaError is a 500 server_error.
+    """
+    if isinstance(exc, PyllamaError):
+        error = {"code": exc.status, "message": exc.message, "type": exc.type}
+        if isinstance(exc, ContextLengthExceededError):
+            error.update(n_prompt_tokens=exc.n_prompt_tokens, n_ctx=exc.n_ctx)
+        return exc.status, {"error": error}
+    return 500, {"error": {"code": 500, "message": str(exc) or type(exc).__name__, "type": "server_error"}}

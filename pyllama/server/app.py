@@ -21,8 +21,10 @@ from pyllama.engine import Engine, SamplingParams
 from pyllama.engine.types import DEFAULT_DRY_BREAKERS, parse_samplers
 from pyllama.errors import UnavailableError
 from pyllama.server import errors as server_errors
-from pyllama.server.middleware import CorsAndAuth
+from pyllama.server.middleware import CorsAndAuth, JSONBody
+from pyllama.server.protocol.base import ProtocolContext
 from pyllama.server.protocol.params import Defaults
+from pyllama.server.streaming import respond
 from pyllama.server.templates import ChatFormatter
 from pyllama.settings import Settings
 
@@ -95,6 +97,7 @@ class ServerState:
         self.aliases = sorted(a for a in settings.alias.split(",") if a)
         self.engine: Engine | None = None
         self.chat: ChatFormatter | None = None
+        self.protocol: ProtocolContext | None = None  # set once the model is loaded
         self.defaults = Defaults(sampling=sampling_defaults(settings), n_predict=settings.n_predict,
                                  n_keep=settings.keep, cache_prompt=settings.cache_prompt,
                                  stop=tuple(settings.reverse_prompt), special=settings.special)
@@ -112,6 +115,20 @@ class ServerState:
         if not self.ready.is_set():
             raise UnavailableError("Loading model")
         return self.engine
+
+    def respond(self, resp: falcon.Response, call) -> None:
+        """Run a protocol Call on the engine and write its response or stream into `resp`."""
+        respond(resp, self.engine, call, self.metrics, self.settings.sse_ping_interval)
+
+    def make_protocol(self) -> ProtocolContext:
+        """The protocol context over the loaded engine and chat templates."""
+        s, engine = self.settings, self.engine
+        return ProtocolContext(
+            model=engine.model, n_slots=engine.n_slots, n_ctx_slot=engine.n_ctx_slot,
+            defaults=self.defaults, chat=self.chat, model_name=self.model_name,
+            fingerprint=self.build_info, n_batch=s.batch_size, spm_infill=s.spm_infill,
+            embd_normalize=s.embd_normalize, embeddings=engine.embeddings,
+            pooling=engine.embedder.pooling_name if engine.embeddings else "")
 
     def load(self) -> None:
         """Load the model and start the engine (worker process, background thread)."""
@@ -153,9 +170,9 @@ class ServerState:
             override = s.chat_template or ""
             kwargs = json.loads(s.chat_template_kwargs) if s.chat_template_kwargs else {}
             self.chat = ChatFormatter(self.engine.model, override, use_jinja=s.jinja,
-                                      reasoning_format=s.reasoning_format,
-                                      template_kwargs={k: json.dumps(v) for k, v in kwargs.items()},
+                                      reasoning_format=s.reasoning_format, template_kwargs=kwargs,
                                       prefill_assistant=s.prefill_assistant)
+        self.protocol = self.make_protocol()
         self.ready.set()
         logger.info("model loaded: %s, %d slots of %d tokens", self.model_name, self.engine.n_slots,
                     self.engine.n_ctx_slot)
@@ -181,9 +198,10 @@ def start_loading(state: ServerState, on_failure=None) -> threading.Thread:
 
 def create_app(state: ServerState) -> falcon.App:
     """The WSGI app over a ServerState (the model may still be loading)."""
-    from pyllama.server.resources import anthropic, chat, completions, embeddings, infill, info, tokenize
+    from pyllama.server.resources import anthropic, chat, completions, embeddings, info, tokenize
 
-    app = falcon.App(middleware=[CorsAndAuth(state)], cors_enable=False)
+    app = falcon.App(middleware=[CorsAndAuth(state), JSONBody(state.settings.max_body_mb << 20)],
+                     cors_enable=False)
     app.req_options.strip_url_path_trailing_slash = True
     app.resp_options.default_media_type = "application/json; charset=utf-8"
     server_errors.register(app)
@@ -206,10 +224,10 @@ def create_app(state: ServerState) -> falcon.App:
         ("/metrics", info.MetricsResource(state)),
         ("/completion", completion), ("/completions", completion),
         ("/v1/completions", oai_completion),
-        ("/infill", infill.InfillResource(state)),
+        ("/infill", completions.InfillResource(state)),
         ("/chat/completions", chat_resource), ("/v1/chat/completions", chat_resource),
-        ("/chat/completions/input_tokens", anthropic.ChatInputTokensResource(state)),
-        ("/v1/chat/completions/input_tokens", anthropic.ChatInputTokensResource(state)),
+        ("/chat/completions/input_tokens", chat.ChatInputTokensResource(state)),
+        ("/v1/chat/completions/input_tokens", chat.ChatInputTokensResource(state)),
         ("/v1/messages", anthropic.MessagesResource(state)),
         ("/v1/messages/count_tokens", anthropic.CountTokensResource(state)),
         ("/apply-template", chat.ApplyTemplateResource(state)),

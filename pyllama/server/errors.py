@@ -1,7 +1,8 @@
-"""The one place where exceptions become llama-server's JSON error object.
+"""Exceptions -> HTTP error responses: Falcon's error handlers and serializer.
 
-`{"error": {"code": <status>, "message": ..., "type": ...}}`, with n_prompt_tokens and n_ctx
-for context errors (upstream's format_error_response, tools/server/server-common.cpp).
+The JSON shape itself comes from pyllama.errors.error_json (upstream's format_error_response),
+which the protocol layer also uses for SSE error frames; Falcon's own HTTPErrors (unknown
+route, a body over the limit) get the same shape here.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 import falcon
 import orjson
 
-from pyllama.errors import ContextLengthExceededError, PyllamaError
+from pyllama.errors import PyllamaError, error_json
 
 logger = logging.getLogger(__name__)
 
@@ -25,19 +26,15 @@ def error_body(status: int, message: str, type_: str, **extra) -> dict:
 
 
 def body_for(exc: BaseException) -> tuple[int, dict]:
-    """Status and JSON body for any exception (used for plain responses and SSE error frames)."""
-    if isinstance(exc, PyllamaError):
-        extra = {}
-        if isinstance(exc, ContextLengthExceededError):
-            extra = {"n_prompt_tokens": exc.n_prompt_tokens, "n_ctx": exc.n_ctx}
-        return exc.status, error_body(exc.status, exc.message, exc.type, **extra)
+    """Status and JSON body for any exception: pyllama.errors.error_json, plus Falcon's own
+    HTTP errors (unknown route, body too large)."""
     if isinstance(exc, falcon.HTTPError):
         status = exc.status_code
         message = exc.description or exc.title
         if status == 404:
             message = "File Not Found"
         return status, error_body(status, message, _FALCON_TYPES.get(status, "server_error"))
-    return 500, error_body(500, str(exc) or type(exc).__name__, "server_error")
+    return error_json(exc)
 
 
 def _write(resp: falcon.Response, exc: BaseException) -> None:

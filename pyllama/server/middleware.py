@@ -1,4 +1,4 @@
-"""CORS, the Server header, the loading check and API keys, before any resource runs.
+"""Before any resource runs: CORS, the loading check and API keys; then the JSON body, once.
 
 Mirrors llama-server: OPTIONS always passes (200, empty body); /health is public; the loading
 check (503) comes before the key check; keys come from `Authorization` (a leading "Bearer "
@@ -11,8 +11,9 @@ import hmac
 from urllib.parse import urlsplit
 
 import falcon
+import orjson
 
-from pyllama.errors import AuthenticationError, UnavailableError
+from pyllama.errors import AuthenticationError, InvalidRequestError, PyllamaError, UnavailableError
 
 PUBLIC = {"/health", "/v1/health", "/"}
 
@@ -66,3 +67,38 @@ class CorsAndAuth:
             # compare against every key, in constant time each
             if not any([hmac.compare_digest(given, k) for k in self.keys]):
                 raise AuthenticationError("Invalid API Key")
+
+
+class BadJSONError(PyllamaError):
+    """An unparseable body: upstream answers 500 server_error (its parser throws)."""
+
+    status = 500
+    type = "server_error"
+
+
+class JSONBody:
+    """Read every POST body once, within the body limit, into `req.context.body`.
+
+    A resource that takes any JSON value (e.g. /lora-adapters' array) sets `json_body = "any"`;
+    every other one gets an object. An empty body is `{}`, as upstream's parsers see it.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+
+    def process_resource(self, req: falcon.Request, resp: falcon.Response, resource, params) -> None:
+        if req.method != "POST" or resource is None:
+            return
+        length = req.content_length
+        if length is not None and length > self.limit:
+            raise falcon.HTTPContentTooLarge(description=f"request body larger than {self.limit} bytes")
+        data = req.bounded_stream.read(self.limit + 1)
+        if len(data) > self.limit:
+            raise falcon.HTTPContentTooLarge(description=f"request body larger than {self.limit} bytes")
+        try:
+            body = orjson.loads(data or b"{}")
+        except orjson.JSONDecodeError as exc:
+            raise BadJSONError(f"[json.exception.parse_error.101] parse error: {exc}") from None
+        if not isinstance(body, dict) and getattr(resource, "json_body", "object") != "any":
+            raise InvalidRequestError("the request body must be a JSON object")
+        req.context.body = body

@@ -8,11 +8,12 @@ tool-call parsing. This module only moves JSON in and out and computes stream de
 
 from __future__ import annotations
 
-import json
 import secrets
 import string
 
-from pyllama._chat import ChatTemplates, parse_json
+import orjson
+
+from pyllama._chat import ChatParser, ChatTemplates
 from pyllama.errors import InvalidRequestError
 
 _ALNUM = string.ascii_letters + string.digits
@@ -29,7 +30,7 @@ class ChatFormatter:
                  reasoning_format: str = "auto", template_kwargs: dict | None = None,
                  prefill_assistant: bool = True) -> None:
         self.templates = ChatTemplates(model, template_override)
-        self.info = json.loads(self.templates.info_json())
+        self.info = orjson.loads(self.templates.info_json())
         self.use_jinja = use_jinja
         self.reasoning_format = reasoning_format
         self.template_kwargs = template_kwargs or {}
@@ -92,21 +93,18 @@ class ChatFormatter:
         extra_kwargs = body.get("chat_template_kwargs") or {}
         if not isinstance(extra_kwargs, dict):
             raise InvalidRequestError("\"chat_template_kwargs\" must be an object")
-        for key, value in extra_kwargs.items():
-            kwargs[key] = json.dumps(value)
-        enable_thinking = True
-        if kwargs.get("enable_thinking") == "false":
-            enable_thinking = False
-        elif kwargs.get("enable_thinking", "true") not in ("true", "false"):
+        kwargs.update(extra_kwargs)  # values reach the template as their JSON text
+        enable_thinking = kwargs.get("enable_thinking", True)
+        if not isinstance(enable_thinking, bool):
             raise InvalidRequestError('invalid type for "enable_thinking" (expected boolean, got string)')
         if body.get("reasoning_effort") == "none":
             enable_thinking = False
         elif isinstance(body.get("reasoning_effort"), str):
-            kwargs["reasoning_effort"] = json.dumps(body["reasoning_effort"])
+            kwargs["reasoning_effort"] = body["reasoning_effort"]
         json_schema = body.get("json_schema")
         inputs = {
             "messages": messages, "tools": tools or None, "tool_choice": tool_choice,
-            "json_schema": json.dumps(json_schema) if json_schema is not None else "",
+            "json_schema": orjson.dumps(json_schema).decode() if json_schema is not None else "",
             "grammar": body.get("grammar") or "",
             "add_generation_prompt": bool(add_generation_prompt),
             "continue_final_message": continue_final if continue_final else None,
@@ -117,41 +115,8 @@ class ChatFormatter:
             "enable_thinking": enable_thinking,
             "chat_template_kwargs": kwargs,
         }
-        return json.loads(self.templates.apply_json(json.dumps(inputs)))
+        return orjson.loads(self.templates.apply_json(orjson.dumps(inputs)))
 
-    def parse(self, text: str, is_partial: bool, params: dict) -> dict:
-        """Model output -> {role, content, reasoning_content?, tool_calls?}.
-
-        Output the format's parser cannot read (e.g. cut off by max_tokens) stays plain content.
-        """
-        try:
-            return json.loads(parse_json(text, is_partial, json.dumps(params)))
-        except InvalidRequestError:
-            return {"role": "assistant", "content": text}
-
-
-def message_diffs(previous: dict, current: dict) -> list[dict]:
-    """The stream deltas that turn `previous` into `current` (common_chat_msg_diff)."""
-    deltas = []
-    prev_reason = previous.get("reasoning_content") or ""
-    cur_reason = current.get("reasoning_content") or ""
-    if cur_reason != prev_reason and cur_reason.startswith(prev_reason):
-        deltas.append({"reasoning_content": cur_reason[len(prev_reason):]})
-    prev_text = previous.get("content") or ""
-    cur_text = current.get("content") or ""
-    if cur_text != prev_text and cur_text.startswith(prev_text):
-        deltas.append({"content": cur_text[len(prev_text):]})
-    prev_calls = previous.get("tool_calls") or []
-    for i, call in enumerate(current.get("tool_calls") or []):
-        fn = call.get("function", {})
-        if i >= len(prev_calls):
-            deltas.append({"tool_calls": [{"index": i, "id": call.get("id") or random_id(),
-                                           "type": "function",
-                                           "function": {"name": fn.get("name", ""),
-                                                        "arguments": fn.get("arguments", "")}}]})
-        else:
-            before = prev_calls[i].get("function", {}).get("arguments", "")
-            after = fn.get("arguments", "")
-            if after != before and after.startswith(before):
-                deltas.append({"tool_calls": [{"index": i, "function": {"arguments": after[len(before):]}}]})
-    return deltas
+    def parser(self, params: dict) -> ChatParser:
+        """A stateful output parser for one request (see ChatParser)."""
+        return ChatParser(orjson.dumps(params))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import shlex
 
-from pyllama.cli import parse_server_args
+from pyllama.flags import parse_server_args
 from pyllama.server.gunicorn import _worker_exit, build_app, gunicorn_options
 
 _settings = parse_server_args(shlex.split(os.environ.get("PYLLAMA_ARGS", "")))

@@ -194,6 +194,9 @@ class FakeEngine:
     def call(self, fn, timeout: float | None = None):
         return fn(self.core)
 
+    def slot_info(self) -> list[dict]:
+        return self.core.slot_info()
+
     def embed(self, inputs, normalize: int = 2):
         raise NotSupportedError("This server does not support embeddings. Start it with `--embeddings`")
 
@@ -285,8 +288,8 @@ def fake_app(model_path, script: Sequence | Callable = (), *, release: str = "al
         kwargs = json.loads(s.chat_template_kwargs) if s.chat_template_kwargs else {}
         state.chat = ChatFormatter(model, s.chat_template or "", use_jinja=s.jinja,
                                    reasoning_format=s.reasoning_format,
-                                   template_kwargs={k: json.dumps(v) for k, v in kwargs.items()},
-                                   prefill_assistant=s.prefill_assistant)
+                                   template_kwargs=kwargs, prefill_assistant=s.prefill_assistant)
+    state.protocol = state.make_protocol()
     state.ready.set()
     return falcon.testing.TestClient(create_app(state)), fake
 

@@ -34,7 +34,9 @@ def test_anthropic_raw_events_and_errors(http):
     assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"]
     assert "[DONE]" not in names
     r = http.post("/v1/messages", json={"model": "x", "max_tokens": 4})
-    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    # upstream answers 500 (a runtime error); a client's mistake is a 4xx that names the field
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    assert "messages" in r.json()["error"]["message"]
 
 
 def test_token_counters(http):

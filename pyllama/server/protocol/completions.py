@@ -1,5 +1,8 @@
-"""Engine results -> llama-server's JSON: native completion results and chunks (§3.3-3.7),
-OpenAI text completions (§4.5), timings, probabilities and generation_settings.
+"""/completion (native) and /v1/completions (OpenAI text completion), both directions.
+
+Bodies -> engine Requests (upstream's params_from_json_cmpl, §3.1-3.2) and engine events ->
+native results and chunks (§3.3-3.7), OpenAI text completions (§4.5), timings, probabilities
+and generation_settings. The chat and infill families build on these.
 """
 
 from __future__ import annotations
@@ -9,8 +12,21 @@ import secrets
 import string
 import sys
 import time
+from dataclasses import replace
 
-from pyllama.engine import FinishEvent, FinishReason, Request, Timings
+from pyllama.engine import FinishEvent, FinishReason, ProgressEvent, Request, Timings, TokenEvent
+from pyllama.errors import InvalidRequestError
+from pyllama.server import sse
+from pyllama.server.protocol.base import Call, ProtocolContext, Task
+from pyllama.server.protocol.params import (
+    build_request,
+    get_bool,
+    get_int,
+    parse_sampling,
+    parse_stop,
+    split_prompts,
+    tokenize_prompt,
+)
 
 STOP_TYPES = {FinishReason.EOS: "eos", FinishReason.WORD: "word", FinishReason.LIMIT: "limit",
               FinishReason.CANCELLED: "none", FinishReason.ERROR: "none"}
@@ -183,3 +199,121 @@ def oai_completion_chunk(cid: str, model_name: str, fingerprint: str, index: int
             "system_fingerprint": fingerprint,
             "choices": [{"text": text, "index": index,
                          "logprobs": {"content": probs} if probs else None, "finish_reason": finish}]}
+
+
+def probs_list(task: Task, probs) -> list | None:
+    """completion_probabilities for (chosen, top) pairs, in the request's probability form."""
+    if not task.request.sampling.n_probs:
+        return None
+    post = task.request.sampling.post_sampling_probs
+    return [prob_element(chosen, top, post) for chosen, top in probs]
+
+
+def completion_tasks(body: dict, ctx: ProtocolContext, prompt=None, grammar_prefill: tuple = ()) -> list[Task]:
+    """One Task per prompt and per `n_cmpl` child (§3.1, §3.2). HTTP thread.
+
+    `prompt` replaces the body's prompt (e.g. tokens rendered by chat or infill);
+    `grammar_prefill` are tokens the grammar accepts before the first generated one.
+    """
+    model = ctx.model
+    if prompt is None:
+        if body.get("prompt") is None:
+            raise InvalidRequestError("\"prompt\" is required", param="prompt")
+        prompts = split_prompts(body["prompt"])
+        if body["prompt"] == [] or not prompts:
+            raise InvalidRequestError("\"prompt\" must not be empty", param="prompt")
+    else:
+        prompts = [prompt]
+    sampling = parse_sampling(body, ctx.defaults, model, grammar_prefill)
+    stop = parse_stop(body, ctx.defaults)
+    n_cmpl = get_int(body, "n_cmpl", get_int(body, "n", 1), lo=1, hi=ctx.n_slots)
+    tasks = []
+    for p in prompts:
+        tokens = tokenize_prompt(model, p)
+        if any(t < 0 or t >= model.n_vocab for t in tokens):
+            raise InvalidRequestError("Prompt contains invalid tokens", param="prompt")
+        for child in range(n_cmpl):
+            child_sampling = sampling
+            if child and sampling.seed != 0xFFFFFFFF:
+                child_sampling = replace(sampling, seed=(sampling.seed + child) & 0xFFFFFFFF)
+            request = build_request(body, tokens, child_sampling, ctx.defaults, stop)
+            tasks.append(Task(index=len(tasks), request=request))
+    return tasks
+
+
+class NativeCompletionCall(Call):
+    """/completion, /completions and /infill: llama-server's native result and chunks."""
+
+    def __init__(self, tasks: list[Task], body: dict, ctx: ProtocolContext) -> None:
+        super().__init__(tasks, get_bool(body, "stream", False))
+        self.return_tokens = get_bool(body, "return_tokens", False)
+        fields = body.get("response_fields")
+        self.response_fields = fields if isinstance(fields, list) and fields else None
+        self.model_name = ctx.model_name
+        for t in tasks:
+            t.prompt_text = ctx.model.detokenize(t.request.prompt, unparse_special=True)
+
+    def _final(self, task: Task) -> dict:
+        out = native_final(task.index, task.result, task.request, self.model_name, task.prompt_text,
+                           self.stream, self.return_tokens, probs_list(task, task.probs))
+        return nested_fields(self.response_fields, out) if self.response_fields else out
+
+    def response(self):
+        results = [self._final(t) for t in self.tasks]
+        return results[0] if len(results) == 1 else results
+
+    def chunks(self, task: Task, event) -> list:
+        if isinstance(event, TokenEvent):
+            chunk = native_partial(task.index, event.text, event.tokens, len(task.tokens),
+                                   len(task.request.prompt), probs_list(task, event.probs) if event.probs else None)
+            if event.timings is not None:
+                chunk["timings"] = timings_dict(event.timings)
+            return [chunk]
+        if isinstance(event, FinishEvent):
+            return [self._final(task)]
+        if isinstance(event, ProgressEvent):
+            return [{"index": task.index, "content": "", "tokens": [], "stop": False, "id_slot": -1,
+                     "tokens_predicted": 0, "tokens_evaluated": len(task.request.prompt),
+                     "prompt_progress": progress_dict(event)}]
+        return []
+
+
+class OAICompletionCall(Call):
+    """/v1/completions: OpenAI's text completion over the native parser (§4.5)."""
+
+    done = sse.DONE
+
+    def __init__(self, tasks: list[Task], body: dict, ctx: ProtocolContext) -> None:
+        super().__init__(tasks, get_bool(body, "stream", False))
+        self.id = completion_id()
+        self.model_name = ctx.model_name
+        self.fingerprint = ctx.fingerprint
+
+    def response(self):
+        return oai_completion(self.id, self.model_name, self.fingerprint,
+                              [(t.index, t.result, probs_list(t, t.probs)) for t in self.tasks])
+
+    def chunks(self, task: Task, event) -> list:
+        if isinstance(event, TokenEvent):
+            probs = probs_list(task, event.probs) if event.probs else None
+            return [oai_completion_chunk(self.id, self.model_name, self.fingerprint, task.index,
+                                         event.text, probs=probs)]
+        if isinstance(event, FinishEvent):
+            chunk = oai_completion_chunk(self.id, self.model_name, self.fingerprint, task.index, "",
+                                         finish_reason(event))
+            chunk["usage"] = usage(event.n_prompt_tokens, len(event.tokens), event.timings.cache_n)
+            chunk["timings"] = timings_dict(event.timings)
+            return [chunk]
+        return []
+
+
+def parse_native(body: dict, ctx: ProtocolContext) -> NativeCompletionCall:
+    """A /completion body -> its Call."""
+    return NativeCompletionCall(completion_tasks(body, ctx), body, ctx)
+
+
+def parse_oai(body: dict, ctx: ProtocolContext) -> OAICompletionCall:
+    """A /v1/completions body -> its Call (`logprobs: N` is n_probs)."""
+    if body.get("logprobs") is not None and not isinstance(body["logprobs"], bool):
+        body = {**body, "n_probs": body.get("n_probs", body["logprobs"])}
+    return OAICompletionCall(completion_tasks(body, ctx), body, ctx)

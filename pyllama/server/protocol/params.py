@@ -148,8 +148,11 @@ def _logit_bias(model, value, n_vocab: int) -> tuple:
     return tuple(out)
 
 
-def parse_sampling(body: dict, defaults: Defaults, model) -> SamplingParams:
-    """The sampling fields of a request, over the server defaults (§3.2)."""
+def parse_sampling(body: dict, defaults: Defaults, model, grammar_prefill: tuple = ()) -> SamplingParams:
+    """The sampling fields of a request, over the server defaults (§3.2).
+
+    `grammar_prefill`: tokens the grammar accepts first (a chat template's generation prompt).
+    """
     d = defaults.sampling
     samplers = d.samplers
     if body.get("samplers") is not None:
@@ -217,7 +220,7 @@ def parse_sampling(body: dict, defaults: Defaults, model) -> SamplingParams:
             grammar_lazy=get_bool(body, "grammar_lazy", False),
             grammar_trigger_words=trigger_words,
             grammar_trigger_tokens=tuple(t for t in trigger_tokens if isinstance(t, int)),
-            grammar_prefill=tuple(body.get("_grammar_prefill") or ()),
+            grammar_prefill=tuple(grammar_prefill),
             n_probs=max(0, n_probs),
             post_sampling_probs=get_bool(body, "post_sampling_probs", d.post_sampling_probs),
             backend_sampling=get_bool(body, "backend_sampling", d.backend_sampling),

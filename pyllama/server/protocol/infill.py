@@ -1,10 +1,15 @@
-"""/infill: fill-in-the-middle for models with FIM tokens (upstream's format_prompt_infill)."""
+"""/infill: fill-in-the-middle for models with FIM tokens (upstream's format_prompt_infill).
+
+The FIM prompt is built from the body's prefix, suffix and extra chunks; the rest of the body is
+a native completion, answered as /completion answers.
+Imports: `errors`, the completion protocol.
+"""
 
 from __future__ import annotations
 
 from pyllama.errors import InvalidRequestError, NotSupportedError
-from pyllama.server.resources.body import read_json
-from pyllama.server.resources.completions import CompletionResource
+from pyllama.server.protocol.base import ProtocolContext
+from pyllama.server.protocol.completions import NativeCompletionCall, completion_tasks
 
 _SNIPPET = "\n\n--- snippet ---\n\n"
 
@@ -57,17 +62,12 @@ def infill_tokens(model, body: dict, n_batch: int, n_predict: int, n_ctx: int, s
     return extra[len(extra) - n_extra:] + head + tail + [fim["mid"]]
 
 
-class InfillResource(CompletionResource):
-    """POST /infill: builds the FIM prompt, then runs as /completion."""
-
-    def on_post(self, req, resp):
-        engine = self.state.require_ready()
-        model = engine.model
-        fim = model.fim_tokens
-        if fim["pre"] is None or fim["suf"] is None or fim["mid"] is None:
-            raise NotSupportedError("Infill is not supported by this model: prefix, suffix, or middle tokens are missing.")
-        body = read_json(req, self.state.settings.max_body_mb << 20)
-        n_predict = self.state.settings.n_predict
-        body["prompt"] = infill_tokens(model, body, self.state.settings.batch_size, max(0, n_predict),
-                                       engine.n_ctx_slot, spm=self.state.settings.spm_infill)
-        self.respond(req, resp, body)
+def parse(body: dict, ctx: ProtocolContext) -> NativeCompletionCall:
+    """An /infill body -> its Call (a native completion of the FIM prompt)."""
+    model = ctx.model
+    fim = model.fim_tokens
+    if fim["pre"] is None or fim["suf"] is None or fim["mid"] is None:
+        raise NotSupportedError("Infill is not supported by this model: prefix, suffix, or middle tokens are missing.")
+    tokens = infill_tokens(model, body, ctx.n_batch, max(0, ctx.defaults.n_predict), ctx.n_ctx_slot,
+                           spm=ctx.spm_infill)
+    return NativeCompletionCall(completion_tasks(body, ctx, prompt=tokens), body, ctx)

@@ -1,0 +1,224 @@
+"""/v1/messages and /v1/messages/count_tokens: Anthropic's Messages API, both directions.
+
+The body becomes an OpenAI chat body (upstream's convert_anthropic_to_oai) and runs as a chat;
+MessagesCall is a second formatter over the same chat diffs, writing Anthropic's message and
+stream events (§4.9 of the reference), errors as `event: error`.
+Imports: `engine`, `errors`, the chat protocol.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+from pyllama.engine import FinishEvent, FinishReason, TokenEvent
+from pyllama.errors import InvalidRequestError, error_json
+from pyllama.server.protocol.base import ProtocolContext, Task
+from pyllama.server.protocol.chat import ChatCall, ChatStream, chat_tasks, count_tokens, render
+from pyllama.server.templates import random_id
+
+
+def _text_of(blocks) -> str:
+    if isinstance(blocks, str):
+        return blocks
+    return "".join(b.get("text", "") for b in blocks or [] if isinstance(b, dict) and b.get("type") == "text")
+
+
+def to_chat(body: dict) -> dict:
+    """An Anthropic Messages body as an OpenAI chat body (only the fields upstream passes on)."""
+    if "messages" not in body:
+        raise InvalidRequestError("'messages' is required", param="messages")
+    if not isinstance(body["messages"], list) or not all(isinstance(m, dict) for m in body["messages"]):
+        raise InvalidRequestError("'messages' must be an array of objects", param="messages")
+    messages = []
+    if body.get("system"):
+        messages.append({"role": "system", "content": _text_of(body["system"])})
+    for msg in body["messages"]:
+        role, content = msg.get("role"), msg.get("content")
+        if isinstance(content, str):
+            messages.append({"role": role, "content": content})
+            continue
+        text, reasoning, calls = [], [], []
+        for block in content or []:
+            kind = block.get("type")
+            if kind == "text":
+                text.append(block.get("text", ""))
+            elif kind == "thinking":
+                reasoning.append(block.get("thinking", ""))
+            elif kind == "tool_use":
+                calls.append({"id": block.get("id") or random_id(), "type": "function",
+                              "function": {"name": block.get("name", ""),
+                                           "arguments": orjson.dumps(block.get("input", {})).decode()}})
+            elif kind == "tool_result":
+                result = block.get("content")
+                messages.append({"role": "tool", "tool_call_id": block.get("tool_use_id", ""),
+                                 "content": _text_of(result) if not isinstance(result, str) else result})
+            elif kind == "image":
+                messages.append({"role": role, "content": [{"type": "image_url", "image_url": {"url": ""}}]})
+        if text or reasoning or calls:
+            out = {"role": role, "content": "".join(text)}
+            if reasoning:
+                out["reasoning_content"] = "".join(reasoning)
+            if calls:
+                out["tool_calls"] = calls
+            messages.append(out)
+    chat = {"messages": messages, "max_tokens": body.get("max_tokens", 4096)}
+    for key in ("temperature", "top_p", "top_k", "stream", "chat_template_kwargs"):
+        if key in body:
+            chat[key] = body[key]
+    if body.get("stop_sequences"):
+        chat["stop"] = body["stop_sequences"]
+    if body.get("tools"):
+        chat["tools"] = [{"type": "function", "function": {"name": t.get("name", ""),
+                                                           "description": t.get("description", ""),
+                                                           "parameters": t.get("input_schema", {})}}
+                         for t in body["tools"]]
+        choice = (body.get("tool_choice") or {}).get("type", "auto")
+        chat["tool_choice"] = "auto" if choice == "auto" else ("none" if choice == "none" else "required")
+    return chat
+
+
+def _tool_input(arguments: str) -> dict:
+    try:
+        return orjson.loads(arguments or "{}")
+    except orjson.JSONDecodeError:
+        return {}
+
+
+def _blocks(msg: dict) -> list[dict]:
+    blocks = []
+    if msg.get("reasoning_content"):
+        blocks.append({"type": "thinking", "thinking": msg["reasoning_content"], "signature": ""})
+    if msg.get("content"):
+        blocks.append({"type": "text", "text": msg["content"]})
+    for call in msg.get("tool_calls") or []:
+        fn = call.get("function", {})
+        blocks.append({"type": "tool_use", "id": call.get("id") or "toolu_" + random_id(),
+                       "name": fn.get("name", ""), "input": _tool_input(fn.get("arguments", ""))})
+    return blocks
+
+
+def _stop_reason(event: FinishEvent, msg: dict) -> str:
+    if event.reason == FinishReason.LIMIT:
+        return "max_tokens"
+    return "tool_use" if msg.get("tool_calls") else "end_turn"
+
+
+def _usage(event: FinishEvent) -> dict:
+    return {"cache_read_input_tokens": event.timings.cache_n,
+            "input_tokens": event.n_prompt_tokens - event.timings.cache_n,
+            "output_tokens": len(event.tokens)}
+
+
+def _event(name: str, data: dict) -> bytes:
+    # format_anthropic_sse
+    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+class _Blocks:
+    """Which content block of the message is open, for the stream's block events."""
+
+    __slots__ = ("open", "index", "tools")
+
+    def __init__(self) -> None:
+        self.open: str | None = None
+        self.index = -1
+        self.tools: set = set()
+
+
+class MessagesCall(ChatCall):
+    """An Anthropic message, or its stream of events, over the chat diffs."""
+
+    done = b""
+
+    def __init__(self, tasks: list[Task], body: dict, ctx: ProtocolContext) -> None:
+        super().__init__(tasks[:1], body, ctx)
+        self.id = "msg_" + random_id()
+
+    def response(self):
+        task = self.tasks[0]
+        stream: ChatStream = task.state
+        stream.finish(task.result.text)
+        msg, event = stream.message, task.result
+        return {"id": self.id, "type": "message", "role": "assistant", "model": self.model_name,
+                "content": _blocks(msg), "stop_reason": _stop_reason(event, msg),
+                "stop_sequence": event.stopping_word or None, "usage": _usage(event)}
+
+    def error_frame(self, exc: BaseException) -> bytes:
+        return _event("error", error_json(exc)[1]["error"])
+
+    def frames(self, task: Task, event) -> bytes:
+        stream: ChatStream = task.state
+        out = []
+        if not stream.started:
+            stream.started = True
+            stream.blocks = _Blocks()
+            out.append(_event("message_start", {"type": "message_start", "message": {
+                "id": self.id, "type": "message", "role": "assistant", "model": self.model_name,
+                "content": [], "stop_reason": None, "stop_sequence": None,
+                "usage": {"input_tokens": len(task.request.prompt), "output_tokens": 0}}}))
+        blocks = stream.blocks
+        if isinstance(event, TokenEvent):
+            if event.text:
+                self._deltas(blocks, stream.update(event.text), out)
+        elif isinstance(event, FinishEvent):
+            self._deltas(blocks, stream.finish(event.text), out)
+            if blocks.open is not None:
+                out.append(_event("content_block_stop", {"type": "content_block_stop", "index": blocks.index}))
+            out.append(_event("message_delta", {"type": "message_delta",
+                                                "delta": {"stop_reason": _stop_reason(event, stream.message),
+                                                          "stop_sequence": event.stopping_word or None},
+                                                "usage": {"output_tokens": len(event.tokens)}}))
+            out.append(_event("message_stop", {"type": "message_stop"}))
+        return b"".join(out)
+
+    @staticmethod
+    def _open(blocks: _Blocks, kind: str, block: dict, out: list) -> None:
+        if blocks.open is not None:
+            out.append(_event("content_block_stop", {"type": "content_block_stop", "index": blocks.index}))
+        blocks.index += 1
+        blocks.open = kind
+        out.append(_event("content_block_start", {"type": "content_block_start", "index": blocks.index,
+                                                  "content_block": block}))
+
+    def _deltas(self, blocks: _Blocks, deltas: list[dict], out: list) -> None:
+        for delta in deltas:
+            if delta.get("reasoning_content"):
+                if blocks.open != "thinking":
+                    self._open(blocks, "thinking", {"type": "thinking", "thinking": ""}, out)
+                out.append(_event("content_block_delta", {"type": "content_block_delta", "index": blocks.index,
+                                                          "delta": {"type": "thinking_delta",
+                                                                    "thinking": delta["reasoning_content"]}}))
+            if delta.get("content"):
+                if blocks.open == "thinking":
+                    out.append(_event("content_block_delta", {"type": "content_block_delta", "index": blocks.index,
+                                                              "delta": {"type": "signature_delta", "signature": ""}}))
+                if blocks.open != "text":
+                    self._open(blocks, "text", {"type": "text", "text": ""}, out)
+                out.append(_event("content_block_delta", {"type": "content_block_delta", "index": blocks.index,
+                                                          "delta": {"type": "text_delta", "text": delta["content"]}}))
+            for call in delta.get("tool_calls") or ():
+                i = call.get("index", 0)
+                fn = call.get("function") or {}
+                if i not in blocks.tools:
+                    blocks.tools.add(i)
+                    self._open(blocks, f"tool{i}", {"type": "tool_use", "id": call.get("id") or "toolu_" + random_id(),
+                                                    "name": fn.get("name", ""), "input": {}}, out)
+                if fn.get("arguments"):
+                    out.append(_event("content_block_delta", {"type": "content_block_delta", "index": blocks.index,
+                                                              "delta": {"type": "input_json_delta",
+                                                                        "partial_json": fn["arguments"]}}))
+
+
+def parse(body: dict, ctx: ProtocolContext) -> MessagesCall:
+    """A /v1/messages body -> its Call."""
+    return MessagesCall(chat_tasks(render(to_chat(body), ctx), ctx), body, ctx)
+
+
+def count_message_tokens(body: dict, ctx: ProtocolContext) -> dict:
+    """/v1/messages/count_tokens: {"input_tokens": N}."""
+    return {"input_tokens": count_tokens(to_chat({**body, "max_tokens": body.get("max_tokens", 1)}), ctx)}
+
+
+def count_chat_tokens(body: dict, ctx: ProtocolContext) -> dict:
+    """/v1/chat/completions/input_tokens."""
+    return {"input_tokens": count_tokens(body, ctx), "object": "response.input_tokens"}

@@ -1,0 +1,234 @@
+"""/v1/chat/completions (OpenAI chat) and /apply-template, both directions.
+
+The template, tool-call grammar and output parsing come from llama.cpp's common chat code
+(server/templates.py): a chat body is rendered into a prompt and native completion fields
+(upstream's oaicompat_chat_params_parse), and each request's output goes through its own
+stateful ChatParser, which hands back only the message diffs (task_result_state).
+Imports: `engine`, `errors`, `server.sse`, the completion protocol, the chat templates.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import orjson
+
+from pyllama.engine import FinishEvent, FinishReason, ProgressEvent, TokenEvent
+from pyllama.errors import InvalidRequestError
+from pyllama.server import sse
+from pyllama.server.protocol.base import Call, ProtocolContext, Task
+from pyllama.server.protocol.completions import (
+    completion_id,
+    completion_tasks,
+    probs_list,
+    progress_dict,
+    timings_dict,
+    usage,
+)
+
+
+@dataclass
+class ChatPrompt:
+    """A rendered chat request: the prompt, the native completion fields, the parser's."""
+
+    prompt: str
+    native: dict  # the completion fields of the request (sampling, stop, grammar, ...)
+    parser: dict  # ChatParser parameters
+    prefill: tuple  # the generation prompt's tokens, for a grammar (common_sampler_init)
+
+
+def prefill_tokens(model, generation_prompt: str) -> tuple:
+    """The generation prompt as tokens for the grammar (common_sampler_init's prefill)."""
+    tokens = model.tokenize(generation_prompt, add_special=False, parse_special=True) if generation_prompt else []
+    if tokens and not generation_prompt[0].isspace():
+        first = model.token_to_piece(tokens[0], special=True)
+        if first[:1].isspace():  # some tokenizers put a space before the first special token
+            tokens = tokens[1:]
+    return tuple(tokens)
+
+
+def render(body: dict, ctx: ProtocolContext) -> ChatPrompt:
+    """An OpenAI chat body -> the rendered prompt and the fields generation needs. HTTP thread."""
+    if ctx.chat is None:
+        raise InvalidRequestError("chat is not available on an embedding server")
+    body = dict(body)
+    if body.get("json_schema") is not None and body.get("grammar"):
+        raise InvalidRequestError("Cannot use both json_schema and grammar", param="grammar")
+    response_format = body.get("response_format")
+    if response_format is not None:
+        if not isinstance(response_format, dict):
+            raise InvalidRequestError("response_format must be an object", param="response_format")
+        kind = response_format.get("type", "")
+        if kind == "json_object":
+            if "schema" in response_format or body.get("json_schema") is None:
+                body["json_schema"] = response_format.get("schema") or {}
+        elif kind == "json_schema":
+            wrapper = response_format.get("json_schema") or {}
+            body["json_schema"] = wrapper.get("schema", {}) if isinstance(wrapper, dict) else {}
+        elif kind and kind != "text":
+            raise InvalidRequestError(
+                f'response_format type must be one of "text" or "json_object", but got: {kind}',
+                param="response_format")
+    if body.get("json_schema") == {}:
+        body["json_schema"] = {"type": "object"}
+    if body.get("tools") and body.get("tool_choice", "auto") != "none" and "grammar" in body:
+        raise InvalidRequestError("Cannot use custom grammar constraints with tools.", param="grammar")
+    if body.get("logprobs") is True:
+        if body.get("tools") and body.get("stream"):
+            raise InvalidRequestError("logprobs is not supported with tools + stream", param="logprobs")
+        top = body.get("top_logprobs")
+        body["n_probs"] = 20 if top is None else top
+    elif body.get("top_logprobs") is not None:
+        raise InvalidRequestError("top_logprobs requires logprobs to be set to true", param="top_logprobs")
+
+    params = ctx.chat.apply(body)
+    native = {k: v for k, v in body.items() if k not in ("messages", "tools", "response_format")}
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    native["stop"] = stop + list(params.get("additional_stops") or [])
+    prefill: tuple = ()
+    if params.get("grammar"):
+        native["grammar"] = params["grammar"]
+        native.pop("json_schema", None)
+        native["grammar_lazy"] = params.get("grammar_lazy", False)
+        native["grammar_triggers"] = params.get("grammar_triggers") or []
+        prefill = prefill_tokens(ctx.model, params.get("generation_prompt", ""))
+    elif body.get("json_schema") is not None:
+        native["json_schema"] = body["json_schema"]
+    parser = {"format": params.get("format", 0),
+              "reasoning_format": body.get("reasoning_format") or ctx.chat.reasoning_format,
+              "generation_prompt": params.get("generation_prompt", ""),
+              "parse_tool_calls": bool(body.get("tools")) and body.get("tool_choice", "auto") != "none",
+              "parser": params.get("parser", "")}
+    return ChatPrompt(params["prompt"], native, parser, prefill)
+
+
+def chat_tasks(chat: ChatPrompt, ctx: ProtocolContext) -> list[Task]:
+    """The engine requests of a rendered chat, each with its own output parser."""
+    tokens = ctx.model.tokenize(chat.prompt, add_special=True, parse_special=True)
+    tasks = completion_tasks(chat.native, ctx, prompt=tokens, grammar_prefill=chat.prefill)
+    for task in tasks:
+        task.state = ChatStream(ctx.chat.parser(chat.parser))
+    return tasks
+
+
+class ChatStream:
+    """One request's chat output state: its parser, and whether the role chunk went out."""
+
+    __slots__ = ("parser", "started", "message", "blocks")
+
+    def __init__(self, parser) -> None:
+        self.parser = parser
+        self.started = False
+        self.message: dict | None = None
+
+    def update(self, text: str) -> list[dict]:
+        """The deltas that new output text adds to the message."""
+        return orjson.loads(self.parser.update(text, True))
+
+    def finish(self, text: str) -> list[dict]:
+        """The last deltas, parsing the whole output as complete; sets `message`."""
+        deltas = orjson.loads(self.parser.update(text, False, True))
+        self.message = orjson.loads(self.parser.message_json())
+        return deltas
+
+
+def finish_reason(event: FinishEvent, message: dict) -> str:
+    if event.reason == FinishReason.LIMIT:
+        return "length"
+    return "tool_calls" if message.get("tool_calls") else "stop"
+
+
+def assistant_message(message: dict) -> dict:
+    """The parsed message as the chat.completion `message` object."""
+    out = {"role": "assistant", "content": message.get("content") or ""}
+    if message.get("reasoning_content"):
+        out["reasoning_content"] = message["reasoning_content"]
+    if message.get("tool_calls"):
+        out["tool_calls"] = [{"type": "function", "function": c.get("function", {}), "id": c.get("id", "")}
+                             for c in message["tool_calls"]]
+    return out
+
+
+class ChatCall(Call):
+    """An OpenAI chat completion: chat.completion, or chat.completion.chunk frames."""
+
+    done = sse.DONE
+
+    def __init__(self, tasks: list[Task], body: dict, ctx: ProtocolContext) -> None:
+        super().__init__(tasks, bool(body.get("stream", False)))
+        self.include_usage = bool((body.get("stream_options") or {}).get("include_usage", False))
+        self.id = completion_id()
+        self.model_name = ctx.model_name
+        self.fingerprint = ctx.fingerprint
+
+    def response(self):
+        choices = []
+        for task in self.tasks:
+            stream: ChatStream = task.state
+            stream.finish(task.result.text)
+            choice = {"index": task.index, "finish_reason": finish_reason(task.result, stream.message),
+                      "message": assistant_message(stream.message)}
+            if task.request.sampling.n_probs:
+                choice["logprobs"] = {"content": probs_list(task, task.probs)}
+            choices.append(choice)
+        first = self.tasks[0].result
+        return {"id": self.id, "object": "chat.completion", "created": int(time.time()),
+                "model": self.model_name, "system_fingerprint": self.fingerprint, "choices": choices,
+                "usage": usage(first.n_prompt_tokens, len(first.tokens), first.timings.cache_n),
+                "timings": timings_dict(first.timings)}
+
+    def _chunk(self, index: int, delta: dict, finish: str | None = None, **extra) -> dict:
+        return {"choices": [{"finish_reason": finish, "index": index, "delta": delta}],
+                "created": int(time.time()), "id": self.id, "model": self.model_name,
+                "system_fingerprint": self.fingerprint, "object": "chat.completion.chunk", **extra}
+
+    def chunks(self, task: Task, event) -> list:
+        stream: ChatStream = task.state
+        if isinstance(event, ProgressEvent):
+            # every progress event repeats the role delta and carries prompt_progress
+            return [self._chunk(task.index, {"role": "assistant", "content": None},
+                                prompt_progress=progress_dict(event))]
+        out = []
+        if not stream.started:
+            stream.started = True
+            out.append(self._chunk(task.index, {"role": "assistant", "content": None}))
+        if isinstance(event, TokenEvent):
+            deltas = stream.update(event.text) if event.text else []
+            for i, delta in enumerate(deltas):
+                chunk = self._chunk(task.index, delta)
+                if i == len(deltas) - 1 and event.probs:
+                    chunk["choices"][0]["logprobs"] = {"content": probs_list(task, event.probs)}
+                out.append(chunk)
+        elif isinstance(event, FinishEvent):
+            for delta in stream.finish(event.text):
+                out.append(self._chunk(task.index, delta))
+            final = self._chunk(task.index, {}, finish_reason(event, stream.message))
+            timings = timings_dict(event.timings)
+            if self.include_usage:
+                out.append(final)
+                out.append({"choices": [], "created": int(time.time()), "id": self.id,
+                            "model": self.model_name, "system_fingerprint": self.fingerprint,
+                            "object": "chat.completion.chunk",
+                            "usage": usage(event.n_prompt_tokens, len(event.tokens), event.timings.cache_n),
+                            "timings": timings})
+            else:
+                final["timings"] = timings
+                out.append(final)
+        return out
+
+
+def parse(body: dict, ctx: ProtocolContext) -> ChatCall:
+    """A /v1/chat/completions body -> its Call."""
+    return ChatCall(chat_tasks(render(body, ctx), ctx), body, ctx)
+
+
+def apply_template(body: dict, ctx: ProtocolContext) -> dict:
+    """/apply-template: the rendered prompt, no inference."""
+    return {"prompt": render(body, ctx).prompt}
+
+
+def count_tokens(body: dict, ctx: ProtocolContext) -> int:
+    """Tokens of the rendered chat prompt, as the completion would tokenize it."""
+    return len(ctx.model.tokenize(render(body, ctx).prompt, add_special=True, parse_special=True))

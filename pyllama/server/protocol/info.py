@@ -1,0 +1,195 @@
+"""The server's own routes: /models, /props, /slots (and slot actions), /metrics, /lora-adapters.
+
+JSON (and Prometheus text) in llama-server's shapes, from engine facts and the settings.
+Imports: public `engine` names, `errors`, `settings`, the completion protocol.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+
+import orjson
+
+from pyllama.engine import Request
+from pyllama.errors import InvalidRequestError
+from pyllama.server.protocol.base import ProtocolContext
+from pyllama.server.protocol.completions import generation_settings
+
+
+def models(engine, ctx: ProtocolContext, aliases: list, tags: str) -> dict:
+    """GET /models, /v1/models: the OpenAI list plus the Ollama-style `models` entry."""
+    model = ctx.model
+    name = ctx.model_name
+    meta = {"vocab_type": int(model.meta("tokenizer.ggml.model") != "llama") + 1,
+            "n_vocab": model.n_vocab, "n_ctx": ctx.n_ctx_slot, "n_ctx_train": model.n_ctx_train,
+            "n_embd": model.n_embd, "n_params": model.n_params, "size": model.size,
+            "ftype": model.description.split(" ", 2)[-1] if model.description else ""}
+    capabilities = ["embedding"] if ctx.embeddings else ["completion"]
+    return {
+        "models": [{"name": name, "model": name, "modified_at": "", "size": "", "digest": "",
+                    "type": "model", "description": "", "tags": [""], "capabilities": capabilities,
+                    "parameters": "",
+                    "details": {"parent_model": "", "format": "gguf", "family": "", "families": [""],
+                                "parameter_size": "", "quantization_level": ""}}],
+        "object": "list",
+        "data": [{"id": name, "aliases": aliases, "tags": [t for t in tags.split(",") if t],
+                  "object": "model", "created": int(time.time()), "owned_by": "llamacpp", "meta": meta}],
+    }
+
+
+def default_params(ctx: ProtocolContext) -> dict:
+    d = ctx.defaults
+    return generation_settings(Request(prompt=[], sampling=d.sampling, n_predict=d.n_predict,
+                                       n_keep=d.n_keep, stop=d.stop), False, full=False)
+
+
+def props(ctx: ProtocolContext, settings, model_path: str) -> dict:
+    """GET /props."""
+    model, chat = ctx.model, ctx.chat
+    out = {
+        "default_generation_settings": {"params": default_params(ctx), "n_ctx": ctx.n_ctx_slot},
+        "total_slots": ctx.n_slots,
+        "model_alias": ctx.model_name,
+        "model_path": settings.model or model_path,
+        "modalities": {"vision": False, "video": False, "audio": False},
+        "endpoint_slots": settings.slots,
+        "endpoint_props": settings.props,
+        "endpoint_metrics": settings.metrics,
+        "ui": False,
+        "ui_settings": orjson.loads(settings.ui_config) if settings.ui_config else {},
+        "chat_template": chat.info["source"] if chat else "",
+        "chat_template_caps": chat.caps if chat else {},
+        "bos_token": model.token_text(model.token_bos) if model.token_bos is not None else "",
+        "eos_token": model.token_text(model.token_eos) if model.token_eos is not None else "",
+        "build_info": ctx.fingerprint,
+        "is_sleeping": False,
+        "cors_proxy_enabled": False,
+    }
+    if chat and settings.jinja and chat.info.get("tool_use_source"):
+        out["chat_template_tool_use"] = chat.info["tool_use_source"]
+    return out
+
+
+def slots(engine, ctx: ProtocolContext) -> list:
+    """GET /slots: one object per slot (server_slot::to_json)."""
+    if ctx.embeddings:
+        return [{"id": i, "n_ctx": ctx.n_ctx_slot, "speculative": False, "is_processing": False}
+                for i in range(ctx.n_slots)]
+    out = []
+    for info in engine.slot_info():
+        item = {"id": info["id"], "n_ctx": info["n_ctx"], "speculative": False,
+                "is_processing": info["is_processing"]}
+        if info["is_processing"]:
+            item.update({
+                "id_task": info["id_task"], "n_prompt_tokens": info["n_tokens"],
+                "n_prompt_tokens_processed": info["n_prompt_tokens_processed"],
+                "n_prompt_tokens_cache": info["n_prompt_tokens_cache"],
+                "params": generation_settings(info["request"], False, full=False),
+                "next_token": [{"has_next_token": True, "has_new_line": info["has_new_line"],
+                                "n_remain": info["n_remain"], "n_decoded": info["n_decoded"]}]})
+        out.append(item)
+    return out
+
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+
+
+def slot_action(engine, ctx: ProtocolContext, folder: str, id_slot: str, action, body: dict) -> dict:
+    """POST /slots/{id}?action=save|restore|erase (handle_slots_save / _restore / _erase)."""
+    try:
+        slot_id = int(id_slot) % ctx.n_slots
+    except ValueError:
+        raise InvalidRequestError("Invalid slot ID") from None
+    if action not in ("save", "restore", "erase"):
+        raise InvalidRequestError("Invalid action", param="action")
+    if action == "erase":
+        return {"id_slot": slot_id, "n_erased": engine.erase_slot(slot_id)}
+    filename = body.get("filename")
+    if not isinstance(filename, str) or not _SAFE_NAME.match(filename) or ".." in filename:
+        raise InvalidRequestError("Invalid filename", param="filename")
+    path = os.path.join(folder, filename)
+    t0 = time.perf_counter()
+    if action == "save":
+        n_tokens, n_bytes = engine.save_slot(slot_id, path)
+        return {"id_slot": slot_id, "filename": filename, "n_saved": n_tokens, "n_written": n_bytes,
+                "timings": {"save_ms": (time.perf_counter() - t0) * 1e3}}
+    if not os.path.isfile(path):
+        raise InvalidRequestError(f"Unable to restore slot: {filename} does not exist", param="filename")
+    n_tokens, n_bytes = engine.restore_slot(slot_id, path)
+    return {"id_slot": slot_id, "filename": filename, "n_restored": n_tokens, "n_read": n_bytes,
+            "timings": {"restore_ms": (time.perf_counter() - t0) * 1e3}}
+
+
+def _num(value) -> str:
+    # C++ default stream formatting: 6 significant digits
+    return f"{value:.6g}"
+
+
+def metrics_text(metrics, stats: dict) -> str:
+    """GET /metrics: Prometheus text with llama-server's llamacpp:* names, and ours."""
+    m = metrics
+    with m.lock:
+        prompt_tps = m.window_prompt_tokens / m.window_prompt_seconds if m.window_prompt_seconds else 0.0
+        predicted_tps = m.window_predicted_tokens / m.window_predicted_seconds if m.window_predicted_seconds else 0.0
+        m.window_prompt_tokens = m.window_predicted_tokens = 0
+        m.window_prompt_seconds = m.window_predicted_seconds = 0.0
+        n_decode = stats.get("n_decode_calls", 0)
+        counters = [
+            ("prompt_tokens_total", "Number of prompt tokens processed.", m.prompt_tokens_total),
+            ("prompt_tokens_cached_total", "Number of prompt tokens reused from the cache.",
+             m.prompt_tokens_cached_total),
+            ("prompt_seconds_total", "Prompt process time", m.prompt_seconds_total),
+            ("tokens_predicted_total", "Number of generation tokens processed.", m.tokens_predicted_total),
+            ("tokens_predicted_seconds_total", "Predict process time", m.tokens_predicted_seconds_total),
+            ("n_decode_total", "Total number of llama_decode() calls", n_decode),
+            ("n_tokens_max", "Largest observed n_tokens.", m.n_tokens_max),
+            ("spec_decode_num_draft_tokens_total", "Number of draft tokens.", 0),
+            ("spec_decode_num_accepted_tokens_total", "Number of accepted draft tokens.", 0),
+            ("spec_decode_num_drafts_total", "Number of drafts.", 0),
+        ]
+        gauges = [
+            ("prompt_tokens_seconds", "Average prompt throughput in tokens/s.", prompt_tps),
+            ("predicted_tokens_seconds", "Average generation throughput in tokens/s.", predicted_tps),
+            ("requests_processing", "Number of requests processing.", stats.get("n_busy", 0)),
+            ("requests_deferred", "Number of requests deferred.", stats.get("n_pending", 0)),
+            ("n_busy_slots_per_decode", "Average number of busy slots per llama_decode() call",
+             stats.get("n_tokens_predicted", 0) / n_decode if n_decode else 0.0),
+        ]
+    # ours, beside upstream's: where the engine thread's time goes
+    engine_counters = [
+        ("engine_busy_seconds_total", "Engine thread time not spent waiting for work.", stats.get("t_busy", 0.0)),
+        ("engine_decode_seconds_total", "Engine thread time inside llama_decode().", stats.get("t_decode", 0.0)),
+        ("engine_steps_total", "Engine steps (one llama_decode() batch each).", stats.get("n_steps", 0)),
+        ("engine_tokens_predicted_total", "Tokens sampled by the engine.", stats.get("n_tokens_predicted", 0)),
+    ]
+    lines = []
+    for prefix, kind, items in (("llamacpp", "counter", counters), ("llamacpp", "gauge", gauges),
+                                ("pyllama", "counter", engine_counters)):
+        for name, help_text, value in items:
+            lines += [f"# HELP {prefix}:{name} {help_text}", f"# TYPE {prefix}:{name} {kind}",
+                      f"{prefix}:{name} {_num(value)}"]
+    return "\n".join(lines) + "\n"
+
+
+def lora_list(engine) -> list:
+    """GET /lora-adapters."""
+    scales = engine.lora_scales() if engine.lora_paths else ()
+    return [{"id": i, "path": path, "scale": scale, "task_name": "", "prompt_prefix": ""}
+            for i, (path, scale) in enumerate(zip(engine.lora_paths, scales))]
+
+
+def parse_lora(value, n_adapters: int) -> tuple:
+    """[{id, scale}] -> one scale per adapter; unlisted adapters get 0 (upstream's parse_lora_request)."""
+    if not isinstance(value, list):
+        raise InvalidRequestError("Request body must be an array")
+    scales = [0.0] * n_adapters
+    for entry in value:
+        if not isinstance(entry, dict) or not isinstance(entry.get("id"), int) or \
+                isinstance(entry.get("scale", 0.0), bool) or not isinstance(entry.get("scale", 0.0), (int, float)):
+            raise InvalidRequestError("Invalid adapter entry: expected {\"id\": int, \"scale\": number}")
+        if not 0 <= entry["id"] < n_adapters:
+            raise InvalidRequestError(f"invalid adapter id: {entry['id']}")
+        scales[entry["id"]] = float(entry.get("scale", 0.0))
+    return tuple(scales)
