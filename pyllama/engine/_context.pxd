@@ -18,4 +18,4 @@ cdef class Context:
                          L.llama_seq_id seq_id, bint logits) noexcept
 
 
-cdef int check_decode(int rc) except -1
+cdef int check_decode(int rc, int n_tokens=*, int n_ctx=*) except -1

@@ -63,17 +63,21 @@ def default_threads():
         return max(1, os.cpu_count() or 1)
 
 
-cdef int check_decode(int rc) except -1:
-    # The one translation of llama_decode / llama_encode return codes (llama.h).
+cdef int check_decode(int rc, int n_tokens=0, int n_ctx=0) except -1:
+    # The one translation of llama_decode / llama_encode return codes (llama.h), with
+    # upstream's messages (server_context::decode). rc 1 (no room in the KV cache) is a
+    # request too large for what is left: n_tokens is what it holds or asked for, n_ctx the
+    # KV cells a sequence may use. Any thread; raises with the GIL held.
     if rc == 0:
         return 0
     if rc == 1:
-        raise DecodeError("no KV cache slot for the batch: the context is full", code=rc)
+        raise ContextLengthExceededError("Context size has been exceeded.",
+                                         n_prompt_tokens=n_tokens, n_ctx=n_ctx)
     if rc == 2:
-        raise DecodeError("decode aborted", code=rc)
+        raise DecodeError("Decode aborted.", code=rc)
     if rc == -1:
-        raise DecodeError("invalid batch (token ids, positions or sequence ids)", code=rc)
-    raise DecodeError(f"llama_decode failed with fatal error {rc}", code=rc)
+        raise DecodeError("Invalid input batch.", code=rc)
+    raise DecodeError("Compute error.", code=rc)
 
 
 cdef class Context:
@@ -264,7 +268,7 @@ cdef class Context:
         self.batch.n_tokens = n_tokens
         with nogil:
             rc = L.llama_decode(self.ptr, self.batch)
-        return check_decode(rc)
+        return check_decode(rc, n_tokens, L.llama_n_ctx_seq(self.ptr))
 
     def generate(self, prompt, SamplerChain sampler, *, int max_tokens=-1, int seq_id=0,
                  bint stop_at_eog=True):

@@ -11,6 +11,7 @@ Imports: `_llama`, `_model`, `_context`, `_sampling`, `engine.types`, `errors`.
 """
 
 import logging
+import os
 import time
 
 from cython.parallel cimport prange
@@ -63,6 +64,7 @@ cdef struct SlotC:
     int n_cached
     bint held               # not in this step's batch (another LoRA set runs this step)
     bint prefilled          # took prompt tokens in this step's batch
+    int n_in_batch          # tokens _fill_batch put in the batch; committed after a decode
 
 
 cdef int utf8_complete_len(bytes data):
@@ -212,6 +214,7 @@ cdef class EngineCore:
             self.slots_c[i].on_backend = False
             self.slots_c[i].held = False
             self.slots_c[i].prefilled = False
+            self.slots_c[i].n_in_batch = 0
             slot = Slot(i)
             # the C loop reaches the Slot's vectors through these (the Slot lives as long)
             self.slots_c[i].cache = &slot.cache_tokens
@@ -343,13 +346,20 @@ cdef class EngineCore:
 
     # --- the step ------------------------------------------------------------------------------
     def step(self):
-        """Run one decode over every busy slot. Returns False when there was nothing to do."""
+        """Run one decode over every busy slot. Returns False when there was nothing to do.
+
+        A batch that finds no room in the KV cache is retried smaller, as upstream's
+        server_context::update_slots / decode do: first an idle slot's cache is dropped
+        (kv_unified only), else the batch is halved; when even one token does not fit, the
+        request holding the most KV ends with ContextLengthExceededError and the rest go on.
+        Any other decode failure ends every request (_abort_all). Engine thread only.
+        """
         cdef double t0 = time.perf_counter()
         cdef int n = 0, i, j
+        cdef int n_batch = self.n_batch  # halved on retries, full again next step
         cdef Slot slot
         cdef SlotC * sc
         cdef Context ctx = self.context
-        cdef L.llama_memory_t mem = L.llama_get_memory(ctx.ptr)
 
         cdef int rc = 0
         cdef int64_t t1
@@ -364,25 +374,39 @@ cdef class EngineCore:
         if self.lora_adapters:
             self._choose_lora_group()
 
-        # fill one batch, decode it and sample every slot with logits, all without the GIL
-        with nogil:
-            n = self._fill_batch(&ctx.batch)
-            if n > 0:
-                ctx.batch.n_tokens = n
-                t1 = L.llama_time_us()
-                rc = L.llama_decode(ctx.ptr, ctx.batch)
-                self.t_decode_total += (L.llama_time_us() - t1) * 1e-6
-                if rc == 0:
-                    self._sample_all()
-        if n == 0:
-            return False
-        self.n_decode_calls += 1
-        if rc != 0:
-            try:
-                check_decode(rc)
-            except EngineError as exc:
-                self._abort_all(exc)
-            return True
+        while True:
+            # fill one batch, decode it and sample every slot with logits, all without the GIL;
+            # slot positions move only once the decode succeeded
+            with nogil:
+                n = self._fill_batch(&ctx.batch, n_batch)
+                if n > 0:
+                    ctx.batch.n_tokens = n
+                    t1 = L.llama_time_us()
+                    rc = L.llama_decode(ctx.ptr, ctx.batch)
+                    self.t_decode_total += (L.llama_time_us() - t1) * 1e-6
+                    if rc == 0:
+                        self._commit_batch()
+                        self._sample_all()
+            if n == 0:
+                return rc != 0  # a retry that ended the last request still did work
+            self.n_decode_calls += 1
+            if rc == 0:
+                break
+            if rc != 1:
+                try:
+                    check_decode(rc)
+                except EngineError as exc:
+                    self._abort_all(exc)
+                return True
+            # rc 1: no room in the KV cache for this batch; the cache is unchanged. Upstream
+            # halves n_batch; we halve what the batch held, which may be less.
+            if not self._release_idle_cache():
+                if n == 1:
+                    self._release_largest()
+                    continue
+                n_batch = n // 2
+            logger.warning("failed to find free space in the KV cache, retrying with smaller "
+                           "batch size, n_batch = %d", n_batch)
 
         # 5. publish: prompt progress, then the sampled tokens
         for i in range(self.n_slots):
@@ -400,6 +424,46 @@ cdef class EngineCore:
         self.t_step_total += time.perf_counter() - t0
         return True
 
+    cdef bint _release_idle_cache(self) except -1:
+        # server_context::try_clear_idle_slots: with one KV buffer for every slot, the cache an
+        # idle slot keeps for reuse takes room a busy one needs. Drops one such cache (the
+        # least recently used; upstream takes the first) per call. Engine thread, GIL held.
+        if not self.context.kv_unified:
+            return False
+        cdef Slot victim = None
+        for s in self.slots:
+            if not (<Slot>s).busy and (<Slot>s).cache_tokens.size() > 0 and \
+                    (victim is None or (<Slot>s).t_last_used < victim.t_last_used):
+                victim = <Slot>s
+        if victim is None:
+            return False
+        logger.warning("purging slot %d with %d tokens", victim.id, <int>victim.cache_tokens.size())
+        self._drop_cache(victim)
+        return True
+
+    cdef void _release_largest(self) except *:
+        # Not even a one-token batch fits. Upstream then fails every request ("TODO: try to
+        # terminate only the largest active slot/sequence"); we end only the request holding
+        # the most KV and free it. With a KV stream per slot, the full stream is the one of
+        # the one slot in this one-token batch. Engine thread, GIL held.
+        cdef Slot victim = None
+        cdef int i
+        if not self.context.kv_unified:
+            for i in range(self.n_slots):
+                if self.slots_c[i].n_in_batch > 0:
+                    victim = <Slot>self.slots[i]
+        if victim is None:
+            for s in self.slots:
+                if (<Slot>s).busy and (victim is None or
+                                       self.slots_c[(<Slot>s).id].n_past > self.slots_c[victim.id].n_past):
+                    victim = <Slot>s
+        try:
+            check_decode(1, self.slots_c[victim.id].n_past, L.llama_n_ctx_seq(self.context.ptr))
+        except ContextLengthExceededError as exc:
+            logger.error("slot %d: request %d: %s (%d tokens in the KV cache)", victim.id,
+                         victim.request.id, exc, self.slots_c[victim.id].n_past)
+            self._release_error(victim, exc)
+
     cdef void _choose_lora_group(self) except *:
         # Requests with different LoRA sets never share a batch (upstream's rule): each step
         # runs one set, taking turns among the busy slots' sets.
@@ -414,43 +478,68 @@ cdef class EngineCore:
             self.context.set_lora_c(self.lora_adapters, group)
             self.lora_applied = group
 
-    cdef int _fill_batch(self, L.llama_batch * batch) noexcept nogil:
-        # The next token of every generating slot, then prompt chunks in admission order up to
-        # n_batch (server_context::update_slots). Engine thread, no GIL.
-        cdef int n = 0, i, j = 0, k, take, sid
+    cdef int _fill_batch(self, L.llama_batch * batch, int n_max) noexcept nogil:
+        # The next token of every generating slot, then prompt chunks in admission order, up
+        # to n_max tokens (server_context::update_slots). Writes the batch and each slot's
+        # n_in_batch / i_batch only: _commit_batch moves positions once the decode succeeded,
+        # so a batch the KV cache has no room for can be refilled smaller. Engine thread, no GIL.
+        cdef int n = 0, i, j, k, take, sid, n_prompt
         cdef SlotC * sc
         for i in range(self.n_slots):
             sc = &self.slots_c[i]
             sc.i_batch = -1
-            if sc.state != SLOT_GENERATING or sc.held:
+            sc.n_in_batch = 0
+            if sc.state != SLOT_GENERATING or sc.held or n >= n_max:
                 continue
             _batch_put(batch, n, sc.sampled, sc.n_past, i, True)
-            sc.cache.push_back(sc.sampled)
             sc.i_batch = n
-            sc.n_past += 1
+            sc.n_in_batch = 1
             n += 1
-        while j < <int>self.prefill_ids.size() and n < self.n_batch:
+        for j in range(<int>self.prefill_ids.size()):
+            if n >= n_max:
+                break
             sid = self.prefill_ids[j]
             sc = &self.slots_c[sid]
             if sc.held:
-                j += 1
                 continue
-            take = min(self.n_batch - n, <int>sc.prompt.size() - sc.n_prompt_done)
-            sc.prefilled = take > 0
-            for k in range(sc.n_prompt_done, sc.n_prompt_done + take):
-                _batch_put(batch, n, sc.prompt[0][k], sc.n_past, sid, k == <int>sc.prompt.size() - 1)
-                sc.cache.push_back(sc.prompt[0][k])
-                sc.n_past += 1
+            n_prompt = <int>sc.prompt.size()
+            take = min(n_max - n, n_prompt - sc.n_prompt_done)
+            for k in range(take):
+                _batch_put(batch, n, sc.prompt[0][sc.n_prompt_done + k], sc.n_past + k, sid,
+                           sc.n_prompt_done + k == n_prompt - 1)
                 n += 1
-            sc.n_prompt_done += take
-            if sc.n_prompt_done == <int>sc.prompt.size():
+            sc.n_in_batch = take
+            if take > 0 and sc.n_prompt_done + take == n_prompt:
                 sc.i_batch = n - 1
+        return n
+
+    cdef void _commit_batch(self) noexcept nogil:
+        # After a successful decode: the batch's tokens are in the KV cache, so they join the
+        # slots' cache_tokens and positions; a slot whose prompt is done starts generating.
+        # Engine thread, no GIL.
+        cdef int i, k, j = 0
+        cdef SlotC * sc
+        for i in range(self.n_slots):
+            sc = &self.slots_c[i]
+            if sc.n_in_batch == 0:
+                continue
+            if sc.state == SLOT_GENERATING:
+                sc.cache.push_back(sc.sampled)
+                sc.n_past += 1
+                continue
+            for k in range(sc.n_prompt_done, sc.n_prompt_done + sc.n_in_batch):
+                sc.cache.push_back(sc.prompt[0][k])
+            sc.n_past += sc.n_in_batch
+            sc.n_prompt_done += sc.n_in_batch
+            sc.prefilled = True
+            if sc.n_prompt_done == <int>sc.prompt.size():
                 sc.state = SLOT_GENERATING
-                self.prefill_ids.erase(self.prefill_ids.begin() + j)
                 self.n_prompt_tokens_total += <int>sc.prompt.size() - sc.n_cached
+        while j < <int>self.prefill_ids.size():
+            if self.slots_c[self.prefill_ids[j]].state == SLOT_GENERATING:
+                self.prefill_ids.erase(self.prefill_ids.begin() + j)
             else:
                 j += 1
-        return n
 
     cdef void _sample_all(self) noexcept nogil:
         # Logits rows are fetched here, then every slot's chain runs on its own row, in
@@ -625,18 +714,24 @@ cdef class EngineCore:
         return hold
 
     cdef object _token_probs(self, Slot slot, L.llama_token token):
-        # Top n_probs candidates: from the full distribution, or after the sampler chain.
+        # Top n_probs candidates: from the full distribution, or after the sampler chain
+        # (upstream's populate_token_probs). The softmax over the vocabulary runs without the
+        # GIL into C vectors; the TokenProbs are built after. Engine thread.
         cdef SlotC * sc = &self.slots_c[slot.id]
         cdef int n_probs = slot.request.sampling.n_probs
+        cdef bint post = slot.request.sampling.post_sampling_probs
         cdef vector[L.llama_token] ids
         cdef vector[float] ps
         cdef float chosen_p = 0.0
-        cdef SamplerState * st = sc.sampler
-        cdef int i
-        if slot.request.sampling.post_sampling_probs:
-            _top_from_candidates(&st.cur_p, n_probs, token, ids, ps, &chosen_p)
-        else:
-            _top_from_logits(sc.logits, self.model.n_vocab, n_probs, token, ids, ps, &chosen_p)
+        cdef L.llama_token_data_array * cur_p = &sc.sampler.cur_p
+        cdef const float * logits = sc.logits
+        cdef int n_vocab = self.model.n_vocab
+        cdef size_t i
+        with nogil:
+            if post:
+                _top_from_candidates(cur_p, n_probs, token, ids, ps, &chosen_p)
+            else:
+                _top_from_logits(logits, n_vocab, n_probs, token, ids, ps, &chosen_p)
         special = slot.request.special
         top = [TokenProb(ids[i], self.model.piece_c(ids[i], special), ps[i]) for i in range(ids.size())]
         return (TokenProb(token, self.model.piece_c(token, special), chosen_p), top)
@@ -685,25 +780,46 @@ cdef class EngineCore:
             L.llama_set_sampler(self.context.ptr, slot.id, NULL)
             sc.on_backend = False
 
+    cdef void _release_error(self, Slot slot, exc) except *:
+        # Ends a busy slot's request with an ErrorEvent and drops its KV: how far the failed
+        # batch got is not tracked (upstream's slot.release + prompt_clear). Engine thread.
+        cdef SlotC * sc = &self.slots_c[slot.id]
+        cdef size_t j
+        for j in range(self.prefill_ids.size()):
+            if self.prefill_ids[j] == slot.id:
+                self.prefill_ids.erase(self.prefill_ids.begin() + j)
+                break
+        slot.channel.put(ErrorEvent(exc))
+        slot.request = None
+        slot.channel = None
+        slot.sampler = None
+        slot.t_last_used = time.perf_counter()
+        sc.state = SLOT_IDLE
+        sc.i_batch = -1
+        sc.n_in_batch = 0
+        sc.sampler = NULL
+        sc.held = False
+        sc.prefilled = False
+        if sc.on_backend:
+            L.llama_set_sampler(self.context.ptr, slot.id, NULL)
+            sc.on_backend = False
+        self._drop_cache(slot)
+
+    cdef void _drop_cache(self, Slot slot) except *:
+        # Empties a slot's sequence in the KV cache and the tokens that mirror it
+        # (server_slot::prompt_clear). Engine thread.
+        L.llama_memory_seq_rm(L.llama_get_memory(self.context.ptr), slot.id, -1, -1)
+        slot.cache_tokens.clear()
+        self.slots_c[slot.id].n_past = 0
+
     cdef void _abort_all(self, exc) except *:
-        # A failed decode: every busy request ends with the error, their KV is dropped.
-        cdef L.llama_memory_t mem = L.llama_get_memory(self.context.ptr)
+        # A failed decode: every busy request ends with the error, every slot's KV is dropped.
         logger.error("decode failed, aborting %d requests: %s", self.n_busy, exc)
         for s in self.slots:
-            slot = <Slot>s
-            if slot.busy:
-                slot.channel.put(ErrorEvent(exc))
-                slot.request = None
-                slot.channel = None
-                slot.sampler = None
-                self.slots_c[slot.id].state = SLOT_IDLE
-                self.slots_c[slot.id].sampler = NULL
-                if self.slots_c[slot.id].on_backend:
-                    L.llama_set_sampler(self.context.ptr, slot.id, NULL)
-                    self.slots_c[slot.id].on_backend = False
-            L.llama_memory_seq_rm(mem, slot.id, -1, -1)
-            slot.cache_tokens.clear()
-            self.slots_c[slot.id].n_past = 0
+            if (<Slot>s).busy:
+                self._release_error(<Slot>s, exc)
+            else:
+                self._drop_cache(<Slot>s)
         self.prefill_ids.clear()
 
     # --- slot inspection and persistence (engine thread, via Engine.call) ---------------------
@@ -725,43 +841,57 @@ cdef class EngineCore:
         return out
 
     def save_slot(self, int slot_id, str path):
-        """Write a slot's KV cache and tokens to `path`. Returns (n_tokens, n_bytes)."""
+        """Write a slot's KV cache and tokens to `path`. Returns (n_tokens, n_bytes).
+
+        Engine thread; the file is written with the GIL released (SERVER_TASK_TYPE_SLOT_SAVE).
+        """
         cdef Slot slot = self.slots[slot_id]
-        cdef bytes cpath = path.encode()
-        cdef size_t n = L.llama_state_seq_save_file(self.context.ptr, cpath, slot_id,
-                                                    slot.cache_tokens.data(), slot.cache_tokens.size())
+        cdef bytes cpath = os.fsencode(path)
+        cdef const char * c_path = cpath
+        cdef L.llama_context * cptr = self.context.ptr
+        cdef const L.llama_token * tokens = slot.cache_tokens.data()
+        cdef size_t n_tokens = slot.cache_tokens.size()
+        cdef size_t n
+        with nogil:  # may be MBs of KV, or block on a slow disk or a pipe
+            n = L.llama_state_seq_save_file(cptr, c_path, slot_id, tokens, n_tokens)
         if n == 0:
             raise EngineError(f"failed to save slot {slot_id} to {path}")
-        return <int>slot.cache_tokens.size(), n
+        return <int>n_tokens, n
 
     def restore_slot(self, int slot_id, str path):
-        """Load a slot's KV cache and tokens from `path`. Returns (n_tokens, n_bytes)."""
+        """Load a slot's KV cache and tokens from `path`. Returns (n_tokens, n_bytes).
+
+        Engine thread; the file is read with the GIL released (SERVER_TASK_TYPE_SLOT_RESTORE).
+        On failure the slot is left empty.
+        """
         cdef Slot slot = self.slots[slot_id]
-        cdef bytes cpath = path.encode()
+        cdef bytes cpath = os.fsencode(path)
+        cdef const char * c_path = cpath
+        cdef L.llama_context * cptr = self.context.ptr
         cdef vector[L.llama_token] tokens
-        cdef size_t n_tokens = 0
-        tokens.resize(self.n_ctx_slot)
-        cdef L.llama_memory_t mem = L.llama_get_memory(self.context.ptr)
-        L.llama_memory_seq_rm(mem, slot_id, -1, -1)
-        cdef size_t n = L.llama_state_seq_load_file(self.context.ptr, cpath, slot_id, tokens.data(),
-                                                    tokens.size(), &n_tokens)
+        cdef size_t n_tokens = 0, n, i
+        tokens.resize(self.n_ctx_slot)  # capacity: a longer state does not fit the slot
+        self._drop_cache(slot)
+        with nogil:
+            n = L.llama_state_seq_load_file(cptr, c_path, slot_id, tokens.data(), tokens.size(),
+                                            &n_tokens)
         if n == 0:
-            slot.cache_tokens.clear()
-            self.slots_c[slot_id].n_past = 0
-            L.llama_memory_seq_rm(mem, slot_id, -1, -1)
+            self._drop_cache(slot)
             raise InvalidRequestError(f"Unable to restore slot: no valid slot state in {path}")
+        for i in range(n_tokens):
+            if tokens[i] < 0 or tokens[i] >= self.model.n_vocab:  # server_tokens::validate
+                self._drop_cache(slot)
+                raise InvalidRequestError("Unable to restore slot: Invalid tokens in slot save file")
         tokens.resize(n_tokens)
         slot.cache_tokens = tokens
         self.slots_c[slot_id].n_past = n_tokens
         return <int>n_tokens, n
 
     def erase_slot(self, int slot_id):
-        """Drop a slot's KV cache. Returns the tokens erased."""
+        """Drop a slot's KV cache. Returns the tokens erased. Engine thread."""
         cdef Slot slot = self.slots[slot_id]
         cdef int n = slot.cache_tokens.size()
-        L.llama_memory_seq_rm(L.llama_get_memory(self.context.ptr), slot_id, -1, -1)
-        slot.cache_tokens.clear()
-        self.slots_c[slot_id].n_past = 0
+        self._drop_cache(slot)
         return n
 
     def stats(self):
@@ -781,7 +911,7 @@ cdef int _common_prefix(vector[L.llama_token] & cached, prompt):
 
 
 cdef void _push_top(vector[L.llama_token] & ids, vector[float] & ps, int k, L.llama_token tok,
-                    float p) noexcept:
+                    float p) noexcept nogil:
     # Keeps (ids, ps) as the k largest so far, sorted descending.
     cdef int n = ps.size(), i
     if n == k and p <= ps[n - 1]:
@@ -800,8 +930,9 @@ cdef void _push_top(vector[L.llama_token] & ids, vector[float] & ps, int k, L.ll
 
 
 cdef void _top_from_logits(const float * logits, int n_vocab, int k, L.llama_token chosen,
-                           vector[L.llama_token] & ids, vector[float] & ps, float * chosen_p) noexcept:
+                           vector[L.llama_token] & ids, vector[float] & ps, float * chosen_p) noexcept nogil:
     # Softmax over the whole vocabulary (upstream's populate_token_probs, pre-sampling).
+    # Any thread, no GIL needed; fills the caller's vectors.
     cdef float mx = logits[0]
     cdef double total = 0.0
     cdef int i
@@ -817,8 +948,9 @@ cdef void _top_from_logits(const float * logits, int n_vocab, int k, L.llama_tok
 
 cdef void _top_from_candidates(L.llama_token_data_array * cur_p, int k, L.llama_token chosen,
                                vector[L.llama_token] & ids, vector[float] & ps,
-                               float * chosen_p) noexcept:
+                               float * chosen_p) noexcept nogil:
     # The candidates left by the chain, with the probabilities it computed (post-sampling).
+    # Any thread, no GIL needed; fills the caller's vectors.
     cdef size_t i
     chosen_p[0] = 0.0
     for i in range(cur_p.size):

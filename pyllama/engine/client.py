@@ -12,6 +12,7 @@ import collections
 import ctypes
 import dataclasses
 import logging
+import os
 import queue
 import sys
 import threading
@@ -23,6 +24,7 @@ from pyllama.engine._core import EngineCore
 from pyllama.engine._embed import EmbeddingCore
 from pyllama.engine._model import Model
 from pyllama.engine._sampling import SamplerChain, json_schema_to_grammar
+from pyllama.engine.config import EngineConfig
 from pyllama.engine.types import (
     EmbeddingResult,
     ErrorEvent,
@@ -118,34 +120,27 @@ class Engine:
 
     Args:
         model_path: the GGUF file.
-        n_parallel: slots (sequences) served at once.
-        n_ctx: total context; 0 = the model's training context. Each slot gets n_ctx /
-            n_parallel, or the whole n_ctx with kv_unified.
-        n_batch, n_ubatch, n_threads, n_threads_batch, flash_attn, type_k, type_v,
-        kv_unified, swa_full, n_gpu_layers, use_mmap: as for Model and Context.
-        n_predict: default cap for requests that set none (-1 = unlimited).
-        ctx_shift: shift the context instead of stopping when a slot fills.
-        slot_prompt_similarity: prefix share needed to pick a slot by its cache.
-        n_threads_sampling: threads sampling slots in parallel (None = n_threads).
-        embeddings: an embedding engine (`embed()`), not a generation one (`submit()`).
-        pooling: with embeddings: None (the model's), "none", "mean", "cls", "last", "rank".
-        model_options, context_options: more Model / Context keyword arguments (kv_overrides,
-            rope_scaling, rope_freq_base, yarn_*, ...).
-        lora: [(path, scale)] LoRA adapters to load; their ids are their positions.
-        lora_init_without_apply: start every adapter at scale 0 (until set_lora_scales).
-        n_ctx_slot_max: cap each slot's context (llama-server's --kv-unified-per-slot); 0 = none.
+        config: every option (see EngineConfig); None takes the defaults.
+        **options: EngineConfig fields that override `config`'s. `model_options=` and
+            `context_options=` (dicts of the same fields) are still accepted and merged.
+
+    Raises:
+        TypeError: an option that is not an EngineConfig field.
+        ModelLoadError, ContextCreationError, InvalidRequestError: the model or context
+            could not be created (raised on the constructor's thread).
     """
 
-    def __init__(self, model_path, *, n_parallel: int = 1, n_ctx: int = 4096, n_batch: int = 2048,
-                 n_ubatch: int = 512, n_threads: int | None = None, n_threads_batch: int | None = None,
-                 flash_attn="auto", type_k: str = "f16", type_v: str = "f16",
-                 kv_unified: bool = False, swa_full: bool = False, n_gpu_layers: int = -1,
-                 use_mmap: bool = True, repack: bool = True, n_predict: int = -1, ctx_shift: bool = False,
-                 slot_prompt_similarity: float = 0.1, n_threads_sampling: int | None = None,
-                 embeddings: bool = False, pooling: str | None = None,
-                 model_options: dict | None = None, context_options: dict | None = None,
-                 lora: list | None = None, lora_init_without_apply: bool = False,
-                 n_ctx_slot_max: int = 0) -> None:
+    def __init__(self, model_path, config: EngineConfig | None = None, **options) -> None:
+        # NOTE: model_options / context_options predate EngineConfig; tests and the
+        # server still pass them. Their keys are plain EngineConfig fields now.
+        for legacy in ("model_options", "context_options"):
+            extra = options.pop(legacy, None) or {}
+            clash = sorted(set(extra) & set(options))
+            if clash:
+                raise TypeError(f"{legacy} repeats option(s): {', '.join(clash)}")
+            options.update(extra)
+        self.config = (config or EngineConfig()).replace(**options)
+        self.model_path = model_path
         self._lock = threading.Condition()
         self._pending: collections.deque = collections.deque()
         self._cancels: list[int] = []
@@ -153,17 +148,7 @@ class Engine:
         self._running = True
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
-        self._params = dict(
-            model_path=model_path, n_parallel=n_parallel, n_ctx=n_ctx, n_batch=n_batch,
-            n_ubatch=n_ubatch, n_threads=n_threads, n_threads_batch=n_threads_batch,
-            flash_attn=flash_attn, type_k=type_k, type_v=type_v, kv_unified=kv_unified,
-            swa_full=swa_full, n_gpu_layers=n_gpu_layers, use_mmap=use_mmap, repack=repack, n_predict=n_predict,
-            ctx_shift=ctx_shift, slot_prompt_similarity=slot_prompt_similarity,
-            n_threads_sampling=n_threads_sampling, embeddings=embeddings, pooling=pooling,
-            model_options=model_options or {}, context_options=context_options or {},
-            lora=list(lora or []), lora_init_without_apply=lora_init_without_apply,
-            n_ctx_slot_max=n_ctx_slot_max)
-        self.embeddings = embeddings
+        self.embeddings = self.config.embeddings
         self.lora_paths: list[str] = []
         self.model: Model | None = None
         self.core: EngineCore | None = None
@@ -232,7 +217,13 @@ class Engine:
 
         Thread-safe; blocks. The way to read or change slot state from another thread.
         `fn` may raise Retry to be run again after the next step (e.g. its slot is busy).
+
+        Raises:
+            NotSupportedError: an embedding engine (its thread runs no calls).
+            UnavailableError: the engine is shut down, or `timeout` passed.
         """
+        if self.embeddings:
+            raise NotSupportedError("an embedding engine runs no engine calls")
         done: queue.SimpleQueue = queue.SimpleQueue()
         with self._lock:
             if not self._running:
@@ -260,6 +251,80 @@ class Engine:
                 raise InvalidRequestError("one scale per loaded adapter is expected")
             core.lora_scales = scales
         self.call(apply)
+
+    # --- slots (GET /slots, POST /slots/{id}) ---------------------------------------------------
+    def slot_info(self, timeout: float | None = None) -> list[dict]:
+        """Describe every slot: id, n_ctx, is_processing, n_tokens, and the request it serves.
+
+        Thread-safe; blocks for at most one step (or `timeout` seconds). An embedding engine
+        reports its sequences, all idle.
+
+        Raises:
+            UnavailableError: the engine is shut down or did not answer in time.
+        """
+        if self.core is None:
+            return [dict(id=i, n_ctx=self.n_ctx_slot, is_processing=False, n_tokens=0)
+                    for i in range(self.n_slots)]
+        return self.call(lambda core: core.slot_info(), timeout=timeout)
+
+    def save_slot(self, slot_id: int, path: str) -> tuple[int, int]:
+        """Write a slot's tokens and KV cache to `path`, once the slot is idle.
+
+        Thread-safe; blocks while the slot serves a request (server_context's
+        SERVER_TASK_TYPE_SLOT_SAVE defers the task the same way). The engine thread writes
+        the file with the GIL released.
+
+        Returns:
+            (tokens saved, bytes written).
+
+        Raises:
+            InvalidRequestError: slot_id is not in [0, n_slots).
+            EngineError: libllama could not write the file.
+        """
+        return self._when_idle(slot_id, lambda core: core.save_slot(slot_id, os.fspath(path)))
+
+    def restore_slot(self, slot_id: int, path: str) -> tuple[int, int]:
+        """Load a slot's tokens and KV cache from `path`, once the slot is idle.
+
+        Thread-safe; blocks while the slot serves a request (SERVER_TASK_TYPE_SLOT_RESTORE).
+        A failed restore leaves the slot empty.
+
+        Returns:
+            (tokens restored, bytes read).
+
+        Raises:
+            InvalidRequestError: slot_id is out of range, `path` does not exist, or it holds
+                no valid state for this context.
+        """
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise InvalidRequestError(f"Unable to restore slot: {os.path.basename(path)} does not exist")
+        return self._when_idle(slot_id, lambda core: core.restore_slot(slot_id, path))
+
+    def erase_slot(self, slot_id: int) -> int:
+        """Drop a slot's cached tokens and KV cache once it is idle; return how many.
+
+        Thread-safe; blocks while the slot serves a request (SERVER_TASK_TYPE_SLOT_ERASE).
+
+        Raises:
+            InvalidRequestError: slot_id is not in [0, n_slots).
+        """
+        return self._when_idle(slot_id, lambda core: core.erase_slot(slot_id))
+
+    def _when_idle(self, slot_id, fn):
+        # Any thread: runs fn(core) on the engine thread between two steps, once the slot is
+        # idle. Calls run before queued requests are admitted, so a slot that just finished
+        # serves the waiting call before any new request.
+        if self.core is None:
+            raise NotSupportedError("an embedding engine has no slots to save, restore or erase")
+        if isinstance(slot_id, bool) or not isinstance(slot_id, int) or not 0 <= slot_id < self.n_slots:
+            raise InvalidRequestError("Invalid slot ID")
+
+        def run(core):
+            if core.slots[slot_id].busy:
+                raise Retry()
+            return fn(core)
+        return self.call(run)
 
     def cancel(self, request_id: int) -> None:
         """Stop a queued or running request. Thread-safe."""
@@ -298,30 +363,25 @@ class Engine:
     # --- engine thread -----------------------------------------------------------------------
     def _run(self) -> None:
         _name_os_thread("pyllama-engine")  # before the context: its compute threads inherit it
-        p = self._params
+        cfg = self.config
         try:
-            self.model = Model(p["model_path"], n_gpu_layers=p["n_gpu_layers"], use_mmap=p["use_mmap"],
-                               repack=p["repack"], **p["model_options"])
-            context = Context(self.model, n_ctx=p["n_ctx"], n_batch=p["n_batch"], n_ubatch=p["n_ubatch"],
-                              n_seq_max=p["n_parallel"], n_threads=p["n_threads"],
-                              n_threads_batch=p["n_threads_batch"], flash_attn=p["flash_attn"],
-                              type_k=p["type_k"], type_v=p["type_v"], kv_unified=p["kv_unified"],
-                              swa_full=p["swa_full"], embeddings=p["embeddings"], pooling=p["pooling"],
-                              **p["context_options"])
-            if p["embeddings"]:
+            # the one place where a config becomes libllama objects
+            self.model = Model(self.model_path, **cfg.model_options())
+            context = Context(self.model, **cfg.context_options())
+            if cfg.embeddings:
                 self.embedder = EmbeddingCore(context)
                 self._ready.set()
                 self._run_embeddings()
                 return
-            self.core = EngineCore(context, n_predict=p["n_predict"], ctx_shift=p["ctx_shift"],
-                                   slot_prompt_similarity=p["slot_prompt_similarity"],
-                                   n_threads_sampling=p["n_threads_sampling"] or context.n_threads)
-            if p["n_ctx_slot_max"] > 0:
-                self.core.n_ctx_slot = min(self.core.n_ctx_slot, p["n_ctx_slot_max"])
-            self.core.lora_adapters = [self.model.load_lora(path) for path, _ in p["lora"]]
-            self.core.lora_scales = tuple(0.0 if p["lora_init_without_apply"] else float(scale)
-                                          for _, scale in p["lora"])
-            self.lora_paths = [path for path, _ in p["lora"]]
+            self.core = EngineCore(context, n_predict=cfg.n_predict, ctx_shift=cfg.ctx_shift,
+                                   slot_prompt_similarity=cfg.slot_prompt_similarity,
+                                   n_threads_sampling=cfg.n_threads_sampling or context.n_threads)
+            if cfg.n_ctx_slot_max > 0:
+                self.core.n_ctx_slot = min(self.core.n_ctx_slot, cfg.n_ctx_slot_max)
+            self.core.lora_adapters = [self.model.load_lora(path) for path, _ in cfg.lora]
+            self.core.lora_scales = tuple(0.0 if cfg.lora_init_without_apply else scale
+                                          for _, scale in cfg.lora)
+            self.lora_paths = [path for path, _ in cfg.lora]
         except BaseException as exc:  # reported to the constructor's thread
             self._startup_error = exc
             self._ready.set()
@@ -437,8 +497,11 @@ class Engine:
             self._running = False
             deferred.extend(self._pending)
             self._pending.clear()
+            calls, self._calls = self._calls, []
         for handle in deferred:
             handle.put(ErrorEvent(error))
+        for _, done in calls:  # e.g. a save_slot still waiting for its slot
+            done.put((False, error))
         if self.core is not None:
             for slot in self.core.slots:
                 if slot.busy:

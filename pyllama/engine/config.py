@@ -1,0 +1,148 @@
+"""EngineConfig: every option of an Engine, its model and its context, spelled once.
+
+Each field says where it goes: the Model (llama_model_params), the Context
+(llama_context_params) or the engine loop itself. `Engine` builds its Model and Context from
+`model_options()` and `context_options()`, so a new libllama parameter is added here once.
+Imports: stdlib only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+_MODEL = "model"
+_CONTEXT = "context"
+_ENGINE = "engine"
+
+
+def _to(target: str, default, **kwargs):
+    return field(default=default, metadata={"to": target}, **kwargs)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The options of one Engine; defaults equal Model's, Context's and llama-server's.
+
+    Engine loop:
+        n_parallel: slots (sequences) served at once; the context's n_seq_max.
+        n_predict: default cap for requests that set none (-1 = unlimited).
+        ctx_shift: shift the context instead of stopping when a slot fills.
+        slot_prompt_similarity: prefix share needed to pick a slot by its cache.
+        n_threads_sampling: threads sampling slots in parallel (None = the context's n_threads).
+        lora: ((path, scale), ...) LoRA adapters to load; their ids are their positions.
+        lora_init_without_apply: start every adapter at scale 0 (until set_lora_scales).
+        n_ctx_slot_max: cap each slot's context (llama-server's --kv-unified-per-slot); 0 = none.
+
+    Model (see `Model`):
+        n_gpu_layers: layers to offload; -1 all.
+        use_mmap, use_mlock: map the file / keep it in RAM (load_mode, when set, wins).
+        repack: let the CPU backend repack weights (--repack).
+        check_tensors: validate tensor data while loading.
+        kv_overrides: {key: value} metadata overrides (--override-kv).
+        load_mode: None or auto, none, mmap, mlock, mmap+mlock, dio.
+        lazy_mode: on, off or auto.
+        split_mode, main_gpu, tensor_split, no_host: multi-GPU placement.
+        devices: device names to offload to; None every device, ("none",) none.
+
+    Context (see `Context`):
+        n_ctx: total context; 0 = the model's training context. Each slot gets n_ctx /
+            n_parallel, or the whole n_ctx with kv_unified.
+        n_batch, n_ubatch: logical and physical batch sizes.
+        n_threads, n_threads_batch: generation and prompt threads (None = every CPU).
+        flash_attn: "auto", "on" or "off" (a bool is accepted).
+        type_k, type_v: KV cache types ("f16", "q8_0", ...).
+        kv_unified: one KV buffer shared by every slot.
+        swa_full: full-size cache for sliding-window attention layers.
+        embeddings: an embedding engine (`Engine.embed()`), not a generation one.
+        pooling: with embeddings: None (the model's), "none", "mean", "cls", "last", "rank".
+        offload_kqv, op_offload: keep the KV cache / host-tensor ops on the GPU.
+        rope_scaling, rope_freq_base, rope_freq_scale, yarn_orig_ctx, yarn_ext_factor,
+            yarn_attn_factor, yarn_beta_slow, yarn_beta_fast: RoPE / YaRN overrides
+            (None / 0 / negative = the model's).
+    """
+
+    # --- the engine loop ---
+    n_parallel: int = _to(_ENGINE, 1)
+    n_predict: int = _to(_ENGINE, -1)
+    ctx_shift: bool = _to(_ENGINE, False)
+    slot_prompt_similarity: float = _to(_ENGINE, 0.1)
+    n_threads_sampling: int | None = _to(_ENGINE, None)
+    lora: tuple = _to(_ENGINE, ())
+    lora_init_without_apply: bool = _to(_ENGINE, False)
+    n_ctx_slot_max: int = _to(_ENGINE, 0)
+    # --- the model ---
+    n_gpu_layers: int = _to(_MODEL, -1)
+    use_mmap: bool = _to(_MODEL, True)
+    use_mlock: bool = _to(_MODEL, False)
+    repack: bool = _to(_MODEL, True)
+    check_tensors: bool = _to(_MODEL, False)
+    kv_overrides: dict | None = _to(_MODEL, None)
+    load_mode: str | None = _to(_MODEL, None)
+    lazy_mode: str = _to(_MODEL, "auto")
+    split_mode: str = _to(_MODEL, "layer")
+    main_gpu: int = _to(_MODEL, 0)
+    tensor_split: tuple | None = _to(_MODEL, None)
+    no_host: bool = _to(_MODEL, False)
+    devices: tuple | None = _to(_MODEL, None)
+    # --- the context ---
+    n_ctx: int = _to(_CONTEXT, 4096)
+    n_batch: int = _to(_CONTEXT, 2048)
+    n_ubatch: int = _to(_CONTEXT, 512)
+    n_threads: int | None = _to(_CONTEXT, None)
+    n_threads_batch: int | None = _to(_CONTEXT, None)
+    flash_attn: str = _to(_CONTEXT, "auto")
+    type_k: str = _to(_CONTEXT, "f16")
+    type_v: str = _to(_CONTEXT, "f16")
+    kv_unified: bool = _to(_CONTEXT, False)
+    swa_full: bool = _to(_CONTEXT, False)
+    embeddings: bool = _to(_CONTEXT, False)
+    pooling: str | None = _to(_CONTEXT, None)
+    offload_kqv: bool = _to(_CONTEXT, True)
+    op_offload: bool = _to(_CONTEXT, True)
+    rope_scaling: str | None = _to(_CONTEXT, None)
+    rope_freq_base: float = _to(_CONTEXT, 0.0)
+    rope_freq_scale: float = _to(_CONTEXT, 0.0)
+    yarn_orig_ctx: int = _to(_CONTEXT, 0)
+    yarn_ext_factor: float = _to(_CONTEXT, -1.0)
+    yarn_attn_factor: float = _to(_CONTEXT, -1.0)
+    yarn_beta_slow: float = _to(_CONTEXT, -1.0)
+    yarn_beta_fast: float = _to(_CONTEXT, -1.0)
+
+    def __post_init__(self) -> None:
+        # Sequences become tuples, so a config is a value (lists given by callers are copied).
+        set_ = object.__setattr__
+        set_(self, "lora", tuple((str(path), float(scale)) for path, scale in self.lora))
+        for name in ("tensor_split", "devices"):
+            value = getattr(self, name)
+            if value is not None:
+                set_(self, name, tuple(value))
+        if self.kv_overrides is not None:
+            set_(self, "kv_overrides", dict(self.kv_overrides))
+
+    @classmethod
+    def field_names(cls) -> frozenset[str]:
+        """The names `replace()` and `Engine(**options)` accept."""
+        return frozenset(f.name for f in dataclasses.fields(cls))
+
+    def replace(self, **changes) -> "EngineConfig":
+        """Return a copy with `changes` applied.
+
+        Raises:
+            TypeError: a name that is not an EngineConfig field.
+        """
+        unknown = sorted(set(changes) - self.field_names())
+        if unknown:
+            raise TypeError(f"unknown engine option(s): {', '.join(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+    def model_options(self) -> dict:
+        """Keyword arguments for `Model(path, **options)`."""
+        return self._for(_MODEL)
+
+    def context_options(self) -> dict:
+        """Keyword arguments for `Context(model, **options)` (n_seq_max = n_parallel)."""
+        return dict(self._for(_CONTEXT), n_seq_max=self.n_parallel)
+
+    def _for(self, target: str) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata["to"] == target}
