@@ -25,7 +25,7 @@ def version_text() -> str:
 
 
 def _pinned_commit() -> str:
-    from pyllama.engine._model import llama_build_commit  # TODO: public name
+    from pyllama.engine import llama_build_commit
 
     return llama_build_commit()
 

@@ -53,3 +53,40 @@ def test_server_uses_only_public_engine_names():
     for path in (PKG / "server").rglob("*.py"):
         bad = [n for n in _imports(path) if n.startswith("pyllama.engine._") or n == "pyllama._llama"]
         assert not bad, f"{path.name} imports {bad}"
+
+
+def test_compiled_chat_module_stays_below_the_server():
+    bad = [n for n in _imports(PKG / "_chat.pyx") if n.startswith("pyllama.server") or n in ("falcon", "json")]
+    assert not bad, f"_chat.pyx imports {bad}"
+
+
+def test_protocol_layer_knows_no_http():
+    for path in (PKG / "server" / "protocol").glob("*.py"):
+        bad = [n for n in _imports(path) if n.split(".")[0] in ("falcon", "gunicorn")
+               or n.startswith("pyllama.server.resources") or n == "pyllama.server.streaming"]
+        assert not bad, f"protocol/{path.name} imports {bad}"
+
+
+def test_no_resource_imports_another():
+    for path in (PKG / "server" / "resources").glob("*.py"):
+        bad = [n for n in _imports(path) if n.startswith("pyllama.server.resources")]
+        assert not bad, f"resources/{path.name} imports {bad}"
+
+
+def test_cli_and_wsgi_imports_run_downwards():
+    assert not [n for n in _imports(PKG / "cli.py") if n.startswith("pyllama.engine._")]
+    assert not [n for n in _imports(PKG / "flags.py") if n.startswith("pyllama") and n != "pyllama.settings"]
+    assert "pyllama.cli" not in _imports(PKG / "server" / "wsgi.py")
+
+
+def test_in_process_api_loads_no_http_layer():
+    # what `pyllama.Llama` pulls in when used: the protocol layer, never Falcon or a resource
+    import subprocess
+    import sys
+
+    code = ("import sys, pyllama.llama; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('falcon', 'gunicorn') "
+            "or m.startswith('pyllama.server.resources') or m == 'pyllama.server.app'))")
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

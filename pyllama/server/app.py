@@ -17,7 +17,7 @@ import time
 import falcon
 
 from pyllama import __version__
-from pyllama.engine import Engine, SamplingParams
+from pyllama.engine import Engine, EngineConfig, SamplingParams
 from pyllama.engine.types import DEFAULT_DRY_BREAKERS, parse_samplers
 from pyllama.errors import UnavailableError
 from pyllama.server import errors as server_errors
@@ -86,6 +86,36 @@ def sampling_defaults(s: Settings) -> SamplingParams:
         backend_sampling=s.backend_sampling)
 
 
+def engine_config(s: Settings) -> EngineConfig:
+    """The engine options of a command line: the one place flags become engine fields."""
+    ngl = {"auto": -1, "all": -1}.get(s.n_gpu_layers)
+    n_ctx = s.ctx_size
+    if s.kv_unified_per_slot > 0 and n_ctx == 0:
+        n_ctx = s.parallel * s.kv_unified_per_slot
+    return EngineConfig(
+        n_parallel=s.parallel, n_ctx=n_ctx, n_ctx_slot_max=s.kv_unified_per_slot,
+        n_batch=s.ubatch_size if s.embedding else s.batch_size, n_ubatch=s.ubatch_size,
+        n_threads=None if s.threads < 1 else s.threads,
+        n_threads_batch=None if s.threads_batch < 1 else s.threads_batch,
+        flash_attn=s.flash_attn, type_k=s.cache_type_k, type_v=s.cache_type_v,
+        kv_unified=bool(s.kv_unified), swa_full=s.swa_full,
+        n_gpu_layers=int(s.n_gpu_layers) if ngl is None else ngl, use_mmap=s.mmap, use_mlock=s.mlock,
+        repack=s.repack, n_predict=-1, ctx_shift=s.context_shift,
+        slot_prompt_similarity=s.slot_prompt_similarity, embeddings=s.embedding,
+        pooling=s.pooling or None, kv_overrides=s.kv_override_map(), load_mode=s.load_mode or None,
+        check_tensors=s.check_tensors, lazy_mode=s.lazy_mode, split_mode=s.split_mode,
+        main_gpu=s.main_gpu,
+        tensor_split=tuple(float(x) for x in s.tensor_split.replace("/", ",").split(","))
+        if s.tensor_split else None,
+        no_host=s.no_host, devices=tuple(s.device.split(",")) if s.device else None,
+        lora=tuple(s.lora_list()), lora_init_without_apply=s.lora_init_without_apply,
+        rope_scaling=s.rope_scaling or None, rope_freq_base=s.rope_freq_base,
+        rope_freq_scale=1.0 / s.rope_scale if s.rope_scale else s.rope_freq_scale,
+        yarn_orig_ctx=s.yarn_orig_ctx, yarn_ext_factor=s.yarn_ext_factor,
+        yarn_attn_factor=s.yarn_attn_factor, yarn_beta_slow=s.yarn_beta_slow,
+        yarn_beta_fast=s.yarn_beta_fast, offload_kqv=s.kv_offload, op_offload=s.op_offload)
+
+
 class ServerState:
     """What every resource shares: settings, the engine once loaded, templates, metrics."""
 
@@ -137,35 +167,8 @@ class ServerState:
             from pyllama.engine import numa_init
 
             numa_init(s.numa)
-        ngl = {"auto": -1, "all": -1}.get(s.n_gpu_layers)
-        ngl = int(s.n_gpu_layers) if ngl is None else ngl
-        split = [float(x) for x in s.tensor_split.replace("/", ",").split(",")] if s.tensor_split else None
+        self.engine = Engine(self.model_path, engine_config(s))
         embeddings = s.embedding
-        n_ctx = s.ctx_size
-        if s.kv_unified_per_slot > 0 and n_ctx == 0:
-            n_ctx = s.parallel * s.kv_unified_per_slot
-        self.engine = Engine(
-            self.model_path, n_parallel=s.parallel, n_ctx=n_ctx, n_ctx_slot_max=s.kv_unified_per_slot,
-            n_batch=s.ubatch_size if embeddings else s.batch_size, n_ubatch=s.ubatch_size,
-            n_threads=None if s.threads < 1 else s.threads,
-            n_threads_batch=None if s.threads_batch < 1 else s.threads_batch,
-            flash_attn=s.flash_attn, type_k=s.cache_type_k, type_v=s.cache_type_v,
-            kv_unified=bool(s.kv_unified), swa_full=s.swa_full, n_gpu_layers=ngl, use_mmap=s.mmap,
-            repack=s.repack, n_predict=-1, ctx_shift=s.context_shift,
-            slot_prompt_similarity=s.slot_prompt_similarity, embeddings=embeddings,
-            pooling=s.pooling or None,
-            model_options={"kv_overrides": s.kv_override_map(), "load_mode": s.load_mode or None,
-                           "check_tensors": s.check_tensors, "lazy_mode": s.lazy_mode,
-                           "split_mode": s.split_mode, "main_gpu": s.main_gpu, "tensor_split": split,
-                           "no_host": s.no_host,
-                           "devices": s.device.split(",") if s.device else None},
-            lora=s.lora_list(), lora_init_without_apply=s.lora_init_without_apply,
-            context_options=dict(
-                rope_scaling=s.rope_scaling or None, rope_freq_base=s.rope_freq_base,
-                rope_freq_scale=1.0 / s.rope_scale if s.rope_scale else s.rope_freq_scale,
-                yarn_orig_ctx=s.yarn_orig_ctx, yarn_ext_factor=s.yarn_ext_factor,
-                yarn_attn_factor=s.yarn_attn_factor, yarn_beta_slow=s.yarn_beta_slow,
-                yarn_beta_fast=s.yarn_beta_fast, offload_kqv=s.kv_offload, op_offload=s.op_offload))
         if not embeddings:
             override = s.chat_template or ""
             kwargs = json.loads(s.chat_template_kwargs) if s.chat_template_kwargs else {}
