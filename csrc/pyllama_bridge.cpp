@@ -109,7 +109,45 @@ struct pyllama_chat_parser {
     common_chat_msg msg;
     std::string text;
     std::vector<std::string> tool_call_ids;
+    bool pure_content = false;  // the parser takes the whole output as content
 };
+
+// Whether a serialised PEG arena is only "the generation prompt, then everything as content"
+// (what templates without reasoning or tool syntax give, and what an empty parser means in
+// common_chat_peg_parse): its message is then the output text itself, so the caller may skip
+// parsing it again for every token.
+static bool is_pure_content_parser(const std::string & arena_json, const std::string & generation_prompt) {
+    if (arena_json.empty()) {
+        return true;
+    }
+    const common_json arena = common_json::parse(arena_json);
+    if (!arena.contains("parsers") || (arena.contains("rules") && !arena.at("rules").empty())) {
+        return false;
+    }
+    int n_content = 0, n_until = 0;
+    for (const auto & node : arena.at("parsers")) {
+        const std::string type = node.value("type", std::string());
+        if (type == "until") {
+            n_until++;
+            if (!node.contains("delimiters") || !node.at("delimiters").empty()) {
+                return false;
+            }
+        } else if (type == "tag") {
+            n_content++;
+            if (node.value("tag", std::string()) != "content") {
+                return false;
+            }
+        } else if (type == "literal") {
+            // only the generation prompt, which common_chat_peg_parse puts before the output
+            if (node.value("literal", std::string()) != generation_prompt) {
+                return false;
+            }
+        } else if (type != "epsilon" && type != "end" && type != "sequence") {
+            return false;
+        }
+    }
+    return n_content == 1 && n_until == 1;
+}
 
 pyllama_chat_parser * pyllama_chat_parser_new(const std::string & params_json) {
     const common_json in = common_json::parse(params_json);
@@ -126,6 +164,7 @@ pyllama_chat_parser * pyllama_chat_parser_new(const std::string & params_json) {
         if (!parser.empty()) {
             p->params.parser.load(parser);  // once per request, not once per token
         }
+        p->pure_content = is_pure_content_parser(parser, p->params.generation_prompt);
     } catch (...) {
         delete p;
         throw;
@@ -199,9 +238,9 @@ std::string pyllama_chat_parser_update(pyllama_chat_parser * p, const std::strin
         parsed.role = "assistant";
         parsed.content = p->text;
     }
-    common_json out = common_json::array();
+    std::string out;
     if (parsed.empty()) {
-        return out.dump();
+        return out;
     }
     parsed.set_tool_call_ids(p->tool_call_ids, random_tool_call_id);
     std::vector<common_chat_msg_diff> diffs;
@@ -213,9 +252,16 @@ std::string pyllama_chat_parser_update(pyllama_chat_parser * p, const std::strin
     }
     p->msg = std::move(parsed);
     for (const auto & diff : diffs) {
-        out.push_back(diff_to_json_oaicompat(diff));
+        if (!out.empty()) {
+            out += '\n';  // never inside a dump: JSON escapes newlines
+        }
+        out += diff_to_json_oaicompat(diff).dump_safe();
     }
-    return out.dump_safe();
+    return out;
+}
+
+bool pyllama_chat_parser_is_pure_content(const pyllama_chat_parser * p) {
+    return p->pure_content;
 }
 
 std::string pyllama_chat_parser_message(const pyllama_chat_parser * p) {

@@ -46,10 +46,15 @@ void pyllama_chat_parser_free(pyllama_chat_parser * parser);
 
 // Append `text` (or, with `replace`, take it as the whole output), parse the output so far
 // (common_chat_parse; output its format cannot read stays plain content) and return the diffs
-// against the previous message as OpenAI deltas, a JSON array (update_chat_msg +
-// server_chat_msg_diff_to_json_oaicompat). Tool calls keep the ids they first got.
+// against the previous message as OpenAI delta objects, one JSON text per line (update_chat_msg
+// + server_chat_msg_diff_to_json_oaicompat), so each can go into its chunk as it is. Tool
+// calls keep the ids they first got.
 std::string pyllama_chat_parser_update(pyllama_chat_parser * parser, const std::string & text, bool is_partial,
                                        bool replace);
+
+// Whether the parser takes the whole output as content (no reasoning or tool-call syntax, the
+// generation prompt at most): its message is then the output text itself.
+bool pyllama_chat_parser_is_pure_content(const pyllama_chat_parser * parser);
 
 // The last parsed message, OpenAI-shaped (common_chat_msg::to_json_oaicompat), as JSON text.
 std::string pyllama_chat_parser_message(const pyllama_chat_parser * parser);

@@ -20,6 +20,7 @@ cdef extern from "pyllama_bridge.h" nogil:
 
     struct pyllama_chat_parser
     pyllama_chat_parser * pyllama_chat_parser_new(const string & params_json) except +
+    cbool pyllama_chat_parser_is_pure_content(const pyllama_chat_parser * parser)
     void pyllama_chat_parser_free(pyllama_chat_parser * parser)
     string pyllama_chat_parser_update(pyllama_chat_parser * parser, const string & text, cbool is_partial,
                                       cbool replace) except +

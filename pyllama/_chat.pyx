@@ -18,6 +18,7 @@ from pyllama._bridge cimport (
     pyllama_chat_init,
     pyllama_chat_parser,
     pyllama_chat_parser_free,
+    pyllama_chat_parser_is_pure_content,
     pyllama_chat_parser_message,
     pyllama_chat_parser_new,
     pyllama_chat_parser_update,
@@ -101,12 +102,17 @@ cdef class ChatParser:
 
     def update(self, str text, bint is_partial, bint replace=False):
         """Add new output text (or, with replace, the whole output) and return the message
-        diffs as OpenAI delta objects, JSON bytes of an array."""
+        diffs as OpenAI delta objects: JSON texts, one per line (b"" when nothing changed)."""
+        # PERF(pyllama): GIL held: a parse takes microseconds, and handing the GIL to the
+        # engine thread and back costs more than it (two futex round trips, cold caches).
         cdef string c_text = text.encode("utf-8", "surrogatepass")
-        cdef string out
-        with nogil:
-            out = pyllama_chat_parser_update(self.ptr, c_text, is_partial, replace)
+        cdef string out = pyllama_chat_parser_update(self.ptr, c_text, is_partial, replace)
         return <bytes>out
+
+    @property
+    def pure_content(self):
+        """Whether the parser takes the whole output as content: its message is the text."""
+        return pyllama_chat_parser_is_pure_content(self.ptr)
 
     def message_json(self):
         """The last parsed message, OpenAI-shaped, as JSON bytes."""

@@ -133,6 +133,8 @@ class Run:
     def next(self, timeout: float | None, block: bool = True):
         """(task, event), or None when none came within `timeout` (at once with block=False).
         Raises the error of an ErrorEvent."""
+        if not block and self.events.empty():  # the common case of a drain: no exception
+            return None
         try:
             index, event = self.events.get(block, timeout)
         except queue.Empty:

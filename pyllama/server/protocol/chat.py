@@ -114,24 +114,53 @@ def chat_tasks(chat: ChatPrompt, ctx: ProtocolContext) -> list[Task]:
 
 
 class ChatStream:
-    """One request's chat output state: its parser, and whether the role chunk went out."""
+    """One request's chat output state: its parser, and whether the role chunk went out.
 
-    __slots__ = ("parser", "started", "message", "blocks")
+    PERF(pyllama): a parser that takes the whole output as content (`pure_content`: no
+    reasoning or tool-call syntax in the template) is not run per token: the message is the
+    text, and the deltas below are what the full parse and upstream's compute_diffs give.
+    """
 
-    def __init__(self, parser) -> None:
+    __slots__ = ("parser", "started", "message", "blocks", "pure", "text", "content")
+
+    def __init__(self, parser, fast_path: bool = True) -> None:
         self.parser = parser
         self.started = False
         self.message: dict | None = None
+        self.pure = fast_path and parser.pure_content
+        self.text = ""  # the output so far (pure content only)
+        self.content = ""  # the last non-empty output: an empty one parses as no message
+
+    def update_json(self, text: str) -> list[bytes]:
+        """The deltas that new output text adds to the message, as JSON texts."""
+        if self.pure:
+            if not text:
+                return []
+            self.text += text
+            self.content = self.text
+            return [b'{"content":' + orjson.dumps(text) + b"}"]
+        out = self.parser.update(text, True)
+        return out.split(b"\n") if out else []
 
     def update(self, text: str) -> list[dict]:
         """The deltas that new output text adds to the message."""
-        return orjson.loads(self.parser.update(text, True))
+        return [orjson.loads(d) for d in self.update_json(text)]
 
     def finish(self, text: str) -> list[dict]:
         """The last deltas, parsing the whole output as complete; sets `message`."""
-        deltas = orjson.loads(self.parser.update(text, False, True))
+        if self.pure:
+            prev, self.text = self.text, text
+            if text:
+                self.content = text
+            self.message = {"role": "assistant", "content": self.content}
+            if not text or text == prev:
+                return []
+            if text.startswith(prev):
+                return [{"content": text[len(prev):]}]
+            return [{}] if prev.startswith(text) else []
+        out = self.parser.update(text, False, True)
         self.message = orjson.loads(self.parser.message_json())
-        return deltas
+        return [orjson.loads(d) for d in out.split(b"\n")] if out else []
 
 
 def finish_reason(event: FinishEvent, message: dict) -> str:
@@ -162,6 +191,7 @@ class ChatCall(Call):
         self.id = completion_id()
         self.model_name = ctx.model_name
         self.fingerprint = ctx.fingerprint
+        self._tail: bytes | None = None
 
     def response(self):
         choices = []
@@ -178,6 +208,28 @@ class ChatCall(Call):
                 "model": self.model_name, "system_fingerprint": self.fingerprint, "choices": choices,
                 "usage": usage(first.n_prompt_tokens, len(first.tokens), first.timings.cache_n),
                 "timings": timings_dict(first.timings)}
+
+    def frames(self, task: Task, event) -> bytes:
+        # PERF(pyllama): the per-token path: the parser's delta JSON goes into the chunk bytes
+        # as it is (the same bytes orjson would write for the chunk dict), no dicts on the way.
+        if type(event) is not TokenEvent or not task.state.started or event.probs:
+            return sse.frames(self.chunks(task, event))
+        if not event.text:
+            return b""
+        deltas = task.state.update_json(event.text)
+        if not deltas:
+            return b""
+        head = b'data: {"choices":[{"finish_reason":null,"index":%d,"delta":' % task.index
+        tail = b'}],"created":%d,%s\n\n' % (int(time.time()), self._chunk_tail)
+        return b"".join(head + d + tail for d in deltas)
+
+    @property
+    def _chunk_tail(self) -> bytes:
+        if self._tail is None:
+            self._tail = orjson.dumps({"id": self.id, "model": self.model_name,
+                                       "system_fingerprint": self.fingerprint,
+                                       "object": "chat.completion.chunk"})[1:]
+        return self._tail
 
     def _chunk(self, index: int, delta: dict, finish: str | None = None, **extra) -> dict:
         return {"choices": [{"finish_reason": finish, "index": index, "delta": delta}],
