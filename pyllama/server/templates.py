@@ -23,6 +23,15 @@ def random_id() -> str:
     return "".join(secrets.choice(_ALNUM) for _ in range(32))
 
 
+class _PureContent:
+    """The parser of a template whose whole output is content: nothing to run."""
+
+    pure_content = True
+
+
+PURE_CONTENT = _PureContent()
+
+
 class ChatFormatter:
     """The server's chat templates (from the GGUF or --chat-template). Thread-safe."""
 
@@ -35,6 +44,7 @@ class ChatFormatter:
         self.reasoning_format = reasoning_format
         self.template_kwargs = template_kwargs or {}
         self.prefill_assistant = prefill_assistant
+        self._pure: dict = {}  # (parser definition, generation prompt) -> pure content?
 
     @property
     def caps(self) -> dict:
@@ -117,6 +127,16 @@ class ChatFormatter:
         }
         return orjson.loads(self.templates.apply_json(orjson.dumps(inputs)))
 
-    def parser(self, params: dict) -> ChatParser:
-        """A stateful output parser for one request (see ChatParser)."""
-        return ChatParser(orjson.dumps(params))
+    def parser(self, params: dict):
+        """A stateful output parser for one request (see ChatParser).
+
+        A parser that takes the whole output as content needs no C++ state (ChatStream keeps
+        the text): once a parser definition is known to be one, PURE_CONTENT stands for it.
+        """
+        key = (params.get("parser", ""), params.get("generation_prompt", ""))
+        if self._pure.get(key):
+            return PURE_CONTENT
+        parser = ChatParser(orjson.dumps(params))
+        if len(self._pure) < 256:  # a server sees a handful of definitions
+            self._pure[key] = parser.pure_content
+        return parser

@@ -12,6 +12,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from pyllama._chat import ChatParser
 from pyllama.engine import Model
 from pyllama.server.protocol.chat import ChatStream
 from pyllama.server.templates import ChatFormatter
@@ -27,8 +28,13 @@ def _parser_params(fmt: ChatFormatter, body: dict) -> dict:
             "parse_tool_calls": bool(body.get("tools")), "parser": params["parser"]}
 
 
+def _full_parser(params: dict) -> ChatParser:
+    return ChatParser(orjson.dumps(params))  # always the C++ parser, whatever the template
+
+
 def _run(fmt: ChatFormatter, params: dict, fast: bool, pieces) -> tuple[list, dict]:
-    stream = ChatStream(fmt.parser(params), fast_path=fast)
+    stream = ChatStream(fmt.parser(params), fast_path=True) if fast else \
+        ChatStream(_full_parser(params), fast_path=False)
     deltas = [stream.update(p) for p in pieces]
     deltas.append(stream.finish("".join(pieces)))
     return deltas, stream.message
@@ -51,7 +57,7 @@ def test_fast_path_equals_the_full_parse(formatter):
     assert message == {"role": "assistant", "content": "".join(PIECES)}
     # a final text shorter than what streamed: upstream's compute_diffs gives one empty delta
     for fast_path in (True, False):
-        stream = ChatStream(formatter.parser(params), fast_path=fast_path)
+        stream = ChatStream(formatter.parser(params) if fast_path else _full_parser(params), fast_path=fast_path)
         stream.update("abc STOP")
         assert stream.finish("abc") == [{}] and stream.message["content"] == "abc"
         assert stream.update("") == [] and stream.finish("") == [] and stream.message["content"] == "abc"

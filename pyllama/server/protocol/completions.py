@@ -228,9 +228,10 @@ def completion_tasks(body: dict, ctx: ProtocolContext, prompt=None, grammar_pref
     stop = parse_stop(body, ctx.defaults)
     n_cmpl = get_int(body, "n_cmpl", get_int(body, "n", 1), lo=1, hi=ctx.n_slots)
     tasks = []
+    n_vocab = model.n_vocab
     for p in prompts:
-        tokens = tokenize_prompt(model, p)
-        if any(t < 0 or t >= model.n_vocab for t in tokens):
+        tokens = p if prompt is not None and isinstance(p, list) else tokenize_prompt(model, p)
+        if any(t < 0 or t >= n_vocab for t in tokens):
             raise InvalidRequestError("Prompt contains invalid tokens", param="prompt")
         for child in range(n_cmpl):
             child_sampling = sampling
