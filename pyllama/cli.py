@@ -49,9 +49,13 @@ def server_main(argv: list[str] | None = None) -> int:
     except FlagError as exc:
         print(f"pyllama-server: error: {exc}", file=sys.stderr)
         return 1
-    logging.basicConfig(level=logging.CRITICAL if settings.log_disable else
-                        (logging.DEBUG if settings.verbose else logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pyllama import logs
+
+    try:
+        logs.configure(settings)
+    except OSError as exc:
+        print(f"pyllama-server: error: cannot open --log-file: {exc}", file=sys.stderr)
+        return 1
     from pyllama.server.gunicorn import run
 
     return run(settings)

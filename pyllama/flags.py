@@ -22,13 +22,13 @@ TRISTATE = {**{v: "on" for v in ("on", "enabled", "true", "1")},
 
 # llama-server flags that exist upstream but that this version does not implement.
 UNSUPPORTED = (
-    "-mu --model-url -hf -hfr --hf-repo -hff --hf-file -hft --hf-token -dr --docker-repo --offline "
+    "-mu --model-url -hf -hfr --hf-repo -hff --hf-file -hft --hf-token -dr --docker-repo "
     "--control-vector --control-vector-scaled "
     "--control-vector-layer-range -mm --mmproj -mmu --mmproj-url --no-mmproj --mmproj-auto "
     "--mmproj-offload --no-mmproj-offload --spec-type -md --model-draft -hfd --draft --draft-max "
     "--draft-min --models-dir --models-preset --models-max --models-autoload --no-models-autoload "
     "--tools --mcp-servers-config --agent -ag "
-    "--cache-reuse --cache-ram -cram --sleep-idle-seconds --path --media-path --log-file "
+    "--cache-reuse --cache-ram -cram --sleep-idle-seconds --path --media-path "
     "--reasoning-budget --reasoning -rea -ot "
     "--override-tensor --cpu-moe --n-cpu-moe -cmoe -ncmoe --fit -fit --fit-target --fit-ctx --lazy-mode -lzm "
     "--rpc --ctx-checkpoints --swa-checkpoints -ctxcp --checkpoint-min-step --cache-idle-slots "

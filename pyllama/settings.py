@@ -218,7 +218,21 @@ class Settings:
                                     env="LLAMA_ARG_PREFILL_ASSISTANT", neg=["--no-prefill-assistant"])
     # --- logging --------------------------------------------------------------------------
     verbose: bool = _flag(False, ["-v", "--verbose", "--log-verbose"], "log everything", kind="flag")
+    verbosity: int = _flag(3, ["-lv", "--verbosity", "--log-verbosity"],
+                           "verbosity threshold: 0 output, 1 error, 2 warning, 3 info, 4 trace, 5 debug",
+                           env="LLAMA_ARG_LOG_VERBOSITY", metavar="N")
     log_disable: bool = _flag(False, ["--log-disable"], "no log output", kind="flag")
+    log_file: str = _flag("", ["--log-file"], "log to this file too", env="LLAMA_ARG_LOG_FILE", metavar="FNAME")
+    log_colors: str = _flag("auto", ["--log-colors"], "coloured logging: on, off, auto (when stderr is a terminal)",
+                            env="LLAMA_ARG_LOG_COLORS", choices=["on", "off", "auto"])
+    log_prefix: bool = _flag(True, ["--log-prefix"], "level letter (and time) before each log line",
+                             env="LLAMA_ARG_LOG_PREFIX", neg=["--no-log-prefix"])
+    log_timestamps: bool = _flag(True, ["--log-timestamps"], "time since start before each log line",
+                                 env="LLAMA_ARG_LOG_TIMESTAMPS", neg=["--no-log-timestamps"])
+    log_jsonl: bool = _flag(False, ["--log-jsonl"], "log as JSON lines on stdout (no colours)",
+                            env="LLAMA_ARG_LOG_JSONL", neg=["--no-log-jsonl"])
+    offline: bool = _flag(False, ["--offline"], "no network access (pyllama downloads nothing unless told to)",
+                          env="LLAMA_ARG_OFFLINE", kind="flag")
 
 
 def _kv_override_map(self) -> dict:

@@ -49,6 +49,13 @@ SERVER = str(Path(sys.executable).parent / "pyllama-server")
      dict(lazy_mode="off", numa="distribute", ui_config='{"theme": "dark"}', tags="a,b")),
     (["--reasoning-format", "deepseek", "--chat-template", "chatml", "-kvu", "--swa-full"],
      dict(reasoning_format="deepseek", chat_template="chatml", kv_unified=True, swa_full=True)),
+    # the logging flags and --offline, which upstream's tooling passes on most launches
+    (["--offline", "-lv", "4", "--log-file", "x.log", "--log-colors", "off", "--no-log-prefix",
+      "--no-log-timestamps", "--log-jsonl"],
+     dict(offline=True, verbosity=4, log_file="x.log", log_colors="off", log_prefix=False,
+          log_timestamps=False, log_jsonl=True)),
+    (["--verbosity", "1"], dict(verbosity=1)), (["--log-verbosity", "5"], dict(verbosity=5)),
+    ([], dict(offline=False, verbosity=3, log_prefix=True, log_timestamps=True, log_colors="auto")),
 ])
 def test_upstream_command_lines(argv, expected):
     s = parse_server_args(argv, environ={})
@@ -116,3 +123,11 @@ def test_process_help_version_and_exit_codes():
     assert out.returncode == 0 and "pyllama" in out.stdout and "0c1e57098" in out.stdout
     out = subprocess.run([SERVER, "--mmproj", "x"], capture_output=True, text=True)
     assert out.returncode == 1 and "--mmproj" in out.stderr and "does not support" in out.stderr
+
+
+def test_logging_flags_from_the_environment():
+    s = parse_server_args([], environ={"LLAMA_ARG_OFFLINE": "1", "LLAMA_ARG_LOG_VERBOSITY": "2",
+                                       "LLAMA_ARG_LOG_FILE": "y.log", "LLAMA_ARG_LOG_PREFIX": "false"})
+    assert (s.offline, s.verbosity, s.log_file, s.log_prefix) == (True, 2, "y.log", False)
+    with pytest.raises(FlagError):
+        parse_server_args(["--log-colors", "sometimes"], environ={})

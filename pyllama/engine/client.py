@@ -154,6 +154,7 @@ class Engine:
         self.core: EngineCore | None = None
         self.embedder: EmbeddingCore | None = None
         self.t_busy = 0.0  # engine-thread seconds not spent waiting for work
+        self._busy_since = 0.0  # perf_counter() when the running step began; 0 between steps
         self._thread = threading.Thread(target=self._run, name="pyllama-engine", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -357,7 +358,9 @@ class Engine:
         """Engine counters (read without locking; approximate while running)."""
         stats = self.core.stats() if self.core else {}
         stats["n_pending"] = len(self._pending)
-        stats["t_busy"] = self.t_busy
+        # a step still running counts too, so busy time never lags the decode time inside it
+        since = self._busy_since
+        stats["t_busy"] = self.t_busy + (time.perf_counter() - since if since else 0.0)
         return stats
 
     # --- engine thread -----------------------------------------------------------------------
@@ -397,7 +400,7 @@ class Engine:
                         self._lock.wait()
                     if not self._running:
                         break
-                    t0 = clock()
+                    t0 = self._busy_since = clock()
                     deferred.extend(self._pending)
                     self._pending.clear()
                     cancels, self._cancels = self._cancels, []
@@ -408,6 +411,7 @@ class Engine:
                 self._admit(deferred)
                 self.core.step()
                 self.t_busy += clock() - t0
+                self._busy_since = 0.0
         except BaseException as exc:  # never leave callers waiting
             logger.exception("engine thread failed")
             self._fail_all(EngineError(f"engine thread failed: {exc}"), deferred)

@@ -45,6 +45,7 @@ def gunicorn_options(settings: Settings) -> dict:
         "accesslog": "-" if settings.verbose else None,
         "errorlog": "-",
         "loglevel": "debug" if settings.verbose else ("critical" if settings.log_disable else "info"),
+        "logger_class": "pyllama.logs.GunicornLogger",
         "worker_tmp_dir": "/dev/shm" if os.path.isdir("/dev/shm") else None,
         "reuse_port": settings.reuse_port,
     }

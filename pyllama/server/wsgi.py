@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 import shlex
 
+from pyllama import logs
 from pyllama.flags import parse_server_args
 from pyllama.server.gunicorn import _worker_exit, build_app, gunicorn_options
 
 _settings = parse_server_args(shlex.split(os.environ.get("PYLLAMA_ARGS", "")))
+logs.configure(_settings)
 
 # gunicorn reads these module globals when used with -c python:pyllama.server.wsgi
 globals().update(gunicorn_options(_settings))
