@@ -32,7 +32,7 @@ UNSUPPORTED = (
     "--reasoning-budget --reasoning -rea -ot "
     "--override-tensor --cpu-moe --n-cpu-moe -cmoe -ncmoe --fit -fit --fit-target --fit-ctx --lazy-mode -lzm "
     "--rpc --ctx-checkpoints --swa-checkpoints -ctxcp --checkpoint-min-step --cache-idle-slots "
-    "--log-prompts-dir --chat-template-kwargs-file"
+    "--log-prompts-dir"
 ).split()
 
 

@@ -185,9 +185,9 @@ class Settings:
     api_prefix: str = _flag("", ["--api-prefix"], "prefix for every route", env="LLAMA_ARG_API_PREFIX")
     webui: bool = _flag(True, ["--ui", "--webui"], "built-in web UI (pyllama has none: --no-webui is implied)",
                         env="LLAMA_ARG_UI", neg=["--no-ui", "--no-webui"])
-    ui_config: str = _flag("", ["--ui-config"], "UI defaults (JSON object), echoed in /props ui_settings",
+    ui_config: str = _flag("", ["--ui-config", "--webui-config"], "UI defaults (JSON object), echoed in /props ui_settings",
                            env="LLAMA_ARG_UI_CONFIG")
-    ui_config_file: str = _flag("", ["--ui-config-file"], "file with the UI defaults", env="LLAMA_ARG_UI_CONFIG_FILE")
+    ui_config_file: str = _flag("", ["--ui-config-file", "--webui-config-file"], "file with the UI defaults", env="LLAMA_ARG_UI_CONFIG_FILE")
     max_body_mb: int = _flag(64, ["--max-body-mb"], "pyllama: largest request body in MiB (413 beyond)")
     # --- features -------------------------------------------------------------------------
     embedding: bool = _flag(False, ["--embedding", "--embeddings"], "embedding endpoints only",
