@@ -144,6 +144,11 @@ class Settings:
                                         kind="append")
     dynatemp_range: float = _flag(0.0, ["--dynatemp-range"], "dynamic temperature range")
     dynatemp_exp: float = _flag(1.0, ["--dynatemp-exp"], "dynamic temperature exponent")
+    adaptive_target: float = _flag(-1.0, ["--adaptive-target"],
+                                   "adaptive-p: select tokens near this probability (0.0 to 1.0; negative = disabled)",
+                                   metavar="N")
+    adaptive_decay: float = _flag(0.9, ["--adaptive-decay"],
+                                  "adaptive-p: decay rate of the target's adaptation (0.0 to 0.99)", metavar="N")
     mirostat: int = _flag(0, ["--mirostat"], "Mirostat: 0 off, 1, 2")
     mirostat_lr: float = _flag(0.1, ["--mirostat-lr"], "Mirostat learning rate (eta)")
     mirostat_ent: float = _flag(5.0, ["--mirostat-ent"], "Mirostat target entropy (tau)")

@@ -54,7 +54,8 @@ SERVER = str(Path(sys.executable).parent / "pyllama-server")
       "--no-log-timestamps", "--log-jsonl"],
      dict(offline=True, verbosity=4, log_file="x.log", log_colors="off", log_prefix=False,
           log_timestamps=False, log_jsonl=True)),
-    (["--verbosity", "1"], dict(verbosity=1)), (["--log-verbosity", "5"], dict(verbosity=5)),
+    (["--verbosity", "1"], dict(verbosity=1)),
+    (["--adaptive-target", "0.3", "--adaptive-decay", "0.5"], dict(adaptive_target=0.3, adaptive_decay=0.5)), (["--log-verbosity", "5"], dict(verbosity=5)),
     ([], dict(offline=False, verbosity=3, log_prefix=True, log_timestamps=True, log_colors="auto")),
 ])
 def test_upstream_command_lines(argv, expected):

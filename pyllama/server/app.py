@@ -81,7 +81,8 @@ def sampling_defaults(s: Settings) -> SamplingParams:
         frequency_penalty=s.frequency_penalty, dry_multiplier=s.dry_multiplier, dry_base=s.dry_base,
         dry_allowed_length=s.dry_allowed_length, dry_penalty_last_n=s.dry_penalty_last_n,
         dry_sequence_breakers=breakers, mirostat=s.mirostat, mirostat_tau=s.mirostat_ent,
-        mirostat_eta=s.mirostat_lr, seed=s.seed, logit_bias=tuple(bias), ignore_eos=s.ignore_eos,
+        mirostat_eta=s.mirostat_lr, adaptive_target=s.adaptive_target, adaptive_decay=s.adaptive_decay,
+        seed=s.seed, logit_bias=tuple(bias), ignore_eos=s.ignore_eos,
         samplers=samplers, grammar=s.grammar, json_schema=s.json_schema or None,
         backend_sampling=s.backend_sampling)
 

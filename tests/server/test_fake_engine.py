@@ -316,3 +316,13 @@ def test_lora_adapters_body_over_the_limit_is_413(make):
                              headers={"Content-Type": "application/json"})
     assert r.status_code == 413, r.json
     assert r.json["error"]["code"] == 413
+
+
+def test_sampling_defaults_from_flags_reach_requests_and_props(synthetic_path):
+    client, fake = fake_app(synthetic_path, [*tokens("a"), finish("a")],
+                            args=["--adaptive-target", "0.25", "--adaptive-decay", "0.5"])
+    params = client.simulate_get("/props").json["default_generation_settings"]["params"]
+    assert (params["adaptive_target"], params["adaptive_decay"]) == (0.25, 0.5)
+    assert client.simulate_post("/completion", json={"prompt": "hi"}).status_code == 200
+    sampling = fake.submitted[0].sampling
+    assert (sampling.adaptive_target, sampling.adaptive_decay) == (0.25, 0.5)
