@@ -14,7 +14,7 @@ import sys
 
 from pyllama import __version__
 from pyllama.errors import PyllamaError
-from pyllama.flags import FlagError, parse_server_args, server_help
+from pyllama.flags import FlagError, completion_bash, parse_server_args, server_help
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,9 @@ def server_main(argv: list[str] | None = None) -> int:
         return 0
     if "--version" in argv:
         print(version_text())
+        return 0
+    if "--completion-bash" in argv:  # upstream prints the script and exits while parsing
+        print(completion_bash(), end="")
         return 0
     if "--list-devices" in argv:  # upstream prints the list and exits while parsing
         from pyllama.engine import format_device_list

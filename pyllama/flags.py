@@ -206,5 +206,35 @@ def server_help() -> str:
         lines.append(f"  {names:<44} {meta['help']} [default: {f.default}]{env}")
     lines += ["", "  -h, --help                                   this help", 
               "  --version                                    pyllama and llama.cpp versions",
-              "  --list-devices                               print list of available devices and exit"]
+              "  --list-devices                               print list of available devices and exit",
+              "  --completion-bash                            print a bash completion script and exit"]
     return "\n".join(lines)
+
+
+def completion_bash(executables=("pyllama-server", "llama-server", "pyllama")) -> str:
+    """--completion-bash: a bash completion script for these flags, as upstream's
+    common_params_print_completion writes it (file completion for -m, grammars, templates)."""
+    names = []
+    for f in fields(Settings):
+        names += [*f.metadata["names"], *f.metadata.get("neg", ())]
+    names += ["-h", "--help", "--usage", "--version", "--list-devices", "--completion-bash"]
+    lines = [
+        "_llama_completions() {",
+        "    local cur prev opts",
+        "    COMPREPLY=()",
+        '    cur="${COMP_WORDS[COMP_CWORD]}"',
+        '    prev="${COMP_WORDS[COMP_CWORD-1]}"',
+        "",
+        '    opts="' + " ".join(names) + ' "',
+        "",
+        '    case "$prev" in',
+    ]
+    for flags, pattern in (("--model|-m", "*.gguf"), ("--grammar-file", "*.gbnf"),
+                           ("--chat-template-file", "*.jinja")):
+        lines += [f"        {flags})",
+                  f"            COMPREPLY=( $(compgen -f -X '!{pattern}' -- \"$cur\") $(compgen -d -- \"$cur\") )",
+                  "            return 0", "            ;;"]
+    lines += ["        *)", '            COMPREPLY=( $(compgen -W "${opts}" -- "$cur") )', "            return 0",
+              "            ;;", "    esac", "}", ""]
+    lines += [f"complete -F _llama_completions {exe}" for exe in executables]
+    return "\n".join(lines) + "\n"

@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 ARG_CPP = ROOT / "vendor" / "llama.cpp" / "common" / "arg.cpp"
 # handled by pyllama-server itself, before the flags become Settings (cli.server_main)
-CLI_ONLY = {"-h", "--help", "--usage", "--version", "--list-devices"}
+CLI_ONLY = {"-h", "--help", "--usage", "--version", "--list-devices", "--completion-bash"}
 
 
 @dataclass(frozen=True)

@@ -132,3 +132,13 @@ def test_logging_flags_from_the_environment():
     assert (s.offline, s.verbosity, s.log_file, s.log_prefix) == (True, 2, "y.log", False)
     with pytest.raises(FlagError):
         parse_server_args(["--log-colors", "sometimes"], environ={})
+
+
+def test_completion_bash_is_a_working_bash_completion():
+    out = subprocess.run([SERVER, "--completion-bash"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "complete -F _llama_completions llama-server" in out.stdout
+    # bash loads it, and completing "--ctx" offers the flag
+    script = out.stdout + '\nCOMP_WORDS=(llama-server --ctx); COMP_CWORD=1; _llama_completions; echo "${COMPREPLY[@]}"\n'
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "--ctx-size" in done.stdout.split() and "--temp" not in done.stdout.split()
