@@ -139,6 +139,29 @@ def parse_server_args(argv: list[str], environ: dict | None = None) -> Settings:
     return _finish(settings)
 
 
+def process_escapes(text: str) -> str:
+    """Upstream's string_process_escapes, on the UTF-8 bytes: \\n \\r \\t \\' \\" \\\\ and \\xNN;
+    any other backslash pair stays as it is."""
+    data, out, i = text.encode(), bytearray(), 0
+    simple = {ord("n"): 10, ord("r"): 13, ord("t"): 9, ord("'"): 39, ord('"'): 34, ord("\\"): 92}
+    while i < len(data):
+        if data[i] == 92 and i + 1 < len(data):
+            i += 1
+            c = data[i]
+            if c in simple:
+                out.append(simple[c])
+            elif c == ord("x") and i + 2 < len(data) and \
+                    all(chr(b) in "0123456789abcdefABCDEF" for b in data[i + 1:i + 3]):
+                out.append(int(data[i + 1:i + 3], 16))
+                i += 2
+            else:
+                out += bytes([92, c])
+        else:
+            out.append(data[i])
+        i += 1
+    return out.decode("utf-8", "replace")
+
+
 def _finish(s: Settings) -> Settings:
     if s.parallel == 0 or s.parallel < -1:
         raise FlagError("--parallel must be >= 1 (or -1 for auto)")
@@ -150,6 +173,9 @@ def _finish(s: Settings) -> Settings:
             changes["kv_unified"] = True
     if s.reranking:
         changes.update(embedding=True, pooling="rank")
+    if s.escape:  # common_params_parse_ex: the stop strings and DRY breakers of the command line
+        changes["reverse_prompt"] = tuple(process_escapes(r) for r in s.reverse_prompt)
+        changes["dry_sequence_breaker"] = tuple(process_escapes(b) for b in s.dry_sequence_breaker)
     if s.api_key_file:
         try:
             with open(s.api_key_file, encoding="utf-8") as fh:

@@ -159,6 +159,9 @@ class Settings:
     json_schema: str = _flag("", ["-j", "--json-schema"], "default JSON schema (turned into a grammar)")
     json_schema_file: str = _flag("", ["-jf", "--json-schema-file"], "file with the default JSON schema")
     reverse_prompt: tuple = _flag((), ["-r", "--reverse-prompt"], "default stop string (repeatable)", kind="append")
+    escape: bool = _flag(True, ["-e", "--escape"],
+                         "process escape sequences (\\n, \\r, \\t, \\', \\\", \\\\, \\xNN) in -r and "
+                         "--dry-sequence-breaker", neg=["--no-escape"])
     special: bool = _flag(False, ["-sp", "--special"], "render special tokens in the output", kind="flag")
     backend_sampling: bool = _flag(False, ["-bs", "--backend-sampling"],
                                    "sample inside the decode graph (on the GPU with GPU builds)",

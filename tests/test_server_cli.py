@@ -55,6 +55,10 @@ SERVER = str(Path(sys.executable).parent / "pyllama-server")
      dict(offline=True, verbosity=4, log_file="x.log", log_colors="off", log_prefix=False,
           log_timestamps=False, log_jsonl=True)),
     (["--verbosity", "1"], dict(verbosity=1)),
+    # escapes in the stop strings and DRY breakers, on by default as upstream's -e
+    (["-r", "\\n", "--dry-sequence-breaker", "\\t"], dict(escape=True, reverse_prompt=("\n",),
+                                                         dry_sequence_breaker=("\t",))),
+    (["--no-escape", "-r", "\\n"], dict(escape=False, reverse_prompt=("\\n",))),
     (["--adaptive-target", "0.3", "--adaptive-decay", "0.5"], dict(adaptive_target=0.3, adaptive_decay=0.5)), (["--log-verbosity", "5"], dict(verbosity=5)),
     ([], dict(offline=False, verbosity=3, log_prefix=True, log_timestamps=True, log_colors="auto")),
 ])
@@ -142,3 +146,13 @@ def test_completion_bash_is_a_working_bash_completion():
     done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "--ctx-size" in done.stdout.split() and "--temp" not in done.stdout.split()
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ("a\\nb", "a\nb"), ("\\r\\t\\'\\\"\\\\", "\r\t'\"\\"), ("a\\x41b", "aAb"),
+    ("\\q", "\\q"), ("x\\", "x\\"), ("\\x4", "\\x4"), ("é\\n", "é\n"), ("\\xzz", "\\xzz"),
+])
+def test_escapes_as_upstreams_string_process_escapes(raw, expected):
+    from pyllama.flags import process_escapes
+
+    assert process_escapes(raw) == expected
