@@ -71,6 +71,7 @@ std::string pyllama_chat_apply(const pyllama_chat * chat, const std::string & in
     inputs.parallel_tool_calls = value_or<bool>(in, "parallel_tool_calls", false);
     inputs.reasoning_format = common_reasoning_format_from_name(value_or<std::string>(in, "reasoning_format", "auto"));
     inputs.enable_thinking = value_or<bool>(in, "enable_thinking", true);
+    inputs.force_pure_content = value_or<bool>(in, "force_pure_content", false);
     if (present(in, "chat_template_kwargs")) {
         for (const auto & item : in.at("chat_template_kwargs").items()) {
             inputs.chat_template_kwargs[item.key()] = item.value().dump();

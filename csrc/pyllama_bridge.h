@@ -27,7 +27,8 @@ std::string pyllama_chat_info(const pyllama_chat * chat);
 // Apply the template (common_chat_templates_apply). `inputs_json` holds the OpenAI-style
 // fields: messages, tools, tool_choice, json_schema (text), grammar, add_generation_prompt,
 // continue_final_message, use_jinja, parallel_tool_calls, reasoning_format, enable_thinking,
-// chat_template_kwargs (an object; each value reaches the template as its JSON text).
+// force_pure_content (--skip-chat-parsing), chat_template_kwargs (an object; each value
+// reaches the template as its JSON text).
 // Returns common_chat_params as JSON text.
 // Throws std::exception with upstream's message on bad input.
 std::string pyllama_chat_apply(const pyllama_chat * chat, const std::string & inputs_json);

@@ -222,6 +222,10 @@ class Settings:
                                       env="LLAMA_ARG_CHAT_TEMPLATE_KWARGS")
     reasoning_format: str = _flag("auto", ["--reasoning-format"], "reasoning output: none, auto, deepseek, deepseek-legacy",
                                   env="LLAMA_ARG_THINK", choices=["none", "auto", "deepseek", "deepseek-legacy"])
+    skip_chat_parsing: bool = _flag(False, ["--skip-chat-parsing"],
+                                    "a pure content parser even with a Jinja template: reasoning and tool calls "
+                                    "stay in the content", env="LLAMA_ARG_SKIP_CHAT_PARSING",
+                                    neg=["--no-skip-chat-parsing"])
     prefill_assistant: bool = _flag(True, ["--prefill-assistant"], "continue a trailing assistant message",
                                     env="LLAMA_ARG_PREFILL_ASSISTANT", neg=["--no-prefill-assistant"])
     # --- logging --------------------------------------------------------------------------

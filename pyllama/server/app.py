@@ -151,6 +151,14 @@ class ServerState:
         """Run a protocol Call on the engine and write its response or stream into `resp`."""
         respond(resp, self.engine, call, self.metrics, self.settings.sse_ping_interval)
 
+    def make_chat(self, model) -> ChatFormatter:
+        """The chat templates the flags ask for, over a loaded model's vocabulary."""
+        s = self.settings
+        kwargs = json.loads(s.chat_template_kwargs) if s.chat_template_kwargs else {}
+        return ChatFormatter(model, s.chat_template or "", use_jinja=s.jinja,
+                             reasoning_format=s.reasoning_format, template_kwargs=kwargs,
+                             prefill_assistant=s.prefill_assistant, force_pure_content=s.skip_chat_parsing)
+
     def make_protocol(self) -> ProtocolContext:
         """The protocol context over the loaded engine and chat templates."""
         s, engine = self.settings, self.engine
@@ -171,11 +179,7 @@ class ServerState:
         self.engine = Engine(self.model_path, engine_config(s))
         embeddings = s.embedding
         if not embeddings:
-            override = s.chat_template or ""
-            kwargs = json.loads(s.chat_template_kwargs) if s.chat_template_kwargs else {}
-            self.chat = ChatFormatter(self.engine.model, override, use_jinja=s.jinja,
-                                      reasoning_format=s.reasoning_format, template_kwargs=kwargs,
-                                      prefill_assistant=s.prefill_assistant)
+            self.chat = self.make_chat(self.engine.model)
         self.protocol = self.make_protocol()
         self.ready.set()
         logger.info("model loaded: %s, %d slots of %d tokens", self.model_name, self.engine.n_slots,

@@ -38,13 +38,14 @@ class ChatFormatter:
 
     def __init__(self, model, template_override: str = "", *, use_jinja: bool = True,
                  reasoning_format: str = "auto", template_kwargs: dict | None = None,
-                 prefill_assistant: bool = True) -> None:
+                 prefill_assistant: bool = True, force_pure_content: bool = False) -> None:
         self.templates = ChatTemplates(model, template_override)
         self.info = orjson.loads(self.templates.info_json())
         self.use_jinja = use_jinja
         self.reasoning_format = reasoning_format
         self.template_kwargs = template_kwargs or {}
         self.prefill_assistant = prefill_assistant
+        self.force_pure_content = force_pure_content  # --skip-chat-parsing
         self._pure: dict = {}  # (parser definition, generation prompt) -> pure content?
 
     @property
@@ -125,6 +126,7 @@ class ChatFormatter:
             "reasoning_format": body.get("reasoning_format") or self.reasoning_format,
             "enable_thinking": enable_thinking,
             "chat_template_kwargs": kwargs,
+            "force_pure_content": self.force_pure_content,
         }
         return orjson.loads(self.templates.apply_json(orjson.dumps(inputs)))
 

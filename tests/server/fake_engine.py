@@ -272,7 +272,6 @@ def fake_app(model_path, script: Sequence | Callable = (), *, release: str = "al
     # with the engine swapped): when the server's construction changes, change this alone.
     from pyllama.cli import parse_server_args
     from pyllama.server.app import ServerState, create_app
-    from pyllama.server.templates import ChatFormatter
 
     path = str(model_path)
     s = parse_server_args(["-m", path, *args], environ={})
@@ -285,10 +284,7 @@ def fake_app(model_path, script: Sequence | Callable = (), *, release: str = "al
     state = ServerState(s, path)
     state.engine = fake
     if not s.embedding:
-        kwargs = json.loads(s.chat_template_kwargs) if s.chat_template_kwargs else {}
-        state.chat = ChatFormatter(model, s.chat_template or "", use_jinja=s.jinja,
-                                   reasoning_format=s.reasoning_format,
-                                   template_kwargs=kwargs, prefill_assistant=s.prefill_assistant)
+        state.chat = state.make_chat(model)
     state.protocol = state.make_protocol()
     state.ready.set()
     return falcon.testing.TestClient(create_app(state)), fake

@@ -326,3 +326,23 @@ def test_sampling_defaults_from_flags_reach_requests_and_props(synthetic_path):
     assert client.simulate_post("/completion", json={"prompt": "hi"}).status_code == 200
     sampling = fake.submitted[0].sampling
     assert (sampling.adaptive_target, sampling.adaptive_decay) == (0.25, 0.5)
+
+
+def test_skip_chat_parsing_keeps_tool_calls_in_the_content(synthetic_path):
+    from pathlib import Path
+
+    template = Path(__file__).parents[1] / "data" / "hermes-tools.jinja"
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    body = {"messages": [{"role": "user", "content": "weather?"}], "tools": tools}
+    for flags, parsed in (([], True), (["--skip-chat-parsing"], False)):
+        client, _ = fake_app(synthetic_path, [*tokens(call), finish(call)],
+                             args=["--jinja", "--chat-template-file", str(template), *flags])
+        r = client.simulate_post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        message, finish_reason = r.json["choices"][0]["message"], r.json["choices"][0]["finish_reason"]
+        if parsed:
+            assert message["tool_calls"][0]["function"]["name"] == "get_weather" and finish_reason == "tool_calls"
+        else:  # upstream's force_pure_content: everything stays content
+            assert "tool_calls" not in message and message["content"] == call and finish_reason == "stop"
