@@ -222,6 +222,10 @@ class Settings:
                                       env="LLAMA_ARG_CHAT_TEMPLATE_KWARGS")
     reasoning_format: str = _flag("auto", ["--reasoning-format"], "reasoning output: none, auto, deepseek, deepseek-legacy",
                                   env="LLAMA_ARG_THINK", choices=["none", "auto", "deepseek", "deepseek-legacy"])
+    reasoning_effort: str = _flag("default", ["--reasoning-effort"],
+                                  "reasoning effort given to the chat template: 'default' keeps the template's, "
+                                  "or a level such as minimal, low, medium, high, xhigh, max",
+                                  env="LLAMA_ARG_REASONING_EFFORT", metavar="LEVEL")
     skip_chat_parsing: bool = _flag(False, ["--skip-chat-parsing"],
                                     "a pure content parser even with a Jinja template: reasoning and tool calls "
                                     "stay in the content", env="LLAMA_ARG_SKIP_CHAT_PARSING",

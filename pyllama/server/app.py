@@ -155,6 +155,8 @@ class ServerState:
         """The chat templates the flags ask for, over a loaded model's vocabulary."""
         s = self.settings
         kwargs = json.loads(s.chat_template_kwargs) if s.chat_template_kwargs else {}
+        if s.reasoning_effort != "default":  # a default template kwarg, as upstream's flag sets it
+            kwargs["reasoning_effort"] = s.reasoning_effort
         return ChatFormatter(model, s.chat_template or "", use_jinja=s.jinja,
                              reasoning_format=s.reasoning_format, template_kwargs=kwargs,
                              prefill_assistant=s.prefill_assistant, force_pure_content=s.skip_chat_parsing)

@@ -109,10 +109,12 @@ class ChatFormatter:
         enable_thinking = kwargs.get("enable_thinking", True)
         if not isinstance(enable_thinking, bool):
             raise InvalidRequestError('invalid type for "enable_thinking" (expected boolean, got string)')
-        if body.get("reasoning_effort") == "none":
+        effort = body.get("reasoning_effort")  # the OAI field; "none" disables reasoning
+        if effort == "none":
             enable_thinking = False
-        elif isinstance(body.get("reasoning_effort"), str):
-            kwargs["reasoning_effort"] = body["reasoning_effort"]
+            kwargs.pop("reasoning_effort", None)
+        elif isinstance(effort, str) and effort:
+            kwargs["reasoning_effort"] = effort
         json_schema = body.get("json_schema")
         inputs = {
             "messages": messages, "tools": tools or None, "tool_choice": tool_choice,

@@ -346,3 +346,16 @@ def test_skip_chat_parsing_keeps_tool_calls_in_the_content(synthetic_path):
             assert message["tool_calls"][0]["function"]["name"] == "get_weather" and finish_reason == "tool_calls"
         else:  # upstream's force_pure_content: everything stays content
             assert "tool_calls" not in message and message["content"] == call and finish_reason == "stop"
+
+
+def test_reasoning_effort_reaches_the_template(synthetic_path, tmp_path):
+    template = tmp_path / "effort.jinja"
+    template.write_text("{{ reasoning_effort | default('unset') }}|{% for m in messages %}{{ m.content }}{% endfor %}")
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    for flags, request, expected in (([], {}, "unset|"), (["--reasoning-effort", "high"], {}, "high|"),
+                                     (["--reasoning-effort", "high"], {"reasoning_effort": "low"}, "low|"),
+                                     (["--reasoning-effort", "high"], {"reasoning_effort": "none"}, "unset|"),
+                                     (["--reasoning-effort", "default"], {}, "unset|")):
+        client, _ = fake_app(synthetic_path, args=["--jinja", "--chat-template-file", str(template), *flags])
+        r = client.simulate_post("/apply-template", json={**body, **request})
+        assert r.status_code == 200 and r.json["prompt"].startswith(expected), (flags, request, r.text)
