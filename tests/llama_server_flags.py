@@ -128,7 +128,9 @@ def ours() -> tuple[set, set]:
 
 
 def _normal(name: str) -> str:
-    return "--" + name[2:].replace("_", "-") if name.startswith("--") else name
+    from pyllama.flags import _normalise  # the spelling pyllama-server itself looks flags up by
+
+    return _normalise(name)
 
 
 def partition() -> dict:

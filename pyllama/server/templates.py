@@ -8,20 +8,10 @@ tool-call parsing. This module only moves JSON in and out and computes stream de
 
 from __future__ import annotations
 
-import secrets
-import string
-
 import orjson
 
 from pyllama._chat import ChatParser, ChatTemplates
 from pyllama.errors import InvalidRequestError
-
-_ALNUM = string.ascii_letters + string.digits
-
-
-def random_id() -> str:
-    """32 random letters and digits (upstream's random_string), from one urandom read."""
-    return "".join(_ALNUM[b % 62] for b in secrets.token_bytes(32))
 
 
 class _PureContent:

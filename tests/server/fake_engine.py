@@ -39,7 +39,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import falcon.testing
 
-from pyllama.engine import ErrorEvent, FinishEvent, FinishReason, Model, Request, Timings, TokenEvent
+from pyllama.engine import ErrorEvent, FinishEvent, FinishReason, Model, Request, RequestHandle, Timings, TokenEvent
 from pyllama.errors import InvalidRequestError, NotSupportedError
 
 FIRST_TOKEN_ID = 260  # scripted token ids start here (inside the synthetic vocabulary)
@@ -75,16 +75,11 @@ def error(exc: Exception) -> ErrorEvent:
 
 
 # --- the fake ---------------------------------------------------------------------------------
-class FakeHandle:
-    """What submit() returns: the request, its id and tag, and cancel()."""
+class FakeHandle(RequestHandle):
+    """The engine's own RequestHandle, with the script still to replay and what was put."""
 
     def __init__(self, engine: "FakeEngine", request: Request, sink, tag: int, events: list) -> None:
-        self._engine = engine
-        self.request = request
-        self.id = request.id
-        self.tag = tag
-        self._sink = sink
-        self._own: queue.SimpleQueue = queue.SimpleQueue()
+        super().__init__(engine, request, sink, tag)
         self.remaining = collections.deque(events)
         self.ended = False  # a FinishEvent or ErrorEvent was put
         self.sent: list = []
@@ -94,19 +89,7 @@ class FakeHandle:
         if isinstance(event, (FinishEvent, ErrorEvent)):
             self.ended = True
             self.remaining.clear()
-        if self._sink is not None:
-            self._sink.put((self.tag, event))
-        else:
-            self._own.put(event)
-
-    def get(self, timeout: float | None = None):
-        try:
-            return self._own.get(timeout=timeout)
-        except queue.Empty:
-            return None
-
-    def cancel(self) -> None:
-        self._engine.cancel(self.id)
+        super().put(event)
 
 
 class _FakeCore:

@@ -12,9 +12,8 @@ import orjson
 
 from pyllama.engine import FinishEvent, FinishReason, TokenEvent
 from pyllama.errors import InvalidRequestError, error_json
-from pyllama.server.protocol.base import ProtocolContext, Task
+from pyllama.server.protocol.base import ProtocolContext, Task, random_id
 from pyllama.server.protocol.chat import ChatCall, ChatStream, chat_tasks, count_tokens, render
-from pyllama.server.templates import random_id
 
 
 def _text_of(blocks) -> str:

@@ -10,6 +10,8 @@ Imports: public `engine` names, `errors`, `server.sse`.
 from __future__ import annotations
 
 import queue
+import secrets
+import string
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +19,14 @@ from pyllama.engine import ErrorEvent, FinishEvent, Request, TokenEvent
 from pyllama.errors import error_json
 from pyllama.server import sse
 from pyllama.server.protocol.params import Defaults
+
+
+_ALNUM = string.ascii_letters + string.digits
+
+
+def random_id() -> str:
+    """32 random letters and digits (upstream's random_string), from one urandom read."""
+    return "".join(_ALNUM[b % 62] for b in secrets.token_bytes(32))
 
 
 @dataclass

@@ -121,23 +121,21 @@ class ChatStream:
     text, and the deltas below are what the full parse and upstream's compute_diffs give.
     """
 
-    __slots__ = ("parser", "started", "message", "blocks", "pure", "text", "content")
+    __slots__ = ("parser", "started", "message", "blocks", "pure", "pieces")
 
     def __init__(self, parser, fast_path: bool = True) -> None:
         self.parser = parser
         self.started = False
         self.message: dict | None = None
         self.pure = fast_path and parser.pure_content
-        self.text = ""  # the output so far (pure content only)
-        self.content = ""  # the last non-empty output: an empty one parses as no message
+        self.pieces: list = []  # the output so far (pure content only), joined at the finish
 
     def update_json(self, text: str) -> list[bytes]:
         """The deltas that new output text adds to the message, as JSON texts."""
         if self.pure:
             if not text:
                 return []
-            self.text += text
-            self.content = self.text
+            self.pieces.append(text)
             return [b'{"content":' + orjson.dumps(text) + b"}"]
         out = self.parser.update(text, True)
         return out.split(b"\n") if out else []
@@ -149,10 +147,9 @@ class ChatStream:
     def finish(self, text: str) -> list[dict]:
         """The last deltas, parsing the whole output as complete; sets `message`."""
         if self.pure:
-            prev, self.text = self.text, text
-            if text:
-                self.content = text
-            self.message = {"role": "assistant", "content": self.content}
+            prev = "".join(self.pieces)
+            self.pieces = [text or prev]  # an empty output parses as no message: keep the last
+            self.message = {"role": "assistant", "content": text or prev}
             if not text or text == prev:
                 return []
             if text.startswith(prev):

@@ -8,8 +8,6 @@ and generation_settings. The chat and infill families build on these.
 from __future__ import annotations
 
 import math
-import secrets
-import string
 import sys
 import time
 from dataclasses import replace
@@ -17,7 +15,7 @@ from dataclasses import replace
 from pyllama.engine import FinishEvent, FinishReason, ProgressEvent, Request, Timings, TokenEvent
 from pyllama.errors import InvalidRequestError
 from pyllama.server import sse
-from pyllama.server.protocol.base import Call, ProtocolContext, Task
+from pyllama.server.protocol.base import Call, ProtocolContext, Task, random_id
 from pyllama.server.protocol.params import (
     build_request,
     get_bool,
@@ -31,11 +29,8 @@ from pyllama.server.protocol.params import (
 STOP_TYPES = {FinishReason.EOS: "eos", FinishReason.WORD: "word", FinishReason.LIMIT: "limit",
               FinishReason.CANCELLED: "none", FinishReason.ERROR: "none"}
 LOWEST = -sys.float_info.max
-_ALNUM = string.ascii_letters + string.digits
-
-
 def completion_id() -> str:
-    return "chatcmpl-" + "".join(_ALNUM[b % 62] for b in secrets.token_bytes(32))  # one urandom read
+    return "chatcmpl-" + random_id()
 
 
 def finish_reason(event: FinishEvent) -> str:
