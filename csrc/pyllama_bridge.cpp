@@ -2,6 +2,7 @@
 #include "pyllama_bridge.h"
 
 #include "chat.h"
+#include "common.h"
 #include "json-schema-to-grammar.h"
 #include "json.h"
 
@@ -267,4 +268,70 @@ bool pyllama_chat_parser_is_pure_content(const pyllama_chat_parser * p) {
 
 std::string pyllama_chat_parser_message(const pyllama_chat_parser * p) {
     return p->msg.to_json_oaicompat().dump_safe();
+}
+
+// --- CPU placement -------------------------------------------------------------------------
+
+struct pyllama_threadpools {
+    common_threadpools pools;
+};
+
+int pyllama_cpu_default_threads() {
+    return common_cpu_get_num_math();
+}
+
+static void cpu_mask_from(const std::string & mask, const std::string & range, common_cpu_params & cpu) {
+    // as arg.cpp's -C and -Cr handlers: each sets mask_valid and adds its CPUs to the mask
+    if (!mask.empty()) {
+        cpu.mask_valid = true;
+        if (!parse_cpu_mask(mask, cpu.cpumask)) {
+            throw std::invalid_argument("invalid cpumask");
+        }
+    }
+    if (!range.empty()) {
+        cpu.mask_valid = true;
+        bool ok = false;
+        try {
+            ok = parse_cpu_range(range, cpu.cpumask);
+        } catch (const std::exception &) {  // std::stoull on a non-number
+        }
+        if (!ok) {
+            throw std::invalid_argument("invalid range");
+        }
+    }
+}
+
+void pyllama_cpu_check(const std::string & mask, const std::string & range) {
+    common_cpu_params cpu;
+    cpu_mask_from(mask, range, cpu);
+}
+
+static common_cpu_params cpu_params_from(const common_json & j) {
+    common_cpu_params cpu;
+    cpu.n_threads  = value_or<int>(j, "n_threads", -1);
+    cpu_mask_from(value_or<std::string>(j, "mask", ""), value_or<std::string>(j, "range", ""), cpu);
+    cpu.strict_cpu = value_or<bool>(j, "strict", false);
+    cpu.priority   = (enum ggml_sched_priority) value_or<int>(j, "prio", GGML_SCHED_PRIO_NORMAL);
+    cpu.poll       = value_or<uint32_t>(j, "poll", 50);
+    return cpu;
+}
+
+pyllama_threadpools * pyllama_threadpools_attach(llama_context * ctx, const std::string & params_json) {
+    const auto j = common_json::parse(params_json);
+    common_params params;
+    params.cpuparams       = cpu_params_from(j.at("gen"));
+    params.cpuparams_batch = cpu_params_from(j.at("batch"));
+    postprocess_cpu_params(params.cpuparams, nullptr);
+    postprocess_cpu_params(params.cpuparams_batch, &params.cpuparams);
+    if (!ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU)) {
+        return nullptr;
+    }
+    set_process_priority(params.cpuparams.priority);
+    auto * out = new pyllama_threadpools();
+    out->pools.init(ctx, params);
+    return out;
+}
+
+void pyllama_threadpools_free(pyllama_threadpools * pools) {
+    delete pools;
 }

@@ -59,3 +59,24 @@ bool pyllama_chat_parser_is_pure_content(const pyllama_chat_parser * parser);
 
 // The last parsed message, OpenAI-shaped (common_chat_msg::to_json_oaicompat), as JSON text.
 std::string pyllama_chat_parser_message(const pyllama_chat_parser * parser);
+
+// --- CPU placement (common's threadpool utilities, as common_init_from_params uses them) ---
+
+struct llama_context;
+struct pyllama_threadpools;
+
+// Threads for generation when -t is not given: common_cpu_get_num_math(), upstream's default
+// (the physical cores; the performance cores of a hybrid CPU).
+int pyllama_cpu_default_threads();
+
+// Check a -C/--cpu-mask (hex) or -Cr/--cpu-range (lo-hi) value with common's parsers; throws
+// std::invalid_argument with upstream's message ("invalid cpumask", "invalid range").
+void pyllama_cpu_check(const std::string & mask, const std::string & range);
+
+// Create the generation and batch threadpools of `ctx` and attach them, after setting the
+// process priority, as common_init_from_params does. `params_json`:
+// {"gen": P, "batch": P} with P = {"n_threads", "mask", "range", "strict", "prio", "poll"};
+// batch n_threads < 0 takes every gen value (postprocess_cpu_params). Returns nullptr when
+// no CPU backend is loaded. Free after llama_free(ctx) with pyllama_threadpools_free.
+pyllama_threadpools * pyllama_threadpools_attach(llama_context * ctx, const std::string & params_json);
+void pyllama_threadpools_free(pyllama_threadpools * pools);

@@ -4,7 +4,7 @@
 from libcpp cimport bool as cbool
 from libcpp.string cimport string
 
-from pyllama._llama cimport llama_model
+from pyllama._llama cimport llama_context, llama_model
 
 
 cdef extern from "pyllama_bridge.h" nogil:
@@ -25,3 +25,11 @@ cdef extern from "pyllama_bridge.h" nogil:
     string pyllama_chat_parser_update(pyllama_chat_parser * parser, const string & text, cbool is_partial,
                                       cbool replace) except +
     string pyllama_chat_parser_message(const pyllama_chat_parser * parser) except +
+
+
+cdef extern from "pyllama_bridge.h" nogil:
+    struct pyllama_threadpools
+    int pyllama_cpu_default_threads()
+    void pyllama_cpu_check(const string & mask, const string & range) except +
+    pyllama_threadpools * pyllama_threadpools_attach(llama_context * ctx, const string & params_json) except +
+    void pyllama_threadpools_free(pyllama_threadpools * pools)

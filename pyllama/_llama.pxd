@@ -434,4 +434,16 @@ cdef extern from "llama.h" nogil:
 
     # --- Misc ------------------------------------------------------------------------------
     const char * llama_print_system_info()
+
+    # --- Performance utils -----------------------------------------------------------------
+    cdef struct llama_perf_context_data:
+        double t_start_ms
+        double t_load_ms
+        double t_p_eval_ms
+        double t_eval_ms
+        int32_t n_p_eval
+        int32_t n_eval
+        int32_t n_reused
+
+    llama_perf_context_data llama_perf_context(const llama_context * ctx)
     void llama_log_set(ggml_log_callback log_callback, void * user_data)

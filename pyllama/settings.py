@@ -62,6 +62,19 @@ class Settings:
     threads: int = _flag(-1, ["-t", "--threads"], "CPU threads for generation (-1 = all)",
                          env="LLAMA_ARG_THREADS")
     threads_batch: int = _flag(-1, ["-tb", "--threads-batch"], "threads for prompt processing (-1 = --threads)")
+    cpu_mask: str = _flag("", ["-C", "--cpu-mask"], "CPU affinity mask: arbitrarily long hex (with --cpu-range)")
+    cpu_range: str = _flag("", ["-Cr", "--cpu-range"], "range of CPUs for affinity: lo-hi (with --cpu-mask)")
+    cpu_strict: int = _flag(0, ["--cpu-strict"], "strict CPU placement: 0 or 1")
+    prio: int = _flag(0, ["--prio"], "process/thread priority: low(-1), normal(0), medium(1), high(2), realtime(3)")
+    poll: int = _flag(50, ["--poll"], "polling level to wait for work: 0 (none) - 100")
+    cpu_mask_batch: str = _flag("", ["-Cb", "--cpu-mask-batch"], "CPU affinity mask for prompt processing "
+                                "(default: --cpu-mask)")
+    cpu_range_batch: str = _flag("", ["-Crb", "--cpu-range-batch"], "CPU range for prompt processing")
+    cpu_strict_batch: int = _flag(0, ["--cpu-strict-batch"], "strict CPU placement for prompt processing")
+    prio_batch: int = _flag(0, ["--prio-batch"], "thread priority for prompt processing: 0-3")
+    poll_batch: int = _flag(50, ["--poll-batch"], "polling for prompt processing (default: --poll)")
+    perf: bool = _flag(True, ["--perf"], "libllama's internal performance timings", env="LLAMA_ARG_PERF",
+                       neg=["--no-perf"])
     batch_size: int = _flag(2048, ["-b", "--batch-size"], "logical maximum batch size", env="LLAMA_ARG_BATCH")
     ubatch_size: int = _flag(512, ["-ub", "--ubatch-size"], "physical maximum batch size",
                              env="LLAMA_ARG_UBATCH")
@@ -167,7 +180,7 @@ class Settings:
                                    "sample inside the decode graph (on the GPU with GPU builds)",
                                    env="LLAMA_ARG_BACKEND_SAMPLING", kind="flag")
     # --- network, security ----------------------------------------------------------------
-    host: str = _flag("127.0.0.1", ["--host"], "address to listen on (a path ending in .sock = UNIX socket)",
+    host: str = _flag("127.0.0.1", ["--host"], "addresses to listen on, comma-separated (a path ending in .sock = UNIX socket)",
                       env="LLAMA_ARG_HOST")
     port: int = _flag(8080, ["--port"], "port to listen on", env="LLAMA_ARG_PORT")
     api_key: tuple = _flag((), ["--api-key"], "API key(s), comma-separated or repeated", env="LLAMA_API_KEY",
@@ -177,7 +190,7 @@ class Settings:
     ssl_key_file: str = _flag("", ["--ssl-key-file"], "PEM private key for HTTPS", env="LLAMA_ARG_SSL_KEY_FILE")
     ssl_cert_file: str = _flag("", ["--ssl-cert-file"], "PEM certificate for HTTPS", env="LLAMA_ARG_SSL_CERT_FILE")
     timeout: int = _flag(3600, ["-to", "--timeout"], "socket read/write timeout in seconds", env="LLAMA_ARG_TIMEOUT")
-    threads_http: int = _flag(-1, ["--threads-http"], "HTTP threads (-1 = parallel slots + 8)",
+    threads_http: int = _flag(-1, ["--threads-http"], "fixed HTTP threads, plus up to 1024 on demand (-1 = max(slots + 4, CPUs - 1))",
                               env="LLAMA_ARG_THREADS_HTTP")
     sse_ping_interval: int = _flag(30, ["--sse-ping-interval"], "seconds of silence before an SSE ping (-1 = never)",
                                    env="LLAMA_ARG_SSE_PING_INTERVAL")

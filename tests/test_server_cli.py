@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +62,12 @@ SERVER = str(Path(sys.executable).parent / "pyllama-server")
     (["--no-escape", "-r", "\\n"], dict(escape=False, reverse_prompt=("\\n",))),
     (["--adaptive-target", "0.3", "--adaptive-decay", "0.5"], dict(adaptive_target=0.3, adaptive_decay=0.5)), (["--log-verbosity", "5"], dict(verbosity=5)),
     ([], dict(offline=False, verbosity=3, log_prefix=True, log_timestamps=True, log_colors="auto")),
+    # CPU placement and libllama's timings
+    (["-C", "0xF0", "-Cr", "2-3", "--cpu-strict", "1", "--prio", "-1", "--poll", "0", "-Cb", "f",
+      "-Crb", "-1", "--cpu-strict-batch", "1", "--prio-batch", "2", "--poll-batch", "1", "--no-perf"],
+     dict(cpu_mask="0xF0", cpu_range="2-3", cpu_strict=1, prio=-1, poll=0, cpu_mask_batch="f",
+          cpu_range_batch="-1", cpu_strict_batch=1, prio_batch=2, poll_batch=1, perf=False)),
+    ([], dict(cpu_mask="", prio=0, poll=50, perf=True)),
 ])
 def test_upstream_command_lines(argv, expected):
     s = parse_server_args(argv, environ={})
@@ -100,7 +107,16 @@ def test_environment_variables_and_precedence():
 @pytest.mark.parametrize("argv,message", [
     (["--frobnicate"], "invalid argument: --frobnicate"),
     (["--lora", "/nonexistent/x.gguf"], "LoRA adapter not found"),
-    (["--mmproj", "x.gguf"], "--mmproj is a llama-server flag that pyllama does not support yet"),
+    (["--mmproj", "x.gguf"], "--mmproj is a llama-server flag that pyllama does not support yet "
+                             "(multimodal input)"),
+    (["--spec-draft-n-max", "8"], "(speculative decoding)"),
+    (["-C", "0xzz"], 'error while handling argument "-C": invalid cpumask'),
+    (["-Crb", "3"], 'error while handling argument "-Crb": invalid range'),
+    (["-Cr", "0-999"], 'error while handling argument "-Cr": invalid range'),
+    (["--prio", "4"], 'error while handling argument "--prio": invalid value'),
+    (["--host", " , "], "--host requires at least one address"),
+    (["--host", "127.0.0.1,127.0.0.2", "--port", "0"], "--port 0 is not supported with multiple TCP addresses"),
+    (["--prio-batch", "-1"], 'error while handling argument "--prio-batch": invalid value'),
     (["-hf", "org/model"], "-hf is a llama-server flag"),
     (["-np", "0"], "--parallel"),
     (["-c", "lots"], "invalid value for -c"),
@@ -117,7 +133,7 @@ def test_environment_variables_and_precedence():
     (["-dev", ","], "no devices specified"),  # a device name is checked when the model loads
 ])
 def test_refused_flags(argv, message):
-    with pytest.raises(FlagError, match=message.replace("(", r"\(")):
+    with pytest.raises(FlagError, match=re.escape(message)):
         parse_server_args(argv, environ={})
 
 
@@ -156,3 +172,16 @@ def test_escapes_as_upstreams_string_process_escapes(raw, expected):
     from pyllama.flags import process_escapes
 
     assert process_escapes(raw) == expected
+
+
+def test_cpu_placement_reaches_the_engine_config():
+    from pyllama.engine import CpuPlacement
+    from pyllama.server.app import engine_config
+
+    cfg = engine_config(parse_server_args(["-t", "2", "-C", "0x1", "--prio", "-1", "--poll", "0",
+                                           "--no-perf"], environ={}))
+    assert cfg.n_threads == 2 and cfg.n_threads_batch is None and cfg.perf is False
+    assert cfg.cpu == CpuPlacement(mask="0x1", prio=-1, poll=0)
+    assert cfg.context_options()["cpu"] == cfg.cpu
+    # -t not given: upstream's default (common_cpu_get_num_math), chosen by the Context
+    assert engine_config(parse_server_args([], environ={})).n_threads is None

@@ -5,7 +5,7 @@ Imports: the compiled engine modules and `errors`; never falcon or the server.
 
 from pyllama.engine._context import Context, default_threads
 from pyllama.engine.client import Engine, RequestHandle, Retry
-from pyllama.engine.config import EngineConfig
+from pyllama.engine.config import CpuPlacement, EngineConfig
 from pyllama.engine._model import (
     LoraAdapter,
     Model,
@@ -39,6 +39,7 @@ __all__ = [
     "Context",
     "EmbeddingResult",
     "Engine",
+    "CpuPlacement",
     "EngineConfig",
     "ErrorEvent",
     "FinishEvent",

@@ -6,6 +6,9 @@ from pyllama.engine._model cimport Model
 cdef class Context:
     cdef L.llama_context * ptr
     cdef L.llama_batch batch
+    # the CPU backend's threadpools (a pyllama_threadpools *; void here so that modules
+    # cimporting Context need not see the bridge), freed after ptr
+    cdef void * pools
     cdef readonly Model model
     cdef readonly bint embeddings
     cdef readonly bint kv_unified  # one KV stream for all sequences

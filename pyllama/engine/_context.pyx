@@ -5,10 +5,12 @@
 Imports: `_llama`, `_model`, `_sampling`, `errors`. A Context belongs to one thread at a time.
 """
 
-import os
+import orjson
 
 from libc.stdint cimport int32_t
+from libcpp.string cimport string
 
+from pyllama cimport _bridge as B
 from pyllama cimport _llama as L
 from pyllama.engine._model cimport LoraAdapter, Model
 from libcpp.vector cimport vector
@@ -56,11 +58,29 @@ POOLING = {
 
 
 def default_threads():
-    """The CPUs this process may run on (llama-server's default is the physical cores)."""
+    """llama-server's default thread count: the physical cores (performance cores on a hybrid
+    CPU), common_cpu_get_num_math()."""
+    return max(1, B.pyllama_cpu_default_threads())
+
+
+def check_cpu_placement(cpu) -> None:
+    """Raise InvalidRequestError when a CpuPlacement's mask or range does not parse as
+    upstream parses -C / -Cr."""
+    if cpu is None:
+        return
     try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
+        B.pyllama_cpu_check(cpu.mask.encode(), cpu.range.encode())
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc), param="cpu") from None
+    if not -1 <= cpu.prio <= 3:
+        raise InvalidRequestError("invalid value", param="prio")
+
+
+def _cpu_json(cpu, n_threads: int) -> dict:
+    if cpu is None:
+        return {"n_threads": n_threads}
+    return {"n_threads": n_threads, "mask": cpu.mask, "range": cpu.range, "strict": bool(cpu.strict),
+            "prio": int(cpu.prio), "poll": int(cpu.poll)}
 
 
 cdef int check_decode(int rc, int n_tokens=0, int n_ctx=0) except -1:
@@ -89,7 +109,7 @@ cdef class Context:
         n_batch: most tokens one decode call takes.
         n_ubatch: physical micro-batch size.
         n_seq_max: sequences (parallel slots) the context holds.
-        n_threads: threads for generation; None uses every available CPU.
+        n_threads: threads for generation; None = the physical cores (llama-server's default).
         n_threads_batch: threads for prompt processing; None = n_threads.
         flash_attn: "on", "off" or "auto".
         type_k, type_v: KV cache types ("f16", "q8_0", ...).
@@ -102,6 +122,10 @@ cdef class Context:
         rope_freq_base, rope_freq_scale: RoPE overrides (0 = the model's).
         yarn_ext_factor, yarn_attn_factor, yarn_beta_slow, yarn_beta_fast, yarn_orig_ctx: YaRN
             tuning (negative / 0 = the model's).
+        cpu, cpu_batch: CpuPlacement (pyllama.engine.config) of the generation and prompt
+            threads: affinity mask / range, strict placement, priority, polling; None =
+            upstream's defaults. cpu_batch is used only with n_threads_batch (as -Cb with -tb).
+        perf: keep libllama's internal performance timings (llama_perf_context).
 
     Raises:
         InvalidRequestError: a parameter is out of range.
@@ -116,8 +140,10 @@ cdef class Context:
                   bint kv_unified=False, bint swa_full=False, bint offload_kqv=True,
                   rope_scaling=None, float rope_freq_base=0.0, float rope_freq_scale=0.0,
                   float yarn_ext_factor=-1.0, float yarn_attn_factor=-1.0, float yarn_beta_slow=-1.0,
-                  float yarn_beta_fast=-1.0, int yarn_orig_ctx=0, bint op_offload=True):
+                  float yarn_beta_fast=-1.0, int yarn_orig_ctx=0, bint op_offload=True,
+                  cpu=None, cpu_batch=None, bint perf=True):
         self.ptr = NULL
+        self.pools = NULL
         self.batch.token = NULL
         self.model = model
         self.embeddings = embeddings
@@ -144,6 +170,13 @@ cdef class Context:
         threads_batch = threads if n_threads_batch is None else int(n_threads_batch)
         if threads < 1 or threads_batch < 1:
             raise InvalidRequestError("n_threads must be >= 1")
+        check_cpu_placement(cpu)
+        check_cpu_placement(cpu_batch)
+        # the batch pool takes every generation setting unless its thread count was given
+        # (upstream's postprocess_cpu_params)
+        cdef string pools_json = orjson.dumps({
+            "gen": _cpu_json(cpu, threads),
+            "batch": _cpu_json(cpu_batch, -1 if n_threads_batch is None else threads_batch)})
 
         cdef L.llama_context_params params = L.llama_context_default_params()
         params.n_ctx = n_ctx
@@ -170,12 +203,17 @@ cdef class Context:
         params.yarn_beta_slow = yarn_beta_slow
         params.yarn_beta_fast = yarn_beta_fast
         params.yarn_orig_ctx = yarn_orig_ctx
-        params.no_perf = True
+        params.no_perf = not perf
         with nogil:
             self.ptr = L.llama_init_from_model(model.ptr, params)
         if self.ptr == NULL:
             raise ContextCreationError(
                 "failed to create the llama context (see the pyllama.llama_cpp log)")
+        try:  # as common_init_from_params: process priority, then the threadpools
+            self.pools = <void *> B.pyllama_threadpools_attach(self.ptr, pools_json)
+        except ValueError as exc:
+            self._free()
+            raise InvalidRequestError(str(exc), param="cpu") from None
         self.batch = L.llama_batch_init(L.llama_n_batch(self.ptr), 0, 1)
 
     def __dealloc__(self):
@@ -188,10 +226,21 @@ cdef class Context:
         if self.ptr != NULL:
             L.llama_free(self.ptr)
             self.ptr = NULL
+        if self.pools != NULL:
+            B.pyllama_threadpools_free(<B.pyllama_threadpools *> self.pools)
+            self.pools = NULL
 
     def close(self):
         """Free the context and its batch."""
         self._free()
+
+    def perf(self):
+        """libllama's own counters (llama_perf_context): prompt and generation time in ms
+        (0 with perf=False), evaluated token counts, and how often a compute graph was reused."""
+        self._require_open()
+        cdef L.llama_perf_context_data d = L.llama_perf_context(self.ptr)
+        return {"t_p_eval_ms": d.t_p_eval_ms, "t_eval_ms": d.t_eval_ms, "n_p_eval": d.n_p_eval,
+                "n_eval": d.n_eval, "n_reused": d.n_reused}
 
     cdef int _require_open(self) except -1:
         if self.ptr == NULL:

@@ -21,6 +21,23 @@ def _to(target: str, default, **kwargs):
 
 
 @dataclass(frozen=True)
+class CpuPlacement:
+    """Where and how the CPU backend's threads run (llama-server's -C/-Cr/--cpu-strict/--prio/
+    --poll, and their -batch twins): common_cpu_params.
+
+    mask: hex affinity mask ("" = any CPU); range: "lo-hi" CPUs added to the mask;
+    strict: one CPU per thread in mask order; prio: -1 low, 0 normal, 1 medium, 2 high,
+    3 realtime; poll: 0-100, how long idle threads busy-wait for work.
+    """
+
+    mask: str = ""
+    range: str = ""
+    strict: bool = False
+    prio: int = 0
+    poll: int = 50
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """The options of one Engine; defaults equal Model's, Context's and llama-server's.
 
@@ -49,7 +66,9 @@ class EngineConfig:
         n_ctx: total context; 0 = the model's training context. Each slot gets n_ctx /
             n_parallel, or the whole n_ctx with kv_unified.
         n_batch, n_ubatch: logical and physical batch sizes.
-        n_threads, n_threads_batch: generation and prompt threads (None = every CPU).
+        n_threads, n_threads_batch: generation and prompt threads (None = the physical cores).
+        cpu, cpu_batch: CpuPlacement of those threads (None = upstream's defaults).
+        perf: libllama's internal performance timings (--perf / --no-perf).
         flash_attn: "auto", "on" or "off" (a bool is accepted).
         type_k, type_v: KV cache types ("f16", "q8_0", ...).
         kv_unified: one KV buffer shared by every slot.
@@ -108,6 +127,9 @@ class EngineConfig:
     yarn_attn_factor: float = _to(_CONTEXT, -1.0)
     yarn_beta_slow: float = _to(_CONTEXT, -1.0)
     yarn_beta_fast: float = _to(_CONTEXT, -1.0)
+    cpu: CpuPlacement | None = _to(_CONTEXT, None)
+    cpu_batch: CpuPlacement | None = _to(_CONTEXT, None)
+    perf: bool = _to(_CONTEXT, True)
 
     def __post_init__(self) -> None:
         # Sequences become tuples, so a config is a value (lists given by callers are copied).

@@ -17,7 +17,7 @@ import time
 import falcon
 
 from pyllama import __version__
-from pyllama.engine import Engine, EngineConfig, SamplingParams
+from pyllama.engine import CpuPlacement, Engine, EngineConfig, SamplingParams
 from pyllama.engine.types import DEFAULT_DRY_BREAKERS, parse_samplers
 from pyllama.errors import UnavailableError
 from pyllama.server import errors as server_errors
@@ -96,8 +96,12 @@ def engine_config(s: Settings) -> EngineConfig:
     return EngineConfig(
         n_parallel=s.parallel, n_ctx=n_ctx, n_ctx_slot_max=s.kv_unified_per_slot,
         n_batch=s.ubatch_size if s.embedding else s.batch_size, n_ubatch=s.ubatch_size,
-        n_threads=None if s.threads < 1 else s.threads,
-        n_threads_batch=None if s.threads_batch < 1 else s.threads_batch,
+        n_threads=None if s.threads < 0 else s.threads or os.cpu_count(),
+        n_threads_batch=None if s.threads_batch < 0 else s.threads_batch or os.cpu_count(),
+        cpu=CpuPlacement(s.cpu_mask, s.cpu_range, bool(s.cpu_strict), s.prio, s.poll),
+        cpu_batch=CpuPlacement(s.cpu_mask_batch, s.cpu_range_batch, bool(s.cpu_strict_batch),
+                               s.prio_batch, s.poll_batch),
+        perf=s.perf,
         flash_attn=s.flash_attn, type_k=s.cache_type_k, type_v=s.cache_type_v,
         kv_unified=bool(s.kv_unified), swa_full=s.swa_full,
         n_gpu_layers=int(s.n_gpu_layers) if ngl is None else ngl, use_mmap=s.mmap, use_mlock=s.mlock,

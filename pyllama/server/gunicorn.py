@@ -22,23 +22,36 @@ gunicorn.http.wsgi.SERVER = "llama.cpp"
 
 
 def http_threads(settings: Settings) -> int:
-    # every open stream holds a thread: slots, plus queued clients, health and metrics
-    return settings.threads_http if settings.threads_http > 0 else settings.parallel * 2 + 8
+    """Upstream's pool: --threads-http fixed threads (default max(slots + 4, CPUs - 1)) plus up to
+    1024 more made on demand; gthread's executor also starts its threads only when needed."""
+    fixed = settings.threads_http if settings.threads_http > 0 else \
+        max(settings.parallel + 4, (os.cpu_count() or 1) - 1)
+    return fixed + 1024
 
 
-def bind_address(settings: Settings) -> str:
-    if settings.host.endswith(".sock"):
-        return f"unix:{settings.host}"
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    return f"{host}:{settings.port}"
+def hosts(settings: Settings) -> list[str]:
+    """--host's comma-separated addresses (UNIX socket paths end in .sock)."""
+    return [h.strip() for h in settings.host.split(",") if h.strip()]
+
+
+def bind_addresses(settings: Settings) -> list[str]:
+    out = []
+    for host in hosts(settings):
+        if host.endswith(".sock"):
+            out.append(f"unix:{host}")
+        else:
+            out.append(f"[{host}]:{settings.port}" if ":" in host else f"{host}:{settings.port}")
+    return out
 
 
 def gunicorn_options(settings: Settings) -> dict:
     options = {
-        "bind": [bind_address(settings)],
+        "bind": bind_addresses(settings),
         "workers": 1,  # one model load per process: scale with threads
         "worker_class": "gthread",
         "threads": http_threads(settings),
+        # gthread keeps (worker_connections - threads) idle keep-alive connections
+        "worker_connections": http_threads(settings) + 1000,
         "timeout": max(30, settings.timeout),
         "graceful_timeout": 30,
         "keepalive": 5,
@@ -96,6 +109,6 @@ def _worker_exit(server, worker):
 
 
 def run(settings: Settings) -> int:
-    logger.info("pyllama-server listening on %s", bind_address(settings))
+    logger.info("pyllama-server listening on %s", ", ".join(bind_addresses(settings)))
     PyllamaApplication(settings).run()
     return 0

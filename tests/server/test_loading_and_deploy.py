@@ -93,3 +93,31 @@ def test_kv_unified_per_slot_caps_each_slot(synthetic_path):
         assert r.status_code == 400 and r.json["error"]["n_ctx"] == 256
     finally:
         state.close()
+
+
+def test_host_binds_every_comma_separated_address(synthetic_path, tmp_path):
+    from .conftest import ServerProcess
+
+    sock = tmp_path / "pyllama.sock"
+    srv = ServerProcess(["-m", str(synthetic_path), "-np", "1", "-c", "256",
+                         "--host", f"127.0.0.1, 127.0.0.2,{sock}"])
+    try:
+        srv.wait_ready()
+        for base in (srv.base, f"http://127.0.0.2:{srv.port}"):
+            assert httpx.get(base + "/health", timeout=10).json() == {"status": "ok"}
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock))) as client:
+            r = client.post("http://localhost/completion", json={"prompt": "Hello", "n_predict": 2})
+            assert r.status_code == 200 and r.json()["tokens_predicted"] == 2
+    finally:
+        srv.stop()
+
+
+def test_http_threads_default_is_upstreams():
+    from pyllama.server.gunicorn import gunicorn_options
+
+    opts = gunicorn_options(parse_server_args(["-np", "3", "--host", "127.0.0.1,::1", "--port", "9"], environ={}))
+    fixed = max(3 + 4, (os.cpu_count() or 1) - 1)
+    assert opts["threads"] == fixed + 1024 and opts["worker_connections"] > opts["threads"]
+    assert opts["bind"] == ["127.0.0.1:9", "[::1]:9"]
+    opts = gunicorn_options(parse_server_args(["--threads-http", "2"], environ={}))
+    assert opts["threads"] == 2 + 1024
