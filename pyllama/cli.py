@@ -2,7 +2,7 @@
 
 `pyllama-server` turns llama-server's flags into Settings (pyllama/flags.py), then runs the
 server under gunicorn.
-Imports: `flags`, `errors`, `server.gunicorn` (lazily), and the public `engine` names.
+Imports: `flags`, `errors`, `downloads` and `server.gunicorn` (lazily), and the public `engine` names.
 """
 
 from __future__ import annotations
@@ -47,6 +47,11 @@ def server_main(argv: list[str] | None = None) -> int:
 
         print(format_device_list(), end="")
         return 0
+    if "-cl" in argv or "--cache-list" in argv:  # upstream prints the cached models and exits
+        from pyllama.downloads import format_cache_list
+
+        print(format_cache_list(), end="")
+        return 0
     try:
         settings = parse_server_args(argv)
     except FlagError as exc:
@@ -59,6 +64,16 @@ def server_main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"pyllama-server: error: cannot open --log-file: {exc}", file=sys.stderr)
         return 1
+    from pyllama.downloads import prepare_model
+
+    try:  # -hf/-mu/-dr: download once, here, before gunicorn forks its worker
+        settings = prepare_model(settings)
+    except PyllamaError as exc:
+        print(f"pyllama-server: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("pyllama-server: download interrupted (run again to resume it)", file=sys.stderr)
+        return 130
     from pyllama.server.gunicorn import run
 
     return run(settings)

@@ -112,6 +112,10 @@ class DefaultModelMissingError(ModelLoadError):
     """The default model's packages are not installed."""
 
 
+class ModelDownloadError(ModelLoadError):
+    """A model that could not be downloaded, or is not in the cache in offline mode."""
+
+
 def error_json(exc: BaseException) -> tuple[int, dict]:
     """The HTTP status and llama-server's error object for any exception.
 

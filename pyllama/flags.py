@@ -3,7 +3,7 @@
 Long and short forms, `_` for `-` in long names, the same defaults as upstream
 (common/arg.cpp); a llama-server flag pyllama does not support is refused by name.
 Used by the CLI and by the gunicorn entry point (server/wsgi.py) alike.
-Imports: `settings` and the stdlib.
+Imports: `settings`, `presets` and the stdlib.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import json
 import os
 from dataclasses import fields, replace
 
+from pyllama.presets import PRESETS
 from pyllama.settings import Settings
 
 TRUTHY = {"true", "1", "on", "enabled"}
@@ -23,12 +24,6 @@ TRISTATE = {**{v: "on" for v in ("on", "enabled", "true", "1")},
 # llama-server flags whose feature pyllama does not have yet, by feature: refused by name, so a
 # launch line written for llama-server says what is missing instead of "invalid argument".
 REFUSED_FEATURES = {
-    "model downloads": "-mu --model-url -hf -hfr --hf-repo -hff --hf-file -hft --hf-token -dr "
-                       "--docker-repo -cl --cache-list --embd-gemma-default --fim-qwen-1.5b-default "
-                       "--fim-qwen-3b-default --fim-qwen-7b-default --fim-qwen-7b-spec "
-                       "--fim-qwen-14b-spec --fim-qwen-30b-default --gpt-oss-20b-default "
-                       "--gpt-oss-120b-default --vision-gemma-4b-default --vision-gemma-12b-default "
-                       "--spec-default",
     "control vectors": "--control-vector --control-vector-scaled --control-vector-layer-range",
     "multimodal input": "-mm --mmproj -mmu --mmproj-url --no-mmproj --mmproj-auto --mmproj-offload "
                         "--no-mmproj-offload -mmdev --mmproj-device --image-min-tokens "
@@ -153,6 +148,8 @@ def parse_server_args(argv: list[str], environ: dict | None = None) -> Settings:
             if eq:
                 raise FlagError(f"{name} takes no value")
             values[f.name] = positive
+            if kind == "preset":  # upstream's preset handlers set these where the flag stands
+                values.update(PRESETS[name].values)
             continue
         if eq:
             raw = inline

@@ -260,8 +260,45 @@ class Settings:
                                  env="LLAMA_ARG_LOG_TIMESTAMPS", neg=["--no-log-timestamps"])
     log_jsonl: bool = _flag(False, ["--log-jsonl"], "log as JSON lines on stdout (no colours)",
                             env="LLAMA_ARG_LOG_JSONL", neg=["--no-log-jsonl"])
-    offline: bool = _flag(False, ["--offline"], "no network access (pyllama downloads nothing unless told to)",
+    offline: bool = _flag(False, ["--offline"], "offline mode: use the download cache only, no network access",
                           env="LLAMA_ARG_OFFLINE", kind="flag")
+    # --- model downloads (pyllama/downloads.py; presets: pyllama/presets.py) -----------------
+    model_url: str = _flag("", ["-mu", "--model-url"], "model download URL", env="LLAMA_ARG_MODEL_URL",
+                           metavar="MODEL_URL")
+    docker_repo: str = _flag("", ["-dr", "--docker-repo"], "Docker Hub model repository [<repo>/]<model>[:quant] "
+                             "(repo default ai/, quant default latest)", env="LLAMA_ARG_DOCKER_REPO")
+    hf_repo: str = _flag("", ["-hf", "-hfr", "--hf-repo"], "Hugging Face model repository <user>/<model>[:quant]; "
+                         "quant is case-insensitive, default Q4_K_M, else the first GGUF",
+                         env="LLAMA_ARG_HF_REPO")
+    hf_file: str = _flag("", ["-hff", "--hf-file"], "Hugging Face model file (overrides the quant of --hf-repo)",
+                         env="LLAMA_ARG_HF_FILE", metavar="FILE")
+    hf_token: str = _flag("", ["-hft", "--hf-token"], "Hugging Face access token", env="HF_TOKEN",
+                          metavar="TOKEN")
+    cache_list: bool = _flag(False, ["-cl", "--cache-list"], "show the models in the cache and exit", kind="flag")
+    embd_gemma_default: bool = _flag(False, ["--embd-gemma-default"], "use the default EmbeddingGemma model "
+                                     "(downloads weights)", kind="preset")
+    fim_qwen_1_5b_default: bool = _flag(False, ["--fim-qwen-1.5b-default"], "use Qwen 2.5 Coder 1.5B "
+                                        "(downloads weights)", kind="preset")
+    fim_qwen_3b_default: bool = _flag(False, ["--fim-qwen-3b-default"], "use Qwen 2.5 Coder 3B (downloads weights)",
+                                      kind="preset")
+    fim_qwen_7b_default: bool = _flag(False, ["--fim-qwen-7b-default"], "use Qwen 2.5 Coder 7B (downloads weights)",
+                                      kind="preset")
+    fim_qwen_7b_spec: bool = _flag(False, ["--fim-qwen-7b-spec"], "use Qwen 2.5 Coder 7B; its 0.5B draft is not "
+                                   "applied (downloads weights)", kind="preset")
+    fim_qwen_14b_spec: bool = _flag(False, ["--fim-qwen-14b-spec"], "use Qwen 2.5 Coder 14B; its 0.5B draft is not "
+                                    "applied (downloads weights)", kind="preset")
+    fim_qwen_30b_default: bool = _flag(False, ["--fim-qwen-30b-default"], "use Qwen 3 Coder 30B A3B Instruct "
+                                       "(downloads weights)", kind="preset")
+    gpt_oss_20b_default: bool = _flag(False, ["--gpt-oss-20b-default"], "use gpt-oss-20b (downloads weights)",
+                                      kind="preset")
+    gpt_oss_120b_default: bool = _flag(False, ["--gpt-oss-120b-default"], "use gpt-oss-120b (downloads weights)",
+                                       kind="preset")
+    vision_gemma_4b_default: bool = _flag(False, ["--vision-gemma-4b-default"], "use Gemma 3 4B QAT, text only "
+                                          "(downloads weights)", kind="preset")
+    vision_gemma_12b_default: bool = _flag(False, ["--vision-gemma-12b-default"], "use Gemma 3 12B QAT, text only "
+                                           "(downloads weights)", kind="preset")
+    spec_default: bool = _flag(False, ["--spec-default"], "upstream's default speculative decoding: accepted, "
+                               "not applied", kind="preset")
 
 
 def _kv_override_map(self) -> dict:

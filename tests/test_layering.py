@@ -75,8 +75,17 @@ def test_no_resource_imports_another():
 
 def test_cli_and_wsgi_imports_run_downwards():
     assert not [n for n in _imports(PKG / "cli.py") if n.startswith("pyllama.engine._")]
-    assert not [n for n in _imports(PKG / "flags.py") if n.startswith("pyllama") and n != "pyllama.settings"]
+    assert not [n for n in _imports(PKG / "flags.py")
+                if n.startswith("pyllama") and n not in ("pyllama.settings", "pyllama.presets")]
     assert "pyllama.cli" not in _imports(PKG / "server" / "wsgi.py")
+
+
+def test_downloads_stay_below_the_server_and_the_engine():
+    # downloads.py runs before gunicorn forks: huggingface_hub and the stdlib, no HTTP server code
+    assert not [n for n in _imports(PKG / "presets.py") if n.startswith("pyllama")]
+    bad = [n for n in _imports(PKG / "downloads.py") if n.split(".")[0] in ("falcon", "gunicorn")
+           or n.startswith(("pyllama.server", "pyllama.engine", "pyllama._"))]
+    assert not bad, f"downloads.py imports {bad}"
 
 
 def test_in_process_api_loads_no_http_layer():

@@ -117,7 +117,7 @@ def test_environment_variables_and_precedence():
     (["--host", " , "], "--host requires at least one address"),
     (["--host", "127.0.0.1,127.0.0.2", "--port", "0"], "--port 0 is not supported with multiple TCP addresses"),
     (["--prio-batch", "-1"], 'error while handling argument "--prio-batch": invalid value'),
-    (["-hf", "org/model"], "-hf is a llama-server flag"),
+    (["-hfd", "org/model"], "-hfd is a llama-server flag that pyllama does not support yet (speculative decoding)"),
     (["-np", "0"], "--parallel"),
     (["-c", "lots"], "invalid value for -c"),
     (["-fa", "sometimes"], "invalid value for -fa"),

@@ -70,9 +70,12 @@ def gunicorn_options(settings: Settings) -> dict:
 
 def build_app(settings: Settings):
     """Create the state and the app, and start loading the model (call in the worker)."""
+    from pyllama.downloads import needs_download, prepare_model
     from pyllama.models import default_model_path
     from pyllama.server.app import ServerState, create_app, start_loading
 
+    if needs_download(settings):  # a caller of run(); pyllama-server and wsgi.py download before the fork
+        settings = prepare_model(settings)
     model_path = settings.model or str(default_model_path())
     state = ServerState(settings, model_path)
 

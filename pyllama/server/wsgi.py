@@ -3,7 +3,9 @@
     PYLLAMA_ARGS="-m model.gguf -np 4" gunicorn -c python:pyllama.server.wsgi 'pyllama.server.wsgi:create_app()'
 
 `PYLLAMA_ARGS` holds llama-server flags (LLAMA_ARG_* variables work too); this module doubles as
-the gunicorn config (bind, one gthread worker, threads, TLS) derived from them.
+the gunicorn config (bind, one gthread worker, threads, TLS) derived from them. A model named by
+-hf/-mu/-dr is downloaded when this module is imported: with `-c python:pyllama.server.wsgi`,
+once, in the gunicorn master before it forks.
 """
 
 from __future__ import annotations
@@ -12,11 +14,17 @@ import os
 import shlex
 
 from pyllama import logs
+from pyllama.downloads import prepare_model
+from pyllama.errors import PyllamaError
 from pyllama.flags import parse_server_args
 from pyllama.server.gunicorn import _worker_exit, build_app, gunicorn_options
 
 _settings = parse_server_args(shlex.split(os.environ.get("PYLLAMA_ARGS", "")))
 logs.configure(_settings)
+try:
+    _settings = prepare_model(_settings)
+except PyllamaError as exc:
+    raise SystemExit(f"pyllama: error: {exc}") from None
 
 # gunicorn reads these module globals when used with -c python:pyllama.server.wsgi
 globals().update(gunicorn_options(_settings))
