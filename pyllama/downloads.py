@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import logging
 import os
 import re
@@ -399,20 +400,29 @@ def _fetch(url: str, target: Path, *, headers: dict, size: int | None, oid: str 
         logger.info("resuming %s at %s of %s", url, _size(done), _size(size))
     else:
         logger.info("downloading %s (%s) to %s", url, _size(size), target)
-    try:
-        with open(part, "ab") as fh:
-            http_get(url, fh, resume_size=done, headers=headers, expected_size=size,
-                     displayed_filename=name or target.name,
-                     tqdm_class=_progress_class())
-    except HfHubHTTPError as exc:
-        status = exc.response.status_code if exc.response is not None else "?"
-        raise ModelDownloadError(f"download of {url} failed (HTTP {status}): {_describe(exc)}") from None
-    except Exception as exc:  # NOTE(downloads): httpx/OS errors of any kind end the start-up alike
-        if size is not None and part.exists() and part.stat().st_size > size:
-            part.unlink()
-        kept = part.stat().st_size if part.exists() else 0
-        hint = f"; run again to resume from {_size(kept)}" if kept else ""
-        raise ModelDownloadError(f"download of {url} failed: {_describe(exc) or type(exc).__name__}{hint}") from None
+    # NOTE(downloads): http_get takes a tqdm_class in newer huggingface_hub releases (not 1.0)
+    progress = {"tqdm_class": _progress_class()} if "tqdm_class" in inspect.signature(http_get).parameters else {}
+    for attempt in range(3):  # common_download_file_single_online: 3 attempts, 2 s then 4 s apart
+        try:
+            with open(part, "ab") as fh:
+                http_get(url, fh, resume_size=done, headers=headers, expected_size=size,
+                         displayed_filename=name or target.name, **progress)
+            break
+        except HfHubHTTPError as exc:
+            status = exc.response.status_code if exc.response is not None else "?"
+            raise ModelDownloadError(f"download of {url} failed (HTTP {status}): {_describe(exc)}") from None
+        except Exception as exc:  # NOTE(downloads): httpx/OS errors of any kind end the start-up alike
+            if size is not None and part.exists() and part.stat().st_size > size:
+                part.unlink()
+            kept = part.stat().st_size if part.exists() else 0
+            if attempt < 2 and kept > done:  # some progress: resume (http_get's own retries are spent)
+                logger.warning("download of %s broke off at %s: resuming in %d s", url, _size(kept), 2 << attempt)
+                time.sleep(2 << attempt)
+                done = kept
+                continue
+            hint = f"; run again to resume from {_size(kept)}" if kept else ""
+            raise ModelDownloadError(f"download of {url} failed: {_describe(exc) or type(exc).__name__}{hint}") \
+                from None
     if oid:
         got = _checksum(part, oid)
         if got != oid.lower():
