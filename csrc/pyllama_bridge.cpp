@@ -3,6 +3,8 @@
 
 #include "chat.h"
 #include "common.h"
+#include "fit.h"
+#include "log.h"
 #include "json-schema-to-grammar.h"
 #include "json.h"
 
@@ -334,4 +336,47 @@ pyllama_threadpools * pyllama_threadpools_attach(llama_context * ctx, const std:
 
 void pyllama_threadpools_free(pyllama_threadpools * pools) {
     delete pools;
+}
+
+int pyllama_fit(const char * path, llama_model_params * mparams, llama_context_params * cparams,
+                float * tensor_split, llama_model_tensor_buft_override * overrides,
+                std::vector<size_t> margins, uint32_t n_ctx_min) {
+    return common_fit_params(path, mparams, cparams, tensor_split, overrides, margins.data(), n_ctx_min,
+                             nullptr,
+                             common_log_get_verbosity_thold() >= LOG_LEVEL_DEBUG ? GGML_LOG_LEVEL_DEBUG
+                                                                                 : GGML_LOG_LEVEL_ERROR);
+}
+
+void pyllama_common_log_configure(bool prefix, bool timestamps, int colors, bool jsonl, int verbosity,
+                                  bool disable) {
+    auto * log = common_log_main();
+    common_log_set_prefix(log, prefix);
+    common_log_set_timestamps(log, timestamps);
+    common_log_set_colors(log, (log_colors) colors);
+    common_log_set_jsonl(jsonl);
+    common_log_set_verbosity_thold(verbosity);
+    if (disable) {
+        common_log_pause(log);
+    }
+}
+
+void pyllama_control_vectors_apply(llama_context * ctx, const std::vector<std::string> & paths,
+                                   const std::vector<float> & scales, int layer_start, int layer_end) {
+    std::vector<common_control_vector_load_info> infos;
+    for (size_t i = 0; i < paths.size(); i++) {
+        infos.push_back({ scales[i], paths[i] });
+    }
+    if (layer_start <= 0) {
+        layer_start = 1;
+    }
+    if (layer_end <= 0) {
+        layer_end = llama_model_n_layer(llama_get_model(ctx));
+    }
+    const auto cvec = common_control_vector_load(infos);
+    if (cvec.n_embd == -1) {
+        throw std::runtime_error("failed to load the control vector(s)");
+    }
+    if (llama_set_adapter_cvec(ctx, cvec.data.data(), cvec.data.size(), cvec.n_embd, layer_start, layer_end)) {
+        throw std::runtime_error("failed to apply the control vector(s)");
+    }
 }

@@ -80,3 +80,33 @@ void pyllama_cpu_check(const std::string & mask, const std::string & range);
 // no CPU backend is loaded. Free after llama_free(ctx) with pyllama_threadpools_free.
 pyllama_threadpools * pyllama_threadpools_attach(llama_context * ctx, const std::string & params_json);
 void pyllama_threadpools_free(pyllama_threadpools * pools);
+
+// --fit: adjust the parameters left at their defaults to free device memory before loading
+// (common_fit_params): mparams' GPU layers / tensor split / overrides (written into the
+// given buffers of llama_max_devices and llama_max_tensor_buft_overrides entries) and
+// cparams->n_ctx when 0. `margins` (bytes per device) is --fit-target. Returns
+// common_params_fit_status (0 success, 1 failure, 2 error); logs as upstream (libllama's
+// lines of the trial loads only at -lv 5 and above).
+#include <cstdint>
+#include <vector>
+struct llama_model_params;
+struct llama_context_params;
+struct llama_model_tensor_buft_override;
+int pyllama_fit(const char * path, llama_model_params * mparams, llama_context_params * cparams,
+                float * tensor_split, llama_model_tensor_buft_override * overrides,
+                std::vector<size_t> margins, uint32_t n_ctx_min);
+
+// common's own log (the COM_* / LOG_* lines of common: threadpools, fit, chat templates) in the
+// format the logging flags ask for, as common_params_parse sets it up: prefix, timestamps,
+// colours (-1 auto, 0 off, 1 on), JSONL, the verbosity threshold; paused with --log-disable.
+// Not thread-safe: call once at start-up.
+void pyllama_common_log_configure(bool prefix, bool timestamps, int colors, bool jsonl, int verbosity,
+                                  bool disable);
+
+// --control-vector(-scaled) and --control-vector-layer-range: load the vectors with
+// common_control_vector_load (scaled and summed) and apply them to `ctx` between the layers
+// (<= 0: upstream's defaults, 1 and the model's layer count). Throws std::runtime_error when
+// no valid vector loads or libllama refuses them (common's log says why).
+#include <string>
+void pyllama_control_vectors_apply(llama_context * ctx, const std::vector<std::string> & paths,
+                                   const std::vector<float> & scales, int layer_start, int layer_end);

@@ -4,7 +4,17 @@
 from libcpp cimport bool as cbool
 from libcpp.string cimport string
 
-from pyllama._llama cimport llama_context, llama_model
+from libc.stdint cimport uint32_t
+from libcpp.vector cimport vector
+from libcpp.string cimport string as cstring
+
+from pyllama._llama cimport (
+    llama_context,
+    llama_context_params,
+    llama_model,
+    llama_model_params,
+    llama_model_tensor_buft_override,
+)
 
 
 cdef extern from "pyllama_bridge.h" nogil:
@@ -33,3 +43,10 @@ cdef extern from "pyllama_bridge.h" nogil:
     void pyllama_cpu_check(const string & mask, const string & range) except +
     pyllama_threadpools * pyllama_threadpools_attach(llama_context * ctx, const string & params_json) except +
     void pyllama_threadpools_free(pyllama_threadpools * pools)
+    int pyllama_fit(const char * path, llama_model_params * mparams, llama_context_params * cparams,
+                    float * tensor_split, llama_model_tensor_buft_override * overrides,
+                    vector[size_t] margins, uint32_t n_ctx_min)
+    void pyllama_common_log_configure(cbool prefix, cbool timestamps, int colors, cbool jsonl, int verbosity,
+                                      cbool disable)
+    void pyllama_control_vectors_apply(llama_context * ctx, const vector[cstring] & paths,
+                                       const vector[float] & scales, int layer_start, int layer_end) except +

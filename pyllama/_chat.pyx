@@ -11,6 +11,7 @@ Imports: `_bridge`, `_llama` (declarations only), `engine._model`, `errors`.
 from libcpp.string cimport string
 
 from pyllama._bridge cimport (
+    pyllama_common_log_configure,
     pyllama_chat,
     pyllama_chat_apply,
     pyllama_chat_free,
@@ -117,3 +118,9 @@ cdef class ChatParser:
     def message_json(self):
         """The last parsed message, OpenAI-shaped, as JSON bytes."""
         return <bytes>pyllama_chat_parser_message(self.ptr)
+
+
+def configure_common_log(bint prefix, bint timestamps, int colors, bint jsonl, int verbosity, bint disable):
+    """common's own log lines (common_log) in the format of the logging flags; see
+    pyllama_bridge.h. colors: -1 auto, 0 off, 1 on. Call once, at start-up."""
+    pyllama_common_log_configure(prefix, timestamps, colors, jsonl, verbosity, disable)

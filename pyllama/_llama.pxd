@@ -59,7 +59,12 @@ cdef extern from "ggml-backend.h" nogil:
         GGML_BACKEND_DEVICE_TYPE_ACCEL
         GGML_BACKEND_DEVICE_TYPE_META
 
+    cdef struct ggml_backend_buffer_type
+    ctypedef ggml_backend_buffer_type * ggml_backend_buffer_type_t
+    const char * ggml_backend_buft_name(ggml_backend_buffer_type_t buft)
+
     const char * ggml_backend_dev_name(ggml_backend_dev_t device)
+    ggml_backend_buffer_type_t ggml_backend_dev_buffer_type(ggml_backend_dev_t device)
     const char * ggml_backend_dev_description(ggml_backend_dev_t device)
     void ggml_backend_dev_memory(ggml_backend_dev_t device, size_t * free, size_t * total)
     ggml_backend_dev_kind ggml_backend_dev_type(ggml_backend_dev_t device)
@@ -199,8 +204,13 @@ cdef extern from "llama.h" nogil:
         bint val_bool
         char val_str[128]
 
+    cdef struct llama_model_tensor_buft_override:
+        const char * pattern
+        ggml_backend_buffer_type_t buft
+
     cdef struct llama_model_params:
         ggml_backend_dev_t * devices
+        const llama_model_tensor_buft_override * tensor_buft_overrides
         int32_t n_gpu_layers
         llama_split_mode split_mode
         llama_load_mode load_mode
@@ -273,6 +283,7 @@ cdef extern from "llama.h" nogil:
 
     int64_t llama_time_us()
     size_t llama_max_devices()
+    size_t llama_max_tensor_buft_overrides()
     size_t llama_max_parallel_sequences()
     bint llama_supports_mmap()
     bint llama_supports_mlock()
@@ -312,6 +323,8 @@ cdef extern from "llama.h" nogil:
     const char * llama_model_chat_template(const llama_model * model, const char * name)
     uint64_t llama_model_n_params(const llama_model * model)
     bint llama_model_has_encoder(const llama_model * model)
+    bint llama_model_has_decoder(const llama_model * model)
+    llama_token llama_model_decoder_start_token(const llama_model * model)
     bint llama_model_has_decoder(const llama_model * model)
     bint llama_model_is_recurrent(const llama_model * model)
     bint llama_model_is_hybrid(const llama_model * model)
@@ -446,4 +459,5 @@ cdef extern from "llama.h" nogil:
         int32_t n_reused
 
     llama_perf_context_data llama_perf_context(const llama_context * ctx)
+    void llama_perf_context_reset(llama_context * ctx)
     void llama_log_set(ggml_log_callback log_callback, void * user_data)

@@ -24,7 +24,6 @@ TRISTATE = {**{v: "on" for v in ("on", "enabled", "true", "1")},
 # llama-server flags whose feature pyllama does not have yet, by feature: refused by name, so a
 # launch line written for llama-server says what is missing instead of "invalid argument".
 REFUSED_FEATURES = {
-    "control vectors": "--control-vector --control-vector-scaled --control-vector-layer-range",
     "multimodal input": "-mm --mmproj -mmu --mmproj-url --no-mmproj --mmproj-auto --mmproj-offload "
                         "--no-mmproj-offload -mmdev --mmproj-device --image-min-tokens "
                         "--image-max-tokens --mtmd-batch-max-tokens --video-fps "
@@ -67,9 +66,6 @@ REFUSED_FEATURES = {
     "static files and media paths": "--path --media-path",
     "reasoning budgets": "--reasoning-budget --reasoning-budget-message --reasoning -rea "
                          "--reasoning-preserve --no-reasoning-preserve",
-    "tensor placement and memory fitting": "-ot --override-tensor --cpu-moe --n-cpu-moe -cmoe -ncmoe "
-                                           "-ncffn --n-cpu-ffn --fit -fit --fit-target --fit-ctx "
-                                           "--lazy-mode -lzm",
     "prompt logging": "--log-prompts-dir",
 }
 UNSUPPORTED = {name: feature for feature, names in REFUSED_FEATURES.items() for name in names.split()}
@@ -158,6 +154,15 @@ def parse_server_args(argv: list[str], environ: dict | None = None) -> Settings:
             i += 1
         else:
             raise FlagError(f"expected value for argument {name}")
+        if kind == "pair":  # two values, as upstream's START END options
+            if i >= len(argv):
+                raise FlagError(f"expected value for argument {name}")
+            try:
+                values[f.name] = (int(raw), int(argv[i]))
+            except ValueError:
+                raise FlagError(f"invalid value for {name}: {raw!r} {argv[i]!r}") from None
+            i += 1
+            continue
         if kind in ("append", "keys"):
             parts = [p for p in raw.split(",")] if kind == "keys" else [raw]
             values[f.name] = tuple(values.get(f.name, ())) + tuple(p for p in parts if p)
@@ -228,8 +233,36 @@ def _check_cpu(s: Settings) -> None:
         raise FlagError('error while handling argument "--prio-batch": invalid value')
 
 
+def _check_placement(s: Settings) -> None:
+    """arg.cpp's checks of -ot, --n-cpu-moe/-ffn and the --fit flags."""
+    for item in s.override_tensor:
+        if "=" not in item:
+            raise FlagError('error while handling argument "-ot": invalid value')
+    for flag, n in (("-ncmoe", s.n_cpu_moe), ("-ncffn", s.n_cpu_ffn)):
+        if n < 0:
+            raise FlagError(f'error while handling argument "{flag}": invalid value')
+    if s.fit not in ("on", "off"):
+        raise FlagError(f"error: unknown value for --fit: '{s.fit}'")
+    try:
+        targets = [int(v) for v in s.fit_target.replace("/", ",").split(",") if v]
+        if not targets or min(targets) < 0:
+            raise ValueError
+    except ValueError:
+        raise FlagError(f'error while handling argument "-fitt": invalid value {s.fit_target!r}') from None
+
+
 def _finish(s: Settings) -> Settings:
     _check_cpu(s)
+    _check_placement(s)
+    for item in s.control_vector_scaled:
+        path, colon, scale = item.partition(":")
+        try:
+            if not colon or ":" in scale:
+                raise ValueError
+            float(scale)
+        except ValueError:
+            raise FlagError('error while handling argument "--control-vector-scaled": '
+                            "control-vector-scaled format: FNAME:SCALE") from None
     if not [h for h in s.host.split(",") if h.strip()]:
         raise FlagError('error while handling argument "--host": --host requires at least one address')
     if s.port == 0 and len([h for h in s.host.split(",") if h.strip() and not h.strip().endswith(".sock")]) > 1:

@@ -5,7 +5,7 @@ access logs propagate to the root logger (GunicornLogger), so the llama-server l
 shape all of them: -lv/--verbosity, -v, --log-disable, --log-file, --log-colors,
 --log-prefix, --log-timestamps and --log-jsonl, with upstream's line format (common/log.cpp:
 `M.SS.mmm.uuu I message`, time since start, a level letter).
-Imports: stdlib and `settings`.
+Imports: stdlib, `settings`, and `_chat` for common's own log.
 """
 
 from __future__ import annotations
@@ -21,12 +21,15 @@ from pyllama.settings import Settings
 
 _START = time.monotonic()
 # upstream's verbosity thresholds (common/log.h) -> Python levels
+# (4 is upstream's trace, shown as D; 5, its debug, is the level below DEBUG: libllama's
+# debug lines, engine/_model.pyx)
+DEBUG_VERBOSE = 5
 _VERBOSITY = {0: logging.CRITICAL, 1: logging.ERROR, 2: logging.WARNING, 3: logging.INFO, 4: logging.DEBUG}
-_LETTERS = {logging.DEBUG: ("D", "\033[33m"), logging.INFO: ("I", "\033[32m"),
+_LETTERS = {DEBUG_VERBOSE: ("D", "\033[33m"), logging.DEBUG: ("D", "\033[33m"), logging.INFO: ("I", "\033[32m"),
             logging.WARNING: ("W", "\033[35m"), logging.ERROR: ("E", "\033[31m"),
             logging.CRITICAL: ("E", "\033[31m")}
 _BLUE, _RESET = "\033[34m", "\033[0m"
-_JSONL_LEVELS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warn",
+_JSONL_LEVELS = {DEBUG_VERBOSE: "debug", logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warn",
                  logging.ERROR: "error", logging.CRITICAL: "error"}
 
 
@@ -35,8 +38,8 @@ def level_for(settings: Settings) -> int:
     if settings.log_disable:
         return logging.CRITICAL + 1
     if settings.verbose:
-        return logging.DEBUG
-    return _VERBOSITY.get(settings.verbosity, logging.DEBUG if settings.verbosity > 4 else logging.CRITICAL)
+        return DEBUG_VERBOSE
+    return _VERBOSITY.get(settings.verbosity, DEBUG_VERBOSE if settings.verbosity > 4 else logging.CRITICAL)
 
 
 class UpstreamFormatter(logging.Formatter):
@@ -84,6 +87,7 @@ def configure(settings: Settings) -> None:
         root.removeHandler(handler)
         handler.close()
     root.setLevel(level_for(settings))
+    _configure_common_log(settings)
     if settings.log_disable:
         root.addHandler(logging.NullHandler())
         return
@@ -101,6 +105,19 @@ def configure(settings: Settings) -> None:
         file.setFormatter(JsonlFormatter() if settings.log_jsonl else
                           UpstreamFormatter(settings.log_prefix, settings.log_timestamps, False))
         root.addHandler(file)
+
+
+def _configure_common_log(settings: Settings) -> None:
+    # common's own lines (threadpools, --fit, chat templates) are written by common_log, which
+    # has no hook to reach Python: give it the same format (to stderr; not to --log-file)
+    try:
+        from pyllama._chat import configure_common_log
+    except ImportError:  # a source tree without the compiled modules
+        return
+    colors = {"auto": -1, "off": 0, "on": 1}.get(settings.log_colors, -1)
+    verbosity = 1 << 30 if settings.verbose else settings.verbosity
+    configure_common_log(settings.log_prefix, settings.log_timestamps, colors, settings.log_jsonl, verbosity,
+                         settings.log_disable)
 
 
 class GunicornLogger(glogging.Logger):

@@ -57,6 +57,13 @@ class Settings:
                                kind="keys")
     lora: tuple = _flag((), ["--lora"], "LoRA adapter(s) at scale 1.0, comma-separated or repeated", kind="keys")
     lora_scaled: tuple = _flag((), ["--lora-scaled"], "LoRA adapter(s) with a scale: FNAME:SCALE,...", kind="keys")
+    control_vector: tuple = _flag((), ["--control-vector"], "add control vector(s), comma-separated", kind="keys",
+                                  metavar="FNAME")
+    control_vector_scaled: tuple = _flag((), ["--control-vector-scaled"],
+                                         "add control vector(s) with a scale: FNAME:SCALE,...", kind="keys")
+    control_vector_layer_range: tuple = _flag((0, 0), ["--control-vector-layer-range"],
+                                              "layers to apply the control vector(s) to: START END, inclusive",
+                                              kind="pair", metavar="START END")
     lora_init_without_apply: bool = _flag(False, ["--lora-init-without-apply"],
                                           "load adapters at scale 0 until POST /lora-adapters", kind="flag")
     threads: int = _flag(-1, ["-t", "--threads"], "CPU threads for generation (-1 = all)",
@@ -128,6 +135,21 @@ class Settings:
                              env="LLAMA_ARG_KV_OFFLOAD", neg=["-nkvo", "--no-kv-offload"])
     op_offload: bool = _flag(True, ["--op-offload"], "offload host tensor operations", neg=["--no-op-offload"])
     no_host: bool = _flag(False, ["--no-host"], "bypass the host buffer", env="LLAMA_ARG_NO_HOST", kind="flag")
+    override_tensor: tuple = _flag((), ["-ot", "--override-tensor"],
+                                   "<tensor name pattern>=<buffer type>,... override tensor buffer types",
+                                   env="LLAMA_ARG_OVERRIDE_TENSOR", kind="keys")
+    cpu_moe: bool = _flag(False, ["-cmoe", "--cpu-moe"], "keep all Mixture of Experts (MoE) weights in the CPU",
+                          env="LLAMA_ARG_CPU_MOE", kind="flag")
+    n_cpu_moe: int = _flag(0, ["-ncmoe", "--n-cpu-moe"],
+                           "keep the MoE weights of the first N layers in the CPU", env="LLAMA_ARG_N_CPU_MOE")
+    n_cpu_ffn: int = _flag(0, ["-ncffn", "--n-cpu-ffn"],
+                           "keep the dense FFN weights of the first N layers in the CPU", env="LLAMA_ARG_N_CPU_FFN")
+    fit: str = _flag("on", ["-fit", "--fit"], "adjust unset arguments to fit in device memory: on or off",
+                     env="LLAMA_ARG_FIT", kind="tristate")
+    fit_target: str = _flag("1024", ["-fitt", "--fit-target"],
+                            "MiB to leave free per device for --fit, comma-separated (one = every device)",
+                            env="LLAMA_ARG_FIT_TARGET")
+    fit_ctx: int = _flag(4096, ["-fitc", "--fit-ctx"], "minimum ctx size that --fit may set", env="LLAMA_ARG_FIT_CTX")
     warmup: bool = _flag(True, ["--warmup"], "run a warm-up decode at load", neg=["--no-warmup"])
     # --- sampling defaults ----------------------------------------------------------------
     samplers: str = _flag("penalties;dry;top_n_sigma;top_k;typ_p;top_p;min_p;xtc;temperature", ["--samplers"],

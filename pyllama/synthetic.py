@@ -155,3 +155,24 @@ def write_synthetic_lora(path: str | Path, spec: SyntheticSpec = SyntheticSpec()
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def write_synthetic_control_vector(path: str | Path, n_embd: int = SyntheticSpec.n_embd, layers=(1, 2),
+                                   value: float = 0.3, seed: int = 0) -> Path:
+    """Write a random control vector: one F32 "direction.<layer>" per layer, as llama.cpp's
+    cvector-generator writes them (direction.N steers the output of layer N)."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    writer = GGUFWriter(str(path), "controlvector")
+    writer.add_string("controlvector.model_hint", "llama")
+    writer.add_uint32("controlvector.layer_count", len(layers))
+    for layer in layers:
+        writer.add_tensor(f"direction.{layer}", (rng.standard_normal(n_embd) * value).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -68,6 +68,15 @@ SERVER = str(Path(sys.executable).parent / "pyllama-server")
      dict(cpu_mask="0xF0", cpu_range="2-3", cpu_strict=1, prio=-1, poll=0, cpu_mask_batch="f",
           cpu_range_batch="-1", cpu_strict_batch=1, prio_batch=2, poll_batch=1, perf=False)),
     ([], dict(cpu_mask="", prio=0, poll=50, perf=True)),
+    (["-ot", "blk\\.1\\.=CPU,x=CPU", "--override-tensor", "y=CPU", "-cmoe", "-ncmoe", "2", "-ncffn", "1",
+      "-fit", "off", "-fitt", "512,256", "-fitc", "1024"],
+     dict(override_tensor=("blk\\.1\\.=CPU", "x=CPU", "y=CPU"), cpu_moe=True, n_cpu_moe=2, n_cpu_ffn=1,
+          fit="off", fit_target="512,256", fit_ctx=1024)),
+    ([], dict(override_tensor=(), fit="on", fit_target="1024", fit_ctx=4096)),
+    (["--control-vector", "a.gguf,b.gguf", "--control-vector-scaled", "c.gguf:0.5",
+      "--control-vector-layer-range", "2", "5", "-c", "64"],
+     dict(control_vector=("a.gguf", "b.gguf"), control_vector_scaled=("c.gguf:0.5",),
+          control_vector_layer_range=(2, 5), ctx_size=64)),
 ])
 def test_upstream_command_lines(argv, expected):
     s = parse_server_args(argv, environ={})
@@ -115,6 +124,12 @@ def test_environment_variables_and_precedence():
     (["-Cr", "0-999"], 'error while handling argument "-Cr": invalid range'),
     (["--prio", "4"], 'error while handling argument "--prio": invalid value'),
     (["--host", " , "], "--host requires at least one address"),
+    (["-ncmoe", "-1"], 'error while handling argument "-ncmoe": invalid value'),
+    (["-fit", "auto"], "error: unknown value for --fit: 'auto'"),
+    (["--control-vector-scaled", "a.gguf"], "control-vector-scaled format: FNAME:SCALE"),
+    (["--control-vector-layer-range", "1"], "expected value for argument --control-vector-layer-range"),
+    (["--control-vector-layer-range", "1", "x"], "invalid value for --control-vector-layer-range"),
+    (["-fitt", "lots"], 'error while handling argument "-fitt"'),
     (["--host", "127.0.0.1,127.0.0.2", "--port", "0"], "--port 0 is not supported with multiple TCP addresses"),
     (["--prio-batch", "-1"], 'error while handling argument "--prio-batch": invalid value'),
     (["-hfd", "org/model"], "-hfd is a llama-server flag that pyllama does not support yet (speculative decoding)"),
@@ -185,3 +200,16 @@ def test_cpu_placement_reaches_the_engine_config():
     assert cfg.context_options()["cpu"] == cfg.cpu
     # -t not given: upstream's default (common_cpu_get_num_math), chosen by the Context
     assert engine_config(parse_server_args([], environ={})).n_threads is None
+
+
+def test_tensor_overrides_and_fit_reach_the_engine_config():
+    from pyllama.server.app import FFN_DENSE_REGEX, FFN_EXPS_REGEX, engine_config
+
+    cfg = engine_config(parse_server_args(["-ot", "a=CPU", "-cmoe", "-ncmoe", "1", "-ncffn", "2", "-fitt", "7",
+                                           "-fitc", "300", "-ngl", "all"], environ={}))
+    assert cfg.tensor_overrides == (("a", "CPU"), (FFN_EXPS_REGEX, "CPU"), (rf"blk\.0{FFN_EXPS_REGEX}", "CPU"),
+                                    (rf"blk\.0{FFN_DENSE_REGEX}", "CPU"), (rf"blk\.1{FFN_DENSE_REGEX}", "CPU"))
+    assert cfg.fit and cfg.fit_target_mib == (7,) and cfg.fit_ctx_min == 300
+    assert cfg.n_gpu_layers == -2  # "all": not for --fit to lower (upstream's -2)
+    off = engine_config(parse_server_args(["-fit", "off", "--no-warmup"], environ={}))
+    assert not off.fit and not off.warmup and off.n_gpu_layers == -1

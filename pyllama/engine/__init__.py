@@ -3,12 +3,13 @@
 Imports: the compiled engine modules and `errors`; never falcon or the server.
 """
 
-from pyllama.engine._context import Context, default_threads
+from pyllama.engine._context import Context, ContextParams, default_threads, fit_params
 from pyllama.engine.client import Engine, RequestHandle, Retry
 from pyllama.engine.config import CpuPlacement, EngineConfig
 from pyllama.engine._model import (
     LoraAdapter,
     Model,
+    ModelParams,
     format_device_list,
     list_backends,
     list_devices,
@@ -37,6 +38,7 @@ from pyllama.engine.types import (
 __all__ = [
     "DEFAULT_SEED",
     "Context",
+    "ContextParams",
     "EmbeddingResult",
     "Engine",
     "CpuPlacement",
@@ -54,8 +56,10 @@ __all__ = [
     "TokenProb",
     "LoraAdapter",
     "Model",
+    "ModelParams",
     "SamplerChain",
     "default_threads",
+    "fit_params",
     "format_device_list",
     "list_backends",
     "list_devices",

@@ -3,6 +3,13 @@ from pyllama cimport _llama as L
 from pyllama.engine._model cimport Model
 
 
+cdef class ContextParams:
+    cdef L.llama_context_params params
+    cdef bytes pools_json  # the threadpools' settings, for pyllama_threadpools_attach
+    cdef tuple control_vectors  # ((path, scale), ...)
+    cdef tuple control_vector_layers  # (start, end); <= 0: upstream's defaults
+
+
 cdef class Context:
     cdef L.llama_context * ptr
     cdef L.llama_batch batch

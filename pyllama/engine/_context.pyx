@@ -5,6 +5,8 @@
 Imports: `_llama`, `_model`, `_sampling`, `errors`. A Context belongs to one thread at a time.
 """
 
+import os
+
 import orjson
 
 from libc.stdint cimport int32_t
@@ -12,7 +14,7 @@ from libcpp.string cimport string
 
 from pyllama cimport _bridge as B
 from pyllama cimport _llama as L
-from pyllama.engine._model cimport LoraAdapter, Model
+from pyllama.engine._model cimport LoraAdapter, Model, ModelParams
 from libcpp.vector cimport vector
 from pyllama.engine._sampling cimport SamplerChain
 
@@ -100,6 +102,107 @@ cdef int check_decode(int rc, int n_tokens=0, int n_ctx=0) except -1:
     raise DecodeError("Compute error.", code=rc)
 
 
+cdef class ContextParams:
+    """llama_context_params built from Context's options (see Context), and the threadpool
+    settings that go with them. Built apart from the Context so that --fit can adjust n_ctx
+    before the model loads.
+
+    Raises:
+        InvalidRequestError: an option is out of range.
+    """
+
+    def __init__(self, *, int n_ctx=0, int n_batch=2048, int n_ubatch=512,
+                 int n_seq_max=1, n_threads=None, n_threads_batch=None, flash_attn="auto",
+                 str type_k="f16", str type_v="f16", bint embeddings=False, pooling=None,
+                 bint kv_unified=False, bint swa_full=False, bint offload_kqv=True,
+                 rope_scaling=None, float rope_freq_base=0.0, float rope_freq_scale=0.0,
+                 float yarn_ext_factor=-1.0, float yarn_attn_factor=-1.0, float yarn_beta_slow=-1.0,
+                 float yarn_beta_fast=-1.0, int yarn_orig_ctx=0, bint op_offload=True,
+                 cpu=None, cpu_batch=None, bint perf=True, control_vectors=(), control_vector_layers=(0, 0)):
+        if n_ctx < 0 or n_batch < 1 or n_ubatch < 1 or n_seq_max < 1:
+            raise InvalidRequestError("n_ctx must be >= 0 and n_batch, n_ubatch, n_seq_max >= 1")
+        if n_seq_max > L.llama_max_parallel_sequences():
+            raise InvalidRequestError(
+                f"n_seq_max must be <= {L.llama_max_parallel_sequences()}", param="n_seq_max")
+        if isinstance(flash_attn, bool):
+            flash_attn = "on" if flash_attn else "off"
+        if flash_attn not in FLASH_ATTN:
+            raise InvalidRequestError(f"flash_attn must be on, off or auto, got {flash_attn!r}")
+        for name, value in (("type_k", type_k), ("type_v", type_v)):
+            if value not in KV_CACHE_TYPES:
+                raise InvalidRequestError(
+                    f"{name} must be one of {', '.join(KV_CACHE_TYPES)}, got {value!r}", param=name)
+        if rope_scaling not in ROPE_SCALING:
+            raise InvalidRequestError("rope_scaling must be none, linear or yarn", param="rope_scaling")
+        if pooling not in POOLING:
+            raise InvalidRequestError(f"pooling must be one of none, mean, cls, last, rank")
+        threads = default_threads() if n_threads is None else int(n_threads)
+        threads_batch = threads if n_threads_batch is None else int(n_threads_batch)
+        if threads < 1 or threads_batch < 1:
+            raise InvalidRequestError("n_threads must be >= 1")
+        check_cpu_placement(cpu)
+        check_cpu_placement(cpu_batch)
+        # the batch pool takes every generation setting unless its thread count was given
+        # (upstream's postprocess_cpu_params)
+        self.pools_json = orjson.dumps({
+            "gen": _cpu_json(cpu, threads),
+            "batch": _cpu_json(cpu_batch, -1 if n_threads_batch is None else threads_batch)})
+
+        self.params = L.llama_context_default_params()
+        cdef L.llama_context_params * params = &self.params
+        params.n_ctx = n_ctx
+        params.n_batch = n_batch
+        params.n_ubatch = min(n_ubatch, n_batch)
+        params.n_seq_max = n_seq_max
+        params.n_threads = threads
+        params.n_threads_batch = threads_batch
+        params.flash_attn_type = FLASH_ATTN[flash_attn]
+        params.type_k = KV_CACHE_TYPES[type_k]
+        params.type_v = KV_CACHE_TYPES[type_v]
+        params.embeddings = embeddings
+        params.pooling_type = POOLING[pooling]
+        params.kv_unified = kv_unified
+        params.swa_full = swa_full
+        params.offload_kqv = offload_kqv
+        params.op_offload = op_offload
+        params.rope_scaling_type = ROPE_SCALING[rope_scaling]
+        params.rope_freq_base = rope_freq_base
+        params.rope_freq_scale = rope_freq_scale
+        params.yarn_ext_factor = yarn_ext_factor
+        params.yarn_attn_factor = yarn_attn_factor
+        params.yarn_beta_slow = yarn_beta_slow
+        params.yarn_beta_fast = yarn_beta_fast
+        params.yarn_orig_ctx = yarn_orig_ctx
+        params.no_perf = not perf
+        self.control_vectors = tuple((os.fspath(p), float(s)) for p, s in control_vectors)
+        for path, _ in self.control_vectors:
+            if not os.path.isfile(path):
+                raise InvalidRequestError(f"control vector not found: {path}", param="control_vectors")
+        self.control_vector_layers = tuple(int(v) for v in control_vector_layers)
+
+    @property
+    def n_ctx(self):
+        return self.params.n_ctx
+
+
+def fit_params(path, ModelParams model, ContextParams context, margins_mib=(1024,), int n_ctx_min=4096):
+    """Fit the unset model and context parameters to free device memory before loading, as
+    llama-server's --fit does (common_fit_params): the GPU layers, tensor split and overrides
+    the user left at their defaults, and n_ctx when it is 0. `margins_mib` is --fit-target
+    (one value is used for every device). Returns upstream's status: 0 fitted, 1 could not
+    fit, 2 an error (the parameters are then as they were, and loading proceeds as upstream)."""
+    cdef vector[size_t] margins
+    margins.resize(L.llama_max_devices())
+    values = list(margins_mib) or [1024]
+    for i in range(margins.size()):
+        margins[i] = <size_t> (values[i] if len(values) > 1 and i < len(values) else values[0]) * 1024 * 1024
+    cdef bytes cpath = os.fsencode(path)
+    cdef int status
+    status = B.pyllama_fit(cpath, &model.params, &context.params, model.split.data(),
+                           model.tensor_overrides.data(), margins, n_ctx_min)
+    return status
+
+
 cdef class Context:
     """A llama_context: KV cache, compute buffers and a reusable batch.
 
@@ -126,6 +229,10 @@ cdef class Context:
             threads: affinity mask / range, strict placement, priority, polling; None =
             upstream's defaults. cpu_batch is used only with n_threads_batch (as -Cb with -tb).
         perf: keep libllama's internal performance timings (llama_perf_context).
+        control_vectors: ((path, scale), ...) control vector GGUFs applied to this context,
+            summed (--control-vector, --control-vector-scaled);
+            control_vector_layers: (start, end) layers they apply to, inclusive (<= 0: 1 and
+            the model's layer count).
 
     Raises:
         InvalidRequestError: a parameter is out of range.
@@ -134,86 +241,41 @@ cdef class Context:
     Not thread-safe: one thread owns a Context.
     """
 
-    def __cinit__(self, Model model, *, int n_ctx=0, int n_batch=2048, int n_ubatch=512,
-                  int n_seq_max=1, n_threads=None, n_threads_batch=None, flash_attn="auto",
-                  str type_k="f16", str type_v="f16", bint embeddings=False, pooling=None,
-                  bint kv_unified=False, bint swa_full=False, bint offload_kqv=True,
-                  rope_scaling=None, float rope_freq_base=0.0, float rope_freq_scale=0.0,
-                  float yarn_ext_factor=-1.0, float yarn_attn_factor=-1.0, float yarn_beta_slow=-1.0,
-                  float yarn_beta_fast=-1.0, int yarn_orig_ctx=0, bint op_offload=True,
-                  cpu=None, cpu_batch=None, bint perf=True):
+    def __cinit__(self, Model model, *, ContextParams params=None, **options):
         self.ptr = NULL
         self.pools = NULL
         self.batch.token = NULL
         self.model = model
-        self.embeddings = embeddings
         if model.ptr == NULL:
             raise ModelLoadError("model is closed")
-        if n_ctx < 0 or n_batch < 1 or n_ubatch < 1 or n_seq_max < 1:
-            raise InvalidRequestError("n_ctx must be >= 0 and n_batch, n_ubatch, n_seq_max >= 1")
-        if n_seq_max > L.llama_max_parallel_sequences():
-            raise InvalidRequestError(
-                f"n_seq_max must be <= {L.llama_max_parallel_sequences()}", param="n_seq_max")
-        if isinstance(flash_attn, bool):
-            flash_attn = "on" if flash_attn else "off"
-        if flash_attn not in FLASH_ATTN:
-            raise InvalidRequestError(f"flash_attn must be on, off or auto, got {flash_attn!r}")
-        for name, value in (("type_k", type_k), ("type_v", type_v)):
-            if value not in KV_CACHE_TYPES:
-                raise InvalidRequestError(
-                    f"{name} must be one of {', '.join(KV_CACHE_TYPES)}, got {value!r}", param=name)
-        if rope_scaling not in ROPE_SCALING:
-            raise InvalidRequestError("rope_scaling must be none, linear or yarn", param="rope_scaling")
-        if pooling not in POOLING:
-            raise InvalidRequestError(f"pooling must be one of none, mean, cls, last, rank")
-        threads = default_threads() if n_threads is None else int(n_threads)
-        threads_batch = threads if n_threads_batch is None else int(n_threads_batch)
-        if threads < 1 or threads_batch < 1:
-            raise InvalidRequestError("n_threads must be >= 1")
-        check_cpu_placement(cpu)
-        check_cpu_placement(cpu_batch)
-        # the batch pool takes every generation setting unless its thread count was given
-        # (upstream's postprocess_cpu_params)
-        cdef string pools_json = orjson.dumps({
-            "gen": _cpu_json(cpu, threads),
-            "batch": _cpu_json(cpu_batch, -1 if n_threads_batch is None else threads_batch)})
-
-        cdef L.llama_context_params params = L.llama_context_default_params()
-        params.n_ctx = n_ctx
-        params.n_batch = n_batch
-        params.n_ubatch = min(n_ubatch, n_batch)
-        params.n_seq_max = n_seq_max
-        params.n_threads = threads
-        params.n_threads_batch = threads_batch
-        params.flash_attn_type = FLASH_ATTN[flash_attn]
-        params.type_k = KV_CACHE_TYPES[type_k]
-        params.type_v = KV_CACHE_TYPES[type_v]
-        params.embeddings = embeddings
-        params.pooling_type = POOLING[pooling]
-        params.kv_unified = kv_unified
-        self.kv_unified = kv_unified
-        params.swa_full = swa_full
-        params.offload_kqv = offload_kqv
-        params.op_offload = op_offload
-        params.rope_scaling_type = ROPE_SCALING[rope_scaling]
-        params.rope_freq_base = rope_freq_base
-        params.rope_freq_scale = rope_freq_scale
-        params.yarn_ext_factor = yarn_ext_factor
-        params.yarn_attn_factor = yarn_attn_factor
-        params.yarn_beta_slow = yarn_beta_slow
-        params.yarn_beta_fast = yarn_beta_fast
-        params.yarn_orig_ctx = yarn_orig_ctx
-        params.no_perf = not perf
+        if params is None:
+            params = ContextParams(**options)
+        elif options:
+            raise TypeError("pass either params or options, not both")
+        self.embeddings = params.params.embeddings
+        self.kv_unified = params.params.kv_unified
         with nogil:
-            self.ptr = L.llama_init_from_model(model.ptr, params)
+            self.ptr = L.llama_init_from_model(model.ptr, params.params)
         if self.ptr == NULL:
             raise ContextCreationError(
                 "failed to create the llama context (see the pyllama.llama_cpp log)")
         try:  # as common_init_from_params: process priority, then the threadpools
-            self.pools = <void *> B.pyllama_threadpools_attach(self.ptr, pools_json)
+            self.pools = <void *> B.pyllama_threadpools_attach(self.ptr, params.pools_json)
         except ValueError as exc:
             self._free()
             raise InvalidRequestError(str(exc), param="cpu") from None
+        cdef vector[string] cv_paths
+        cdef vector[float] cv_scales
+        if params.control_vectors:  # as common_init_from_params, once the context exists
+            for path, scale in params.control_vectors:
+                cv_paths.push_back(os.fsencode(path))
+                cv_scales.push_back(scale)
+            try:
+                B.pyllama_control_vectors_apply(self.ptr, cv_paths, cv_scales, params.control_vector_layers[0],
+                                                params.control_vector_layers[1])
+            except RuntimeError as exc:
+                self._free()
+                raise ModelLoadError(f"{exc} (see the log)") from None
         self.batch = L.llama_batch_init(L.llama_n_batch(self.ptr), 0, 1)
 
     def __dealloc__(self):
@@ -233,6 +295,40 @@ cdef class Context:
     def close(self):
         """Free the context and its batch."""
         self._free()
+
+    def warmup(self):
+        """An empty run through the model, as llama-server's --warmup (common_init_from_params):
+        BOS and EOS (or token 0) encoded and/or decoded in sequence 0, then the memory cleared
+        and the perf counters reset, so the first request finds weights paged in and the
+        compute buffers allocated. Owner thread; returns the number of tokens run."""
+        self._require_open()
+        cdef const L.llama_vocab * vocab = L.llama_model_get_vocab(self.model.ptr)
+        cdef L.llama_token bos = L.llama_vocab_bos(vocab)
+        cdef L.llama_token eos = L.llama_vocab_eos(vocab)
+        tokens = [t for t in (bos, eos) if t != L.LLAMA_TOKEN_NULL] or [0]
+        cdef int i, n
+        cdef L.llama_token start
+        if L.llama_model_has_encoder(self.model.ptr):
+            for i in range(len(tokens)):
+                self._batch_set(i, tokens[i], i, 0, i == len(tokens) - 1)
+            self.batch.n_tokens = len(tokens)
+            with nogil:
+                L.llama_encode(self.ptr, self.batch)  # a failed warm-up is not an error upstream
+            start = L.llama_model_decoder_start_token(self.model.ptr)
+            tokens = [bos if start == L.LLAMA_TOKEN_NULL else start]
+        n = 0
+        if L.llama_model_has_decoder(self.model.ptr):
+            n = min(len(tokens), L.llama_n_batch(self.ptr))
+            for i in range(n):
+                self._batch_set(i, tokens[i], i, 0, i == n - 1)
+            self.batch.n_tokens = n
+            with nogil:
+                L.llama_decode(self.ptr, self.batch)
+        with nogil:
+            L.llama_memory_clear(L.llama_get_memory(self.ptr), True)
+            L.llama_synchronize(self.ptr)
+            L.llama_perf_context_reset(self.ptr)
+        return n
 
     def perf(self):
         """libllama's own counters (llama_perf_context): prompt and generation time in ms

@@ -6,6 +6,16 @@ from libcpp.vector cimport vector
 from pyllama cimport _llama as L
 
 
+cdef class ModelParams:
+    cdef L.llama_model_params params
+    # storage the params point into: it lives as long as the params
+    cdef vector[float] split
+    cdef vector[L.ggml_backend_dev_t] devices
+    cdef vector[L.llama_model_kv_override] kv_overrides
+    cdef vector[L.llama_model_tensor_buft_override] tensor_overrides
+    cdef list patterns  # the tensor-override patterns' bytes
+
+
 cdef class Model:
     cdef L.llama_model * ptr
     cdef const L.llama_vocab * vocab

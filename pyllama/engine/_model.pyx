@@ -59,8 +59,13 @@ cdef int _log_min_level = L.GGML_LOG_LEVEL_WARN
 cdef int _log_last_level = L.GGML_LOG_LEVEL_INFO
 _recent_errors = deque(maxlen=8)
 
+# upstream prints libllama's debug lines at verbosity 5 (LOG_LEVEL_DEBUG) and its trace lines
+# at 4; Python's DEBUG stands for 4, this level below it for 5
+LOG_DEBUG_VERBOSE = 5
+logging.addLevelName(LOG_DEBUG_VERBOSE, "DEBUG")
+
 _PY_LEVELS = {
-    L.GGML_LOG_LEVEL_DEBUG: logging.DEBUG,
+    L.GGML_LOG_LEVEL_DEBUG: LOG_DEBUG_VERBOSE,
     L.GGML_LOG_LEVEL_INFO: logging.INFO,
     L.GGML_LOG_LEVEL_WARN: logging.WARNING,
     L.GGML_LOG_LEVEL_ERROR: logging.ERROR,
@@ -94,13 +99,14 @@ def set_log_level(level):
     """Set the lowest llama.cpp log level forwarded to the `pyllama.llama_cpp` logger.
 
     Args:
-        level: a `logging` level (DEBUG, INFO, WARNING, ERROR).
+        level: a `logging` level (LOG_DEBUG_VERBOSE for libllama's debug lines, DEBUG, INFO,
+            WARNING, ERROR).
     """
     global _log_min_level
     level = int(level)
-    if level <= logging.DEBUG:
+    if level <= LOG_DEBUG_VERBOSE:
         _log_min_level = L.GGML_LOG_LEVEL_DEBUG
-    elif level <= logging.INFO:
+    elif level <= logging.INFO:  # DEBUG too: libllama has no trace level
         _log_min_level = L.GGML_LOG_LEVEL_INFO
     elif level <= logging.WARNING:
         _log_min_level = L.GGML_LOG_LEVEL_WARN
@@ -339,6 +345,110 @@ cdef str _meta_string(int32_t n, char * buf, size_t size):
     return buf[:n].decode("utf-8", "replace") if n >= 0 else None
 
 
+cdef class ModelParams:
+    """llama_model_params built from Model's options (see Model), with the storage they point
+    into. Built apart from the Model so that --fit can adjust them before the load.
+
+    tensor_overrides: ((pattern, buffer type name), ...): tensors whose name matches the regex
+        go to that buffer type (llama-server's -ot; "CPU" for --cpu-moe / --n-cpu-moe).
+
+    Raises:
+        InvalidRequestError: an option is out of range, or an unknown device / buffer type.
+    """
+
+    def __init__(self, *, int n_gpu_layers=-1, bint use_mmap=True, bint use_mlock=False,
+                 bint vocab_only=False, bint check_tensors=False, bint repack=True,
+                 kv_overrides=None, load_mode=None, split_mode="layer", int main_gpu=0,
+                 tensor_split=None, bint no_host=False, lazy_mode="auto", devices=None,
+                 tensor_overrides=None):
+        self.params = L.llama_model_default_params()
+        cdef L.llama_model_params * params = &self.params
+        params.n_gpu_layers = n_gpu_layers
+        if use_mmap:
+            params.load_mode = L.LLAMA_LOAD_MODE_MMAP_MLOCK if use_mlock else L.LLAMA_LOAD_MODE_MMAP
+        else:
+            params.load_mode = L.LLAMA_LOAD_MODE_MLOCK if use_mlock else L.LLAMA_LOAD_MODE_NONE
+        if load_mode is not None:
+            if load_mode not in LOAD_MODES:
+                raise InvalidRequestError(f"load_mode must be one of {', '.join(LOAD_MODES)}")
+            params.load_mode = LOAD_MODES[load_mode]
+        if split_mode not in SPLIT_MODES:
+            raise InvalidRequestError(f"split_mode must be one of {', '.join(SPLIT_MODES)}")
+        params.split_mode = SPLIT_MODES[split_mode]
+        params.main_gpu = main_gpu
+        params.no_host = no_host
+        if lazy_mode not in LAZY_MODES:
+            raise InvalidRequestError("lazy_mode must be on, off or auto")
+        params.lazy_mode = LAZY_MODES[lazy_mode]
+        # always a buffer of llama_max_devices: --fit writes its split into it
+        self.split.resize(max(L.llama_max_devices(), len(tensor_split or ())))
+        for i, value in enumerate(tensor_split or ()):
+            self.split[i] = value
+        params.tensor_split = self.split.data()
+        cdef L.ggml_backend_dev_t dev
+        if devices is not None:
+            names = [d for d in devices if d]
+            if names != ["none"]:
+                for name in names:  # as upstream's parse_device_list
+                    dev = L.ggml_backend_dev_by_name(name.encode())
+                    if dev == NULL or L.ggml_backend_dev_type(dev) == L.GGML_BACKEND_DEVICE_TYPE_CPU:
+                        raise InvalidRequestError(f"invalid device: {name}")
+                    self.devices.push_back(dev)
+            self.devices.push_back(NULL)
+            params.devices = self.devices.data()
+        params.vocab_only = vocab_only
+        params.check_tensors = check_tensors
+        params.use_extra_bufts = repack
+        cdef L.llama_model_kv_override item
+        if kv_overrides:
+            for key, value in kv_overrides.items():
+                _fill_override(&item, key, value)
+                self.kv_overrides.push_back(item)
+            memset(&item, 0, sizeof(item))  # the list ends with an empty key
+            self.kv_overrides.push_back(item)
+            params.kv_overrides = self.kv_overrides.data()
+        self._set_tensor_overrides(tensor_overrides or ())
+
+    def _set_tensor_overrides(self, overrides):
+        # as upstream's parse_tensor_buffer_overrides: buffer types by the name of each
+        # device's default buffer type; the list ends with {NULL, NULL} and has room for
+        # llama_max_tensor_buft_overrides entries, which --fit may add to
+        cdef dict bufts = {}
+        cdef L.ggml_backend_dev_t dev
+        cdef L.ggml_backend_buffer_type_t buft
+        cdef size_t i
+        for i in range(L.ggml_backend_dev_count()):
+            dev = L.ggml_backend_dev_get(i)
+            buft = L.ggml_backend_dev_buffer_type(dev)
+            if buft != NULL:
+                bufts[L.ggml_backend_buft_name(buft).decode()] = <size_t> buft
+        self.patterns = []
+        self.tensor_overrides.clear()
+        cdef L.llama_model_tensor_buft_override entry
+        for pattern, buffer_type in overrides:
+            if buffer_type not in bufts:
+                raise InvalidRequestError(
+                    f"unknown buffer type {buffer_type!r} (available: {', '.join(sorted(bufts))})",
+                    param="tensor_overrides")
+            self.patterns.append(pattern.encode())
+            entry.pattern = <const char *> self.patterns[-1]
+            entry.buft = <L.ggml_backend_buffer_type_t> <size_t> bufts[buffer_type]
+            self.tensor_overrides.push_back(entry)
+        entry.pattern = NULL
+        entry.buft = NULL
+        self.tensor_overrides.resize(max(self.tensor_overrides.size() + 1,
+                                         L.llama_max_tensor_buft_overrides()), entry)
+        self.params.tensor_buft_overrides = self.tensor_overrides.data() if overrides else NULL
+
+    @property
+    def n_gpu_layers(self):
+        return self.params.n_gpu_layers
+
+    @property
+    def tensor_split(self):
+        return tuple(self.split[i] for i in range(self.split.size()))
+
+
 cdef class Model:
     """A GGUF model loaded with libllama.
 
@@ -360,6 +470,8 @@ cdef class Model:
         lazy_mode: on, off or auto: read the rows of marked tensors on demand.
         devices: names of the devices to offload to (see list_devices()); None for every
             device, ["none"] or [] for none (llama-server's -dev).
+        tensor_overrides: ((regex, buffer type), ...) placement of matching tensors (-ot).
+        params: a ModelParams instead of the options above (--fit adjusts one before loading).
 
     Raises:
         ModelNotFoundError: the path does not exist or is not a file.
@@ -369,10 +481,7 @@ cdef class Model:
     Thread-safe for reads once constructed.
     """
 
-    def __cinit__(self, path, *, int n_gpu_layers=-1, bint use_mmap=True, bint use_mlock=False,
-                  bint vocab_only=False, bint check_tensors=False, bint repack=True,
-                  kv_overrides=None, load_mode=None, split_mode="layer", int main_gpu=0,
-                  tensor_split=None, bint no_host=False, lazy_mode="auto", devices=None):
+    def __cinit__(self, path, *, ModelParams params=None, **options):
         self.ptr = NULL
         self.vocab = NULL
         self.path = os.fspath(path)
@@ -381,61 +490,16 @@ cdef class Model:
         with open(self.path, "rb") as f:
             if f.read(4) != _GGUF_MAGIC:
                 raise InvalidModelError(f"not a GGUF file (bad magic): {self.path}")
-
-        cdef L.llama_model_params params = L.llama_model_default_params()
-        params.n_gpu_layers = n_gpu_layers
-        if use_mmap:
-            params.load_mode = L.LLAMA_LOAD_MODE_MMAP_MLOCK if use_mlock else L.LLAMA_LOAD_MODE_MMAP
-        else:
-            params.load_mode = L.LLAMA_LOAD_MODE_MLOCK if use_mlock else L.LLAMA_LOAD_MODE_NONE
-        if load_mode is not None:
-            if load_mode not in LOAD_MODES:
-                raise InvalidRequestError(f"load_mode must be one of {', '.join(LOAD_MODES)}")
-            params.load_mode = LOAD_MODES[load_mode]
-        if split_mode not in SPLIT_MODES:
-            raise InvalidRequestError(f"split_mode must be one of {', '.join(SPLIT_MODES)}")
-        params.split_mode = SPLIT_MODES[split_mode]
-        params.main_gpu = main_gpu
-        params.no_host = no_host
-        if lazy_mode not in LAZY_MODES:
-            raise InvalidRequestError("lazy_mode must be on, off or auto")
-        params.lazy_mode = LAZY_MODES[lazy_mode]
-        cdef vector[float] split
-        if tensor_split:
-            split.resize(max(L.llama_max_devices(), len(tensor_split)))
-            for i, value in enumerate(tensor_split):
-                split[i] = value
-            params.tensor_split = split.data()
-        cdef vector[L.ggml_backend_dev_t] chosen
-        cdef L.ggml_backend_dev_t dev
-        if devices is not None:
-            names = [d for d in devices if d]
-            if names != ["none"]:
-                for name in names:  # as upstream's parse_device_list
-                    dev = L.ggml_backend_dev_by_name(name.encode())
-                    if dev == NULL or L.ggml_backend_dev_type(dev) == L.GGML_BACKEND_DEVICE_TYPE_CPU:
-                        raise InvalidRequestError(f"invalid device: {name}")
-                    chosen.push_back(dev)
-            chosen.push_back(NULL)
-            params.devices = chosen.data()
-        params.vocab_only = vocab_only
-        params.check_tensors = check_tensors
-        params.use_extra_bufts = repack
-        cdef vector[L.llama_model_kv_override] overrides
-        cdef L.llama_model_kv_override item
-        if kv_overrides:
-            for key, value in kv_overrides.items():
-                _fill_override(&item, key, value)
-                overrides.push_back(item)
-            memset(&item, 0, sizeof(item))  # the list ends with an empty key
-            overrides.push_back(item)
-            params.kv_overrides = overrides.data()
+        if params is None:
+            params = ModelParams(**options)
+        elif options:
+            raise TypeError("pass either params or options, not both")
 
         cdef bytes cpath = os.fsencode(self.path)
         cdef const char * c_path = cpath
         _recent_errors.clear()
         with nogil:
-            self.ptr = L.llama_model_load_from_file(c_path, params)
+            self.ptr = L.llama_model_load_from_file(c_path, params.params)
         if self.ptr == NULL:
             detail = "; ".join(_recent_errors) or "libllama gave no reason"
             raise InvalidModelError(f"failed to load model {self.path}: {detail}")

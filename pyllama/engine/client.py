@@ -19,10 +19,10 @@ import threading
 import time
 from typing import Iterator
 
-from pyllama.engine._context import Context
+from pyllama.engine._context import Context, ContextParams, fit_params
 from pyllama.engine._core import EngineCore
 from pyllama.engine._embed import EmbeddingCore
-from pyllama.engine._model import Model
+from pyllama.engine._model import Model, ModelParams
 from pyllama.engine._sampling import SamplerChain, json_schema_to_grammar
 from pyllama.engine.config import EngineConfig
 from pyllama.engine.types import (
@@ -369,8 +369,15 @@ class Engine:
         cfg = self.config
         try:
             # the one place where a config becomes libllama objects
-            self.model = Model(self.model_path, **cfg.model_options())
-            context = Context(self.model, **cfg.context_options())
+            model_params = ModelParams(**cfg.model_options())
+            context_params = ContextParams(**cfg.context_options())
+            if cfg.fit:  # before the load, as common_init_from_params
+                fit_params(self.model_path, model_params, context_params, cfg.fit_target_mib, cfg.fit_ctx_min)
+            self.model = Model(self.model_path, params=model_params)
+            context = Context(self.model, params=context_params)
+            if cfg.warmup:
+                logger.debug("warming up the model with an empty run - please wait ... (--no-warmup to disable)")
+                context.warmup()
             if cfg.embeddings:
                 self.embedder = EmbeddingCore(context)
                 self._ready.set()

@@ -50,6 +50,11 @@ class EngineConfig:
         lora: ((path, scale), ...) LoRA adapters to load; their ids are their positions.
         lora_init_without_apply: start every adapter at scale 0 (until set_lora_scales).
         n_ctx_slot_max: cap each slot's context (llama-server's --kv-unified-per-slot); 0 = none.
+        warmup: run BOS/EOS through the model once before serving (--warmup / --no-warmup).
+        fit, fit_target_mib, fit_ctx_min: fit the options left at their defaults (GPU layers,
+            tensor split, overrides, n_ctx = 0) to free device memory before loading, leaving
+            that many MiB free per device, with n_ctx no lower than fit_ctx_min (--fit,
+            --fit-target, --fit-ctx).
 
     Model (see `Model`):
         n_gpu_layers: layers to offload; -1 all.
@@ -61,6 +66,7 @@ class EngineConfig:
         lazy_mode: on, off or auto.
         split_mode, main_gpu, tensor_split, no_host: multi-GPU placement.
         devices: device names to offload to; None every device, ("none",) none.
+        tensor_overrides: ((regex, buffer type), ...) placement of matching tensors (-ot).
 
     Context (see `Context`):
         n_ctx: total context; 0 = the model's training context. Each slot gets n_ctx /
@@ -69,6 +75,8 @@ class EngineConfig:
         n_threads, n_threads_batch: generation and prompt threads (None = the physical cores).
         cpu, cpu_batch: CpuPlacement of those threads (None = upstream's defaults).
         perf: libllama's internal performance timings (--perf / --no-perf).
+        control_vectors, control_vector_layers: ((path, scale), ...) and (start, end): control
+            vectors and the layers they steer (--control-vector*).
         flash_attn: "auto", "on" or "off" (a bool is accepted).
         type_k, type_v: KV cache types ("f16", "q8_0", ...).
         kv_unified: one KV buffer shared by every slot.
@@ -90,6 +98,10 @@ class EngineConfig:
     lora: tuple = _to(_ENGINE, ())
     lora_init_without_apply: bool = _to(_ENGINE, False)
     n_ctx_slot_max: int = _to(_ENGINE, 0)
+    warmup: bool = _to(_ENGINE, True)
+    fit: bool = _to(_ENGINE, True)
+    fit_target_mib: tuple = _to(_ENGINE, (1024,))
+    fit_ctx_min: int = _to(_ENGINE, 4096)
     # --- the model ---
     n_gpu_layers: int = _to(_MODEL, -1)
     use_mmap: bool = _to(_MODEL, True)
@@ -104,6 +116,7 @@ class EngineConfig:
     tensor_split: tuple | None = _to(_MODEL, None)
     no_host: bool = _to(_MODEL, False)
     devices: tuple | None = _to(_MODEL, None)
+    tensor_overrides: tuple = _to(_MODEL, ())
     # --- the context ---
     n_ctx: int = _to(_CONTEXT, 4096)
     n_batch: int = _to(_CONTEXT, 2048)
@@ -130,11 +143,17 @@ class EngineConfig:
     cpu: CpuPlacement | None = _to(_CONTEXT, None)
     cpu_batch: CpuPlacement | None = _to(_CONTEXT, None)
     perf: bool = _to(_CONTEXT, True)
+    control_vectors: tuple = _to(_CONTEXT, ())
+    control_vector_layers: tuple = _to(_CONTEXT, (0, 0))
 
     def __post_init__(self) -> None:
         # Sequences become tuples, so a config is a value (lists given by callers are copied).
         set_ = object.__setattr__
         set_(self, "lora", tuple((str(path), float(scale)) for path, scale in self.lora))
+        set_(self, "tensor_overrides", tuple(tuple(o) for o in self.tensor_overrides))
+        set_(self, "fit_target_mib", tuple(self.fit_target_mib))
+        set_(self, "control_vectors", tuple((str(p), float(s)) for p, s in self.control_vectors))
+        set_(self, "control_vector_layers", tuple(self.control_vector_layers))
         for name in ("tensor_split", "devices"):
             value = getattr(self, name)
             if value is not None:

@@ -87,9 +87,24 @@ def sampling_defaults(s: Settings) -> SamplingParams:
         backend_sampling=s.backend_sampling)
 
 
+# common.h's FFN offload patterns (--cpu-moe, --n-cpu-moe, --n-cpu-ffn)
+FFN_EXPS_REGEX = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
+FFN_DENSE_REGEX = r"\.ffn_(up|down|gate)\."
+
+
+def tensor_overrides(s: Settings) -> tuple:
+    """-ot's pattern=buffer pairs, then what --cpu-moe / --n-cpu-moe / --n-cpu-ffn add."""
+    out = [tuple(item.split("=", 1)) for item in s.override_tensor]
+    if s.cpu_moe:
+        out.append((FFN_EXPS_REGEX, "CPU"))
+    out += [(rf"blk\.{i}{FFN_EXPS_REGEX}", "CPU") for i in range(s.n_cpu_moe)]
+    out += [(rf"blk\.{i}{FFN_DENSE_REGEX}", "CPU") for i in range(s.n_cpu_ffn)]
+    return tuple(out)
+
+
 def engine_config(s: Settings) -> EngineConfig:
     """The engine options of a command line: the one place flags become engine fields."""
-    ngl = {"auto": -1, "all": -1}.get(s.n_gpu_layers)
+    ngl = {"auto": -1, "all": -2}.get(s.n_gpu_layers)  # -1 is what --fit may lower
     n_ctx = s.ctx_size
     if s.kv_unified_per_slot > 0 and n_ctx == 0:
         n_ctx = s.parallel * s.kv_unified_per_slot
@@ -101,7 +116,12 @@ def engine_config(s: Settings) -> EngineConfig:
         cpu=CpuPlacement(s.cpu_mask, s.cpu_range, bool(s.cpu_strict), s.prio, s.poll),
         cpu_batch=CpuPlacement(s.cpu_mask_batch, s.cpu_range_batch, bool(s.cpu_strict_batch),
                                s.prio_batch, s.poll_batch),
-        perf=s.perf,
+        perf=s.perf, warmup=s.warmup, tensor_overrides=tensor_overrides(s),
+        fit=s.fit == "on", fit_target_mib=tuple(int(v) for v in s.fit_target.replace("/", ",").split(",") if v),
+        fit_ctx_min=s.fit_ctx,
+        control_vectors=tuple((p, 1.0) for p in s.control_vector) + tuple(
+            (item.partition(":")[0], float(item.partition(":")[2])) for item in s.control_vector_scaled),
+        control_vector_layers=s.control_vector_layer_range,
         flash_attn=s.flash_attn, type_k=s.cache_type_k, type_v=s.cache_type_v,
         kv_unified=bool(s.kv_unified), swa_full=s.swa_full,
         n_gpu_layers=int(s.n_gpu_layers) if ngl is None else ngl, use_mmap=s.mmap, use_mlock=s.mlock,
@@ -212,7 +232,7 @@ def start_loading(state: ServerState, on_failure=None) -> threading.Thread:
 
 def create_app(state: ServerState) -> falcon.App:
     """The WSGI app over a ServerState (the model may still be loading)."""
-    from pyllama.server.resources import anthropic, chat, completions, embeddings, info, tokenize
+    from pyllama.server.resources import anthropic, chat, completions, embeddings, info, responses, tokenize
 
     app = falcon.App(middleware=[CorsAndAuth(state), JSONBody(state.settings.max_body_mb << 20)],
                      cors_enable=False)
@@ -228,6 +248,8 @@ def create_app(state: ServerState) -> falcon.App:
     chat_resource = chat.ChatResource(state)
     embedding = embeddings.EmbeddingResource(state)
     rerank = embeddings.RerankResource(state)
+    responses_resource = responses.ResponsesResource(state)
+    responses_tokens = responses.ResponsesInputTokensResource(state)
     # The route table (tools/server/server.cpp).
     routes = [
         ("/health", health), ("/v1/health", health),
@@ -244,6 +266,8 @@ def create_app(state: ServerState) -> falcon.App:
         ("/v1/chat/completions/input_tokens", chat.ChatInputTokensResource(state)),
         ("/v1/messages", anthropic.MessagesResource(state)),
         ("/v1/messages/count_tokens", anthropic.CountTokensResource(state)),
+        ("/v1/responses", responses_resource), ("/responses", responses_resource),
+        ("/responses/input_tokens", responses_tokens), ("/v1/responses/input_tokens", responses_tokens),
         ("/apply-template", chat.ApplyTemplateResource(state)),
         ("/lora-adapters", info.LoraAdaptersResource(state)),
         ("/tokenize", tokenize.TokenizeResource(state)),

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,9 +25,13 @@ class ServerProcess:
         self.port = free_port()
         self.base = f"{scheme}://127.0.0.1:{self.port}"
         script = Path(sys.executable).parent / "pyllama-server"
+        # the output goes to a file, read back through proc.stdout: a pipe nobody drains while
+        # the test runs would stall a verbose server once it holds 64 KiB
+        self.log = tempfile.NamedTemporaryFile(prefix="pyllama-server-", suffix=".log")
         self.proc = subprocess.Popen([str(script), "--port", str(self.port), *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})
+        self.proc.stdout = open(self.log.name, "rb")
 
     def wait_ready(self, timeout: float = 120, **client_kwargs) -> None:
         deadline = time.time() + timeout
