@@ -1,4 +1,4 @@
-"""Llama: the engine in-process, with OpenAI-shaped results (completions, chat, embeddings).
+"""Llama: the engine in-process, with OpenAI-shaped results (completions, chat, responses, embeddings).
 
 The same continuous-batching engine as the server: several threads may call one Llama at
 once and their requests share decodes. Requests are parsed and results formatted by the
@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from pyllama.engine import Engine
-from pyllama.server.protocol import chat, completions, embeddings
+from pyllama.server.protocol import chat, completions, embeddings, responses
 from pyllama.server.protocol.base import Call, ProtocolContext, Run
 from pyllama.server.protocol.params import Defaults
 
@@ -100,6 +100,18 @@ class Llama:
         if max_tokens is not None:
             body["max_tokens"] = max_tokens
         return self._run(chat.parse(body, self.protocol))
+
+    def create_response(self, input, *, max_output_tokens: int | None = None, stream: bool = False,
+                        **options):
+        """OpenAI Responses API (instructions, input items, tools, reasoning, ...).
+
+        Returns a `response` dict, or with stream=True an iterator of upstream's events as
+        {"event": name, "data": {...}} dicts.
+        """
+        body = dict(options, input=input, stream=stream)
+        if max_output_tokens is not None:
+            body["max_output_tokens"] = max_output_tokens
+        return self._run(responses.parse(body, self.protocol))
 
     # --- embeddings ----------------------------------------------------------------------------
     def create_embedding(self, input: str | list[str], normalize: int = 2) -> dict:
