@@ -4,7 +4,7 @@
 from libcpp cimport bool as cbool
 from libcpp.string cimport string
 
-from libc.stdint cimport uint32_t
+from libc.stdint cimport int32_t, uint32_t
 from libcpp.vector cimport vector
 from libcpp.string cimport string as cstring
 
@@ -12,6 +12,9 @@ from pyllama._llama cimport (
     llama_context,
     llama_context_params,
     llama_model,
+    llama_sampler,
+    llama_token,
+    llama_vocab,
     llama_model_params,
     llama_model_tensor_buft_override,
 )
@@ -50,3 +53,22 @@ cdef extern from "pyllama_bridge.h" nogil:
                                       cbool disable)
     void pyllama_control_vectors_apply(llama_context * ctx, const vector[cstring] & paths,
                                        const vector[float] & scales, int layer_start, int layer_end) except +
+
+
+cdef extern from "reasoning-budget.h" nogil:
+    # common's reasoning budget sampler (common/reasoning-budget.h), used as common_sampler does
+    cdef enum common_reasoning_budget_state:
+        REASONING_BUDGET_IDLE
+        REASONING_BUDGET_COUNTING
+        REASONING_BUDGET_FORCING
+        REASONING_BUDGET_WAITING_UTF8
+        REASONING_BUDGET_DONE
+
+    llama_sampler * common_reasoning_budget_init(const llama_vocab * vocab,
+                                                 const vector[vector[llama_token]] & start_seqs,
+                                                 const vector[vector[llama_token]] & end_seqs,
+                                                 const vector[llama_token] & forced_tokens,
+                                                 int32_t budget) except +
+    common_reasoning_budget_state common_reasoning_budget_get_state(const llama_sampler * smpl)
+    const vector[llama_token] * common_reasoning_budget_get_end_match(const llama_sampler * smpl)
+    cbool common_reasoning_budget_force(llama_sampler * smpl)

@@ -31,6 +31,9 @@ class SyntheticSpec:
     seed: int = 1234
     chat_template: str | None = None
     fim: bool = False  # add fill-in-the-middle tokens (prefix, suffix, middle)
+    # more tokens that the tokenizer keeps whole (user-defined), e.g. ("<think>", "</think>")
+    # as reasoning models have them
+    special_tokens: tuple = ()
     name: str = "pyllama-synthetic"
 
 
@@ -94,6 +97,10 @@ def write_synthetic_model(path: str | Path, spec: SyntheticSpec = SyntheticSpec(
             tokens.append(text)
             scores.append(0.0)
             types.append(3)  # CONTROL
+    for text in spec.special_tokens:
+        tokens.append(text)
+        scores.append(0.0)
+        types.append(4)  # USER_DEFINED
     n_vocab = len(tokens)
 
     writer = GGUFWriter(str(path), "llama")

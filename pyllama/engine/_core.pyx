@@ -319,7 +319,7 @@ cdef class EngineCore:
         sampler.reset()
         sc.on_backend = False
         if request.sampling.backend_sampling and not request.sampling.grammar \
-                and request.sampling.n_probs == 0:
+                and request.sampling.n_probs == 0 and not sampler.has_reasoning_budget:
             # upstream's --backend-sampling (server_context::launch_slot_with_task)
             sc.on_backend = L.llama_set_sampler(self.context.ptr, slot.id, sampler.state.chain)
         sc.state = SLOT_PREFILL
@@ -339,6 +339,17 @@ cdef class EngineCore:
                 self._release(<Slot>s, FinishReason.CANCELLED, "")
                 return True
         return False
+
+    def end_reasoning(self, int request_id):
+        """End the thinking block of a running request now (upstream's reasoning_end control):
+        "ok", or "not_running" (no slot serves it) or "not_enabled" (no reasoning_control)."""
+        for s in self.slots:
+            if (<Slot>s).busy and (<Slot>s).request.id == request_id:
+                if not (<Slot>s).request.sampling.reasoning_control:
+                    return "not_enabled"
+                (<Slot>s).sampler.end_reasoning()  # upstream answers success either way
+                return "ok"
+        return "not_running"
 
     @property
     def n_busy(self):

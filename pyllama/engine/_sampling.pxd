@@ -9,6 +9,8 @@ cdef struct SamplerState:
     # One request's sampling state. Owned by a SamplerChain; used by one thread at a time.
     L.llama_sampler * chain
     L.llama_sampler * grammar        # NULL without a grammar
+    L.llama_sampler * rbudget        # common's reasoning budget sampler; NULL without a budget
+    bint grammar_lazy                # a lazy grammar waits while the budget counts
     L.llama_token_data * cur         # n_vocab candidates, reused every token
     L.llama_token_data_array cur_p   # the candidates after the last sample (post-sampling probs)
     int32_t n_vocab
@@ -30,3 +32,4 @@ cdef class SamplerChain:
     cdef readonly object params
 
     cdef L.llama_token sample_c(self, L.llama_context * ctx, int idx) noexcept nogil
+    cdef void _accept_budget_prefill(self) noexcept

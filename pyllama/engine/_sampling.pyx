@@ -17,6 +17,7 @@ from libcpp.string cimport string
 from libcpp.vector cimport vector
 
 from pyllama cimport _llama as L
+from pyllama cimport _bridge as B
 from pyllama._bridge cimport pyllama_json_schema_to_grammar
 from pyllama.engine._model cimport Model
 
@@ -140,6 +141,16 @@ cdef void _load_top_k(SamplerState * s, const float * logits) noexcept nogil:
     s.cur_p.sorted = True
 
 
+cdef inline bint _grammar_applies(SamplerState * s) noexcept nogil:
+    # common_sampler's grammar_should_apply: a lazy grammar waits while a budget is in force
+    if s.grammar == NULL:
+        return False
+    if s.rbudget == NULL or not s.grammar_lazy:
+        return True
+    cdef B.common_reasoning_budget_state st = B.common_reasoning_budget_get_state(s.rbudget)
+    return st == B.REASONING_BUDGET_IDLE or st == B.REASONING_BUDGET_DONE
+
+
 cdef L.llama_token sampler_sample(SamplerState * s, const float * logits) noexcept nogil:
     # Picks a token from one logits row; does not accept it. Any thread, no GIL.
     cdef L.llama_token_data single
@@ -149,9 +160,11 @@ cdef L.llama_token sampler_sample(SamplerState * s, const float * logits) noexce
         _load_top_k(s, logits)
     else:
         _load_logits(s, logits)
+    if s.rbudget != NULL:  # the budget first, as common_sampler_sample
+        L.llama_sampler_apply(s.rbudget, &s.cur_p)
     L.llama_sampler_apply(s.chain, &s.cur_p)
     token = s.cur_p.data[s.cur_p.selected].id
-    if s.grammar == NULL:
+    if not _grammar_applies(s):
         return token
     # Grammar-based rejection sampling (common_sampler_sample).
     single.id = token
@@ -165,14 +178,29 @@ cdef L.llama_token sampler_sample(SamplerState * s, const float * logits) noexce
     if single.logit != -INFINITY:
         return token
     _load_logits(s, logits)
+    if s.rbudget != NULL:
+        L.llama_sampler_apply(s.rbudget, &s.cur_p)
     L.llama_sampler_apply(s.grammar, &s.cur_p)
     L.llama_sampler_apply(s.chain, &s.cur_p)
     return s.cur_p.data[s.cur_p.selected].id
 
 
 cdef void sampler_accept(SamplerState * s, L.llama_token token) noexcept nogil:
-    # Records the chosen token in the grammar and in the chain (penalties, DRY, mirostat).
-    if s.grammar != NULL:
+    # Records the chosen token in the budget, the grammar and the chain (penalties, DRY,
+    # mirostat), as common_sampler_accept does for a generated token.
+    cdef bint accept_grammar = _grammar_applies(s)  # before the budget moves on
+    cdef const vector[L.llama_token] * end_seq
+    cdef size_t i
+    if s.rbudget != NULL:
+        L.llama_sampler_accept(s.rbudget, token)
+        # a thinking block that just ended may hold a trigger of the waiting lazy grammar
+        if s.grammar != NULL and not accept_grammar and \
+                B.common_reasoning_budget_get_state(s.rbudget) == B.REASONING_BUDGET_DONE:
+            end_seq = B.common_reasoning_budget_get_end_match(s.rbudget)
+            if end_seq != NULL:
+                for i in range(end_seq.size()):
+                    L.llama_sampler_accept(s.grammar, end_seq[0][i])
+    if s.grammar != NULL and accept_grammar:
         L.llama_sampler_accept(s.grammar, token)
     L.llama_sampler_accept(s.chain, token)
 
@@ -218,7 +246,12 @@ cdef class SamplerChain:
         self.state.cur_p.selected = -1
         if params.grammar:
             self.state.grammar = _make_grammar(model, params)
+            self.state.grammar_lazy = params.grammar_lazy
         self.state.chain = _make_chain(model, params, self.state)
+        self.state.rbudget = _make_reasoning_budget(model, params)
+        if self.state.rbudget != NULL:
+            self.state.prefilter_k = 0  # forcing needs every candidate to pick from
+            self._accept_budget_prefill()
 
     def __dealloc__(self):
         if self.state != NULL:
@@ -226,6 +259,8 @@ cdef class SamplerChain:
                 L.llama_sampler_free(self.state.chain)
             if self.state.grammar != NULL:
                 L.llama_sampler_free(self.state.grammar)
+            if self.state.rbudget != NULL:
+                L.llama_sampler_free(self.state.rbudget)
             free(self.state.cur)
             free(self.state.bias)
             free(self.state.biased)
@@ -245,6 +280,33 @@ cdef class SamplerChain:
             if not self.params.grammar_lazy:
                 for t in self.params.grammar_prefill:  # the template's prefill stays accepted
                     L.llama_sampler_accept(self.state.grammar, t)
+        if self.state.rbudget != NULL:
+            L.llama_sampler_reset(self.state.rbudget)
+            self._accept_budget_prefill()
+
+    cdef void _accept_budget_prefill(self) noexcept:
+        for t in self.params.reasoning_budget_prefill:
+            L.llama_sampler_accept(self.state.rbudget, t)
+
+    @property
+    def has_reasoning_budget(self):
+        """Whether a reasoning budget sampler runs first in this chain."""
+        return self.state.rbudget != NULL
+
+    @property
+    def reasoning_state(self):
+        """The budget's state: idle, counting, forcing, waiting_utf8, done (None without one)."""
+        if self.state.rbudget == NULL:
+            return None
+        return ("idle", "counting", "forcing", "waiting_utf8", "done")[
+            <int> B.common_reasoning_budget_get_state(self.state.rbudget)]
+
+    def end_reasoning(self):
+        """Force the end of the thinking block now (common_sampler_reasoning_budget_force);
+        False when there is no budget sampler or it is not counting. Owner thread."""
+        if self.state.rbudget == NULL:
+            return False
+        return B.common_reasoning_budget_force(self.state.rbudget)
 
     def accept(self, L.llama_token token):
         """Record a token as if it had been sampled (prompt tokens for penalties)."""
@@ -273,6 +335,28 @@ cdef class SamplerChain:
         cdef L.llama_token token = sampler_sample(self.state, L.llama_get_logits_ith(ctx, idx))
         sampler_accept(self.state, token)
         return token
+
+
+cdef L.llama_sampler * _make_reasoning_budget(Model model, params) except? NULL:
+    # as common_sampler_init: only with start and end tags, and a finite budget, a lazy grammar
+    # (whose thinking-block suppression needs it) or reasoning control
+    if not params.reasoning_budget_start or not params.reasoning_budget_end or not (
+            params.grammar_lazy or params.reasoning_budget_tokens >= 0 or params.reasoning_control):
+        return NULL
+    cdef vector[vector[L.llama_token]] starts, ends
+    cdef vector[L.llama_token] seq, forced
+    for t in params.reasoning_budget_start:
+        seq.push_back(t)
+    starts.push_back(seq)
+    for tag in params.reasoning_budget_end:
+        seq.clear()
+        for t in tag:
+            seq.push_back(t)
+        ends.push_back(seq)
+    for t in params.reasoning_budget_forced:
+        forced.push_back(t)
+    cdef int32_t budget = 0x7FFFFFFF if params.reasoning_budget_tokens < 0 else params.reasoning_budget_tokens
+    return B.common_reasoning_budget_init(model.vocab, starts, ends, forced, budget)
 
 
 cdef L.llama_sampler * _make_grammar(Model model, params) except NULL:

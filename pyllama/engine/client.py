@@ -327,6 +327,12 @@ class Engine:
             return fn(core)
         return self.call(run)
 
+    def end_reasoning(self, request_id: int) -> str:
+        """Force the end of a running request's thinking block (its reasoning budget sampler).
+        Returns "ok", "not_running" or "not_enabled" (the request did not ask for
+        reasoning_control). Thread-safe; runs between two steps."""
+        return self.call(lambda core: core.end_reasoning(request_id))
+
     def cancel(self, request_id: int) -> None:
         """Stop a queued or running request. Thread-safe."""
         with self._lock:

@@ -105,6 +105,17 @@ class SamplingParams:
     # run the chain inside the decode graph (llama_set_sampler), as upstream's --backend-sampling;
     # not with a grammar or n_probs (upstream's limits)
     backend_sampling: bool = False
+    # the reasoning budget (upstream's reasoning_budget_*: common_reasoning_budget_init): the
+    # tokens that open and close a thinking block, those forced when the budget runs out
+    # (the budget message, then the first end tag), the budget (-1 unlimited), whether
+    # /v1/chat/completions/control may end the reasoning, and the generation-prompt tokens
+    # the template already placed (accepted before sampling, as the grammar's prefill)
+    reasoning_budget_tokens: int = -1
+    reasoning_budget_start: tuple[int, ...] = ()
+    reasoning_budget_end: tuple[tuple[int, ...], ...] = ()
+    reasoning_budget_forced: tuple[int, ...] = ()
+    reasoning_control: bool = False
+    reasoning_budget_prefill: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.json_schema is not None and not isinstance(self.json_schema, str):
@@ -125,6 +136,8 @@ class SamplingParams:
             raise InvalidRequestError("n_probs must be >= 0", param="n_probs")
         if self.repeat_last_n < -1 or self.dry_penalty_last_n < -1:
             raise InvalidRequestError("penalty windows must be >= -1", param="repeat_last_n")
+        if self.reasoning_budget_tokens < -1:
+            raise InvalidRequestError("reasoning_budget_tokens must be >= -1", param="reasoning_budget_tokens")
         if self.grammar_lazy and not (self.grammar_trigger_words or self.grammar_trigger_tokens):
             raise InvalidRequestError("grammar_lazy needs at least one trigger", param="grammar_lazy")
 
