@@ -21,6 +21,7 @@ from pyllama.engine import CpuPlacement, Engine, EngineConfig, SamplingParams
 from pyllama.engine.types import DEFAULT_DRY_BREAKERS, parse_samplers
 from pyllama.errors import UnavailableError
 from pyllama.server import errors as server_errors
+from pyllama.server.connection import ConnectionWatch
 from pyllama.server.middleware import CorsAndAuth, JSONBody
 from pyllama.server.protocol.base import ProtocolContext
 from pyllama.server.protocol.params import Defaults
@@ -156,6 +157,7 @@ class ServerState:
         self.defaults = Defaults(sampling=sampling_defaults(settings), n_predict=settings.n_predict,
                                  n_keep=settings.keep, cache_prompt=settings.cache_prompt,
                                  stop=tuple(settings.reverse_prompt), special=settings.special)
+        self.defaults.verbose = settings.verbose or settings.verbosity > 9  # -v is every level
         self.metrics = Metrics()
         self.ready = threading.Event()
         self.start_us = time.monotonic_ns() // 1000
@@ -203,6 +205,9 @@ class ServerState:
 
             numa_init(s.numa)
         self.engine = Engine(self.model_path, engine_config(s))
+        # /metrics' Process-Start-Time-Unix: ggml_time_us() (CLOCK_MONOTONIC) when the model is
+        # loaded, as server_context's metrics.init() in load_model
+        self.start_us = time.monotonic_ns() // 1000
         embeddings = s.embedding
         if not embeddings:
             self.chat = self.make_chat(self.engine.model)
@@ -234,7 +239,8 @@ def create_app(state: ServerState) -> falcon.App:
     """The WSGI app over a ServerState (the model may still be loading)."""
     from pyllama.server.resources import anthropic, chat, completions, embeddings, info, responses, tokenize
 
-    app = falcon.App(middleware=[CorsAndAuth(state), JSONBody(state.settings.max_body_mb << 20)],
+    app = falcon.App(middleware=[CorsAndAuth(state), JSONBody(state.settings.max_body_mb << 20),
+                                 ConnectionWatch()],
                      cors_enable=False)
     app.req_options.strip_url_path_trailing_slash = True
     app.resp_options.default_media_type = "application/json; charset=utf-8"

@@ -48,7 +48,8 @@ def gunicorn_options(settings: Settings) -> dict:
     options = {
         "bind": bind_addresses(settings),
         "workers": 1,  # one model load per process: scale with threads
-        "worker_class": "gthread",
+        # gthread that frees the port as soon as it is told to stop (server.worker)
+        "worker_class": "pyllama.server.worker.PyllamaWorker",
         "threads": http_threads(settings),
         # gthread keeps (worker_connections - threads) idle keep-alive connections
         "worker_connections": http_threads(settings) + 1000,
@@ -73,6 +74,7 @@ def build_app(settings: Settings):
     from pyllama.downloads import needs_download, prepare_model
     from pyllama.models import default_model_path
     from pyllama.server.app import ServerState, create_app, start_loading
+    from pyllama.server.headers import UpstreamHeaders
 
     if needs_download(settings):  # a caller of run(); pyllama-server and wsgi.py download before the fork
         settings = prepare_model(settings)
@@ -86,7 +88,7 @@ def build_app(settings: Settings):
     start_loading(state, on_failure=fail)
     global _worker_state
     _worker_state = state
-    return create_app(state)
+    return UpstreamHeaders(create_app(state))  # header names as upstream spells them
 
 
 class PyllamaApplication(BaseApplication):

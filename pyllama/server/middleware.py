@@ -25,11 +25,12 @@ class CorsAndAuth:
         self.prefix = state.settings.api_prefix.rstrip("/")
 
     def _allow_origin(self, origin: str | None) -> str | None:
-        # server.cpp's CORS rule: * echoes the Origin (with credentials), localhost echoes only
-        # local origins, anything else is sent verbatim.
+        # server-http.cpp's CORS rule: * echoes the Origin (with credentials; an empty value when
+        # the request has none, as upstream sends it), localhost echoes only local origins,
+        # anything else is sent verbatim.
         s = self.state.settings
-        if s.cors_origins == "*":
-            return origin if s.cors_credentials and origin else "*" if not s.cors_credentials else None
+        if s.cors_origins == "*" and s.cors_credentials:
+            return origin or ""
         if s.cors_origins == "localhost":
             if origin:
                 host = urlsplit(origin).hostname or ""
@@ -40,7 +41,7 @@ class CorsAndAuth:
 
     def process_request(self, req: falcon.Request, resp: falcon.Response) -> None:
         allow = self._allow_origin(req.get_header("Origin"))
-        if allow:
+        if allow is not None:
             resp.set_header("Access-Control-Allow-Origin", allow)
         if req.method == "OPTIONS":
             s = self.state.settings

@@ -10,27 +10,37 @@ Imports: the protocol base, `server.sse`, falcon.
 
 from __future__ import annotations
 
+import logging
+import time
+
 import falcon
 import orjson
 
 from pyllama.server import sse
+from pyllama.server.connection import POLL_SECONDS
 from pyllama.server.protocol.base import Call, Run
+
+logger = logging.getLogger(__name__)
 
 
 def respond(resp: falcon.Response, engine, call: Call, metrics=None, ping_interval: int = 30) -> None:
     """Run `call` and write its JSON response or its SSE stream into `resp`."""
     run = Run(engine, call, metrics)
+    client_gone = getattr(resp.context, "client_gone", None)  # server.connection
     if not call.stream:
-        run.gather()
-        write_json(resp, call.response())
+        if gather(run, client_gone):
+            write_json(resp, call.response())
         return
     timeout = ping_interval if ping_interval and ping_interval > 0 else None
     try:
         while True:  # wait for the first real event; errors here are plain JSON errors
-            item = run.next(timeout)
+            item = run.next(POLL_SECONDS if client_gone else timeout)
             if item is not None:
                 first = call.frames(*item)
                 break
+            if client_gone and client_gone():
+                _cancel_gone(run)
+                return
     except BaseException:
         run.cancel()
         raise
@@ -64,9 +74,40 @@ def respond(resp: falcon.Response, engine, call: Call, metrics=None, ping_interv
 
     resp.status = falcon.HTTP_200
     resp.content_type = "text/event-stream"
-    resp.set_header("Cache-Control", "no-cache")
-    resp.set_header("X-Accel-Buffering", "no")
+    resp.set_header("X-Accel-Buffering", "no")  # the only header upstream adds to a stream
     resp.stream = body()
+
+
+def gather(run: Run, client_gone=None) -> bool:
+    """Wait for every request of `run` to finish; False if the client left first.
+
+    With `client_gone` (server.connection) the wait checks the client every POLL_SECONDS
+    and cancels the requests once it has gone, freeing their slots, as upstream's
+    `rd.wait_for_all(req.should_stop)`; nothing is written then.
+    """
+    if client_gone is None:
+        run.gather()
+        return True
+    # the engine sends every token, also to a request that does not stream (upstream sends it
+    # nothing before the end and checks at each 1 s timeout): check once per POLL_SECONDS
+    check_at = time.monotonic() + POLL_SECONDS
+    try:
+        while run.open:
+            run.next(POLL_SECONDS)
+            if time.monotonic() >= check_at:
+                if client_gone():
+                    _cancel_gone(run)
+                    return False
+                check_at = time.monotonic() + POLL_SECONDS
+    except BaseException:
+        run.cancel()
+        raise
+    return True
+
+
+def _cancel_gone(run: Run) -> None:
+    logger.warning("client disconnected, cancelling %d request(s)", len(run.handles))
+    run.cancel()
 
 
 def write_json(resp: falcon.Response, obj, status=falcon.HTTP_200) -> None:

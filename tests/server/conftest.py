@@ -21,8 +21,9 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, args: list[str], env: dict | None = None, scheme: str = "http") -> None:
-        self.port = free_port()
+    def __init__(self, args: list[str], env: dict | None = None, scheme: str = "http",
+                 port: int | None = None) -> None:
+        self.port = port or free_port()
         self.base = f"{scheme}://127.0.0.1:{self.port}"
         script = Path(sys.executable).parent / "pyllama-server"
         # the output goes to a file, read back through proc.stdout: a pipe nobody drains while

@@ -22,9 +22,10 @@ from pyllama.server.protocol.completions import (
     completion_id,
     completion_tasks,
     probs_list,
-    progress_dict,
+    progress_fields,
     timings_dict,
     usage,
+    verbose_view,
 )
 
 
@@ -189,6 +190,7 @@ class ChatCall(Call):
         self.model_name = ctx.model_name
         self.fingerprint = ctx.fingerprint
         self._tail: bytes | None = None
+        self.verbose = verbose_view(tasks, body, ctx)  # upstream's __verbose
 
     def response(self):
         choices = []
@@ -201,10 +203,13 @@ class ChatCall(Call):
                 choice["logprobs"] = {"content": probs_list(task, task.probs)}
             choices.append(choice)
         first = self.tasks[0].result
-        return {"id": self.id, "object": "chat.completion", "created": int(time.time()),
-                "model": self.model_name, "system_fingerprint": self.fingerprint, "choices": choices,
-                "usage": usage(first.n_prompt_tokens, len(first.tokens), first.timings.cache_n),
-                "timings": timings_dict(first.timings)}
+        out = {"id": self.id, "object": "chat.completion", "created": int(time.time()),
+               "model": self.model_name, "system_fingerprint": self.fingerprint, "choices": choices,
+               "usage": usage(first.n_prompt_tokens, len(first.tokens), first.timings.cache_n),
+               "timings": timings_dict(first.timings)}
+        if self.verbose is not None:
+            out["__verbose"] = self.verbose.native_json(self.tasks[0], first)
+        return out
 
     def frames(self, task: Task, event) -> bytes:
         # PERF(pyllama): the per-token path: the parser's delta JSON goes into the chunk bytes
@@ -238,7 +243,7 @@ class ChatCall(Call):
         if isinstance(event, ProgressEvent):
             # every progress event repeats the role delta and carries prompt_progress
             return [self._chunk(task.index, {"role": "assistant", "content": None},
-                                prompt_progress=progress_dict(event))]
+                                **progress_fields(task, event))]
         out = []
         if not stream.started:
             stream.started = True
@@ -251,6 +256,7 @@ class ChatCall(Call):
                     chunk["choices"][0]["logprobs"] = {"content": probs_list(task, event.probs)}
                 out.append(chunk)
         elif isinstance(event, FinishEvent):
+            start = len(out)
             for delta in stream.finish(event.text):
                 out.append(self._chunk(task.index, delta))
             final = self._chunk(task.index, {}, finish_reason(event, stream.message))
@@ -265,6 +271,8 @@ class ChatCall(Call):
             else:
                 final["timings"] = timings
                 out.append(final)
+            if self.verbose is not None:  # on the final result's first chunk (deltas.front())
+                out[start]["__verbose"] = self.verbose.native_json(task, event)
         return out
 
 

@@ -8,6 +8,7 @@ and generation_settings. The chat and infill families build on these.
 from __future__ import annotations
 
 import math
+import struct
 import sys
 import time
 from dataclasses import replace
@@ -78,38 +79,58 @@ def prob_element(chosen, top, post_sampling: bool) -> dict:
                               "logprob": _logprob(c.prob)} for c in top]}
 
 
-def generation_settings(request: Request, stream: bool, full: bool = True) -> dict:
+def f32(x: float) -> float:
+    """`x` as the sampler holds it (a C float), the value upstream's JSON reports."""
+    try:
+        return struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:  # beyond FLT_MAX: what the C conversion gives
+        return math.copysign(math.inf, x)
+
+
+def grammar_triggers(s) -> list:
+    """sampling.grammar_triggers as server_grammar_trigger::to_json writes them."""
+    return [{"type": 1, "value": w} for w in s.grammar_trigger_words]  # COMMON_GRAMMAR_TRIGGER_TYPE_WORD
+
+
+def generation_settings(request: Request, stream: bool, full: bool = True, eog: tuple = ()) -> dict:
+    """The effective settings of a request: upstream's task_params::to_json (`full=False`:
+    to_json(only_metrics), /props and /slots). Floats as the sampler holds them (float32);
+    with ignore_eos the logit biases include the EOG tokens' -inf (`eog`: the model's EOG
+    ids), as params_from_json's ignore_eos handler adds them."""
     s = request.sampling
     out = {
-        "seed": s.seed, "temperature": s.temperature, "dynatemp_range": s.dynatemp_range,
-        "dynatemp_exponent": s.dynatemp_exponent, "top_k": s.top_k, "top_p": s.top_p, "min_p": s.min_p,
-        "top_n_sigma": s.top_n_sigma, "xtc_probability": s.xtc_probability,
-        "xtc_threshold": s.xtc_threshold, "typical_p": s.typical_p, "repeat_last_n": s.repeat_last_n,
-        "repeat_penalty": s.repeat_penalty, "presence_penalty": s.presence_penalty,
-        "frequency_penalty": s.frequency_penalty, "dry_multiplier": s.dry_multiplier,
-        "dry_base": s.dry_base, "dry_allowed_length": s.dry_allowed_length,
+        "seed": s.seed, "temperature": f32(s.temperature), "dynatemp_range": f32(s.dynatemp_range),
+        "dynatemp_exponent": f32(s.dynatemp_exponent), "top_k": s.top_k, "top_p": f32(s.top_p),
+        "min_p": f32(s.min_p), "top_n_sigma": f32(s.top_n_sigma),
+        "xtc_probability": f32(s.xtc_probability), "xtc_threshold": f32(s.xtc_threshold),
+        "typical_p": f32(s.typical_p), "repeat_last_n": s.repeat_last_n,
+        "repeat_penalty": f32(s.repeat_penalty), "presence_penalty": f32(s.presence_penalty),
+        "frequency_penalty": f32(s.frequency_penalty), "dry_multiplier": f32(s.dry_multiplier),
+        "dry_base": f32(s.dry_base), "dry_allowed_length": s.dry_allowed_length,
         "dry_penalty_last_n": s.dry_penalty_last_n, "mirostat": s.mirostat,
-        "mirostat_tau": s.mirostat_tau, "mirostat_eta": s.mirostat_eta,
-        "adaptive_target": s.adaptive_target, "adaptive_decay": s.adaptive_decay,
+        "mirostat_tau": f32(s.mirostat_tau), "mirostat_eta": f32(s.mirostat_eta),
+        "adaptive_target": f32(s.adaptive_target), "adaptive_decay": f32(s.adaptive_decay),
         "max_tokens": request.n_predict, "n_predict": request.n_predict, "n_keep": request.n_keep,
         "n_discard": request.n_discard, "ignore_eos": s.ignore_eos, "stream": stream,
         "n_probs": s.n_probs, "min_keep": s.min_keep, "chat_format": "Content-only",
         "reasoning_format": "auto", "reasoning_in_content": False, "generation_prompt": "",
-        "samplers": list(s.samplers), "speculative.types": [], "timings_per_token": request.timings_per_token,
+        "samplers": list(s.samplers), "speculative.types": "none",  # common_speculative_type_name_str
+        "timings_per_token": request.timings_per_token,
         "post_sampling_probs": s.post_sampling_probs, "backend_sampling": s.backend_sampling, "lora": [],
     }
     if full:
+        bias = list(s.logit_bias) + ([(t, -math.inf) for t in eog] if s.ignore_eos else [])
         out.update({
             "dry_sequence_breakers": list(s.dry_sequence_breakers), "stop": list(request.stop),
-            "logit_bias": [{"bias": b if math.isfinite(b) else None, "token": t} for t, b in s.logit_bias],
-            "grammar": s.grammar, "grammar_lazy": s.grammar_lazy, "grammar_triggers": [],
+            "logit_bias": [{"bias": f32(b) if math.isfinite(b) else None, "token": t} for t, b in bias],
+            "grammar": s.grammar, "grammar_lazy": s.grammar_lazy, "grammar_triggers": grammar_triggers(s),
             "preserved_tokens": [],
         })
     return out
 
 
 def native_final(index: int, event: FinishEvent, request: Request, model_name: str, prompt_text: str,
-                 stream: bool, return_tokens: bool, probs: list | None) -> dict:
+                 stream: bool, return_tokens: bool, probs: list | None, eog: tuple = ()) -> dict:
     """The final native result (§3.3); streaming sends it with empty content and tokens."""
     out = {
         "index": index,
@@ -120,7 +141,7 @@ def native_final(index: int, event: FinishEvent, request: Request, model_name: s
         "model": model_name,
         "tokens_predicted": len(event.tokens),
         "tokens_evaluated": event.n_prompt_tokens,
-        "generation_settings": generation_settings(request, stream),
+        "generation_settings": generation_settings(request, stream, eog=eog),
         "prompt": prompt_text,
         "has_new_line": "\n" in event.text,
         "truncated": event.truncated,
@@ -146,6 +167,23 @@ def native_partial(index: int, text: str, tokens: list[int], n_predicted: int, n
 def progress_dict(event) -> dict:
     return {"total": event.total, "cache": event.cache, "processed": event.processed,
             "time_ms": event.time_ms}
+
+
+def progress_timings(event) -> dict:
+    """The slot's timings at a prompt-progress event (server_slot_stats::to_json mid-prompt):
+    the prompt tokens processed so far after the cached ones, in the time since the slot
+    started, none generated yet; before the first prompt batch 0 tokens in 0 ms, as upstream."""
+    n = event.processed - event.cache
+    return timings_dict(Timings(prompt_n=n, prompt_ms=event.time_ms if n > 0 else 0.0, cache_n=event.cache))
+
+
+def progress_fields(task: Task, event) -> dict:
+    """What every family's prompt-progress chunk adds (send_partial_response with is_progress):
+    `timings` when the request asked for timings_per_token (upstream copies the slot's stats
+    into the result then), and `prompt_progress`."""
+    out = {"timings": progress_timings(event)} if task.request.timings_per_token else {}
+    out["prompt_progress"] = progress_dict(event)
+    return out
 
 
 def nested_fields(paths: list, obj: dict) -> dict:
@@ -246,12 +284,13 @@ class NativeCompletionCall(Call):
         fields = body.get("response_fields")
         self.response_fields = fields if isinstance(fields, list) and fields else None
         self.model_name = ctx.model_name
+        self.eog = tuple(ctx.model.eog_tokens)  # ignore_eos' logit biases in generation_settings
         for t in tasks:
             t.prompt_text = ctx.model.detokenize(t.request.prompt, unparse_special=True)
 
     def _final(self, task: Task) -> dict:
         out = native_final(task.index, task.result, task.request, self.model_name, task.prompt_text,
-                           self.stream, self.return_tokens, probs_list(task, task.probs))
+                           self.stream, self.return_tokens, probs_list(task, task.probs), self.eog)
         return nested_fields(self.response_fields, out) if self.response_fields else out
 
     def response(self):
@@ -270,8 +309,25 @@ class NativeCompletionCall(Call):
         if isinstance(event, ProgressEvent):
             return [{"index": task.index, "content": "", "tokens": [], "stop": False, "id_slot": -1,
                      "tokens_predicted": 0, "tokens_evaluated": len(task.request.prompt),
-                     "prompt_progress": progress_dict(event)}]
+                     **progress_fields(task, event)}]
         return []
+
+    def native_json(self, task: Task, event) -> dict:
+        """One event's native JSON (to_json_non_oaicompat): what `__verbose` carries."""
+        return self._final(task) if isinstance(event, FinishEvent) else self.chunks(task, event)[0]
+
+
+def verbose_view(tasks: list[Task], body: dict, ctx: ProtocolContext) -> NativeCompletionCall | None:
+    """The native view of an OpenAI call's requests when the body asks for `verbose`.
+
+    Upstream's task_params.verbose (default: -v, or -lv above 9) adds the native JSON of the
+    result as `__verbose`: to every /v1/completions result and chunk, to a chat completion,
+    and to the first chunk of a chat stream's final result (server_task_result_cmpl_*::
+    to_json_oaicompat*). None when not asked for.
+    """
+    if not get_bool(body, "verbose", ctx.defaults.verbose):
+        return None
+    return NativeCompletionCall(tasks, body, ctx)
 
 
 class OAICompletionCall(Call):
@@ -284,12 +340,22 @@ class OAICompletionCall(Call):
         self.id = completion_id()
         self.model_name = ctx.model_name
         self.fingerprint = ctx.fingerprint
+        self.verbose = verbose_view(tasks, body, ctx)
 
     def response(self):
-        return oai_completion(self.id, self.model_name, self.fingerprint,
-                              [(t.index, t.result, probs_list(t, t.probs)) for t in self.tasks])
+        out = oai_completion(self.id, self.model_name, self.fingerprint,
+                             [(t.index, t.result, probs_list(t, t.probs)) for t in self.tasks])
+        if self.verbose is not None:  # the first result's, as upstream merges the choices
+            out["__verbose"] = self.verbose.native_json(self.tasks[0], self.tasks[0].result)
+        return out
 
     def chunks(self, task: Task, event) -> list:
+        out = self._chunks(task, event)
+        if self.verbose is not None and out:
+            out[0]["__verbose"] = self.verbose.native_json(task, event)
+        return out
+
+    def _chunks(self, task: Task, event) -> list:
         if isinstance(event, TokenEvent):
             probs = probs_list(task, event.probs) if event.probs else None
             return [oai_completion_chunk(self.id, self.model_name, self.fingerprint, task.index,
@@ -304,7 +370,12 @@ class OAICompletionCall(Call):
 
 
 def parse_native(body: dict, ctx: ProtocolContext) -> NativeCompletionCall:
-    """A /completion body -> its Call."""
+    """A /completion body -> its Call (`logprobs` stands for n_probs when that is absent)."""
+    if body.get("n_probs") is None and body.get("logprobs") is not None:
+        value = body["logprobs"]
+        if not isinstance(value, (bool, int)):
+            raise InvalidRequestError("Field 'logprobs': expected an integer", param="logprobs")
+        body = {**body, "n_probs": int(value)}  # true counts as 1, as nlohmann's get<int>
     return NativeCompletionCall(completion_tasks(body, ctx), body, ctx)
 
 

@@ -79,6 +79,7 @@ class Defaults:
     cache_prompt: bool = True
     stop: tuple = ()
     special: bool = False
+    verbose: bool = False  # `verbose`'s default (params_base.verbosity > 9): __verbose blocks
 
 
 def tokenize_prompt(model, prompt) -> list[int]:
