@@ -258,6 +258,21 @@ def test_generation_settings_report_the_effective_sampling_state(synthetic_serve
         assert "logit_bias" not in params  # to_json(only_metrics)
 
 
+def test_props_report_a_default_task_whatever_n_predict_and_keep_say(synthetic_path):
+    # get_res_props: a default task_params with only the flags' sampling
+    srv = ServerProcess(["-m", str(synthetic_path), "-np", "1", "-c", "256", "-n", "7", "--keep", "3",
+                         "--temp", "0.5"])
+    try:
+        srv.wait_ready()
+        params = httpx.get(srv.base + "/props").json()["default_generation_settings"]["params"]
+        assert (params["n_predict"], params["max_tokens"], params["n_keep"]) == (-1, -1, 0)
+        assert params["temperature"] == 0.5 and params["stream"] is False
+        gs = httpx.post(srv.base + "/completion", json={"prompt": "hi"}).json()["generation_settings"]
+        assert (gs["n_predict"], gs["n_keep"], gs["temperature"]) == (7, 3, 0.5)  # what a request gets
+    finally:
+        srv.stop()
+
+
 # --- 6. same seed, same text, streamed or not -----------------------------------------------
 def streamed_text(client: httpx.Client, path: str, body: dict) -> str:
     parts = []

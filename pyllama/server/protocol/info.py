@@ -40,9 +40,9 @@ def models(engine, ctx: ProtocolContext, aliases: list, tags: str) -> dict:
 
 
 def default_params(ctx: ProtocolContext) -> dict:
-    d = ctx.defaults
-    return generation_settings(Request(prompt=[], sampling=d.sampling, n_predict=d.n_predict,
-                                       n_keep=d.n_keep, stop=d.stop), False, full=False)
+    """/props' default_generation_settings.params: get_res_props reports a default task_params
+    with only the sampling from the flags (so n_predict -1 and n_keep 0 whatever -n/--keep say)."""
+    return generation_settings(Request(prompt=[], sampling=ctx.defaults.sampling), False, full=False)
 
 
 def props(ctx: ProtocolContext, settings, model_path: str) -> dict:
