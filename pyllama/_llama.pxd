@@ -348,6 +348,17 @@ cdef extern from "llama.h" nogil:
     size_t llama_state_seq_save_file(llama_context * ctx, const char * filepath, llama_seq_id seq_id, const llama_token * tokens, size_t n_token_count)
     size_t llama_state_seq_load_file(llama_context * ctx, const char * filepath, llama_seq_id dest_seq_id, llama_token * tokens_out, size_t n_token_capacity, size_t * n_token_count_out)
 
+    # #defines: the flags of the _ext calls
+    uint32_t LLAMA_STATE_SEQ_FLAGS_NONE
+    uint32_t LLAMA_STATE_SEQ_FLAGS_SWA_ONLY
+    uint32_t LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
+    uint32_t LLAMA_STATE_SEQ_FLAGS_ON_DEVICE
+    ctypedef uint32_t llama_state_seq_flags
+
+    size_t llama_state_seq_get_size_ext(llama_context * ctx, llama_seq_id seq_id, llama_state_seq_flags flags)
+    size_t llama_state_seq_get_data_ext(llama_context * ctx, uint8_t * dst, size_t size, llama_seq_id seq_id, llama_state_seq_flags flags)
+    size_t llama_state_seq_set_data_ext(llama_context * ctx, const uint8_t * src, size_t size, llama_seq_id dest_seq_id, llama_state_seq_flags flags)
+
     # --- Decoding --------------------------------------------------------------------------
     llama_batch llama_batch_init(int32_t n_tokens, int32_t embd, int32_t n_seq_max)
     void llama_batch_free(llama_batch batch)

@@ -58,9 +58,8 @@ REFUSED_FEATURES = {
     "agent and MCP tools": "--tools --mcp-servers-config --agent -ag --ui-mcp-proxy "
                            "--webui-mcp-proxy --no-ui-mcp-proxy --no-webui-mcp-proxy "
                            "--tools-runtime --mcp-servers-json",
-    "the host-RAM prompt cache and context checkpoints":
-        "--cache-reuse --cache-ram -cram --ctx-checkpoints --swa-checkpoints -ctxcp "
-        "--checkpoint-min-step --cache-idle-slots",
+    "KV cache reuse by shifting and context checkpoints":
+        "--cache-reuse --ctx-checkpoints --swa-checkpoints -ctxcp --checkpoint-min-step",
     "sleeping when idle": "--sleep-idle-seconds",
     "ggml RPC": "--rpc",
     "static files and media paths": "--path --media-path",

@@ -111,6 +111,13 @@ class Settings:
                                 env="LLAMA_ARG_CONTEXT_SHIFT", neg=["--no-context-shift"])
     slot_prompt_similarity: float = _flag(0.1, ["-sps", "--slot-prompt-similarity"],
                                           "prompt similarity needed to reuse a slot's cache (0 = off)")
+    cache_ram: int = _flag(8192, ["-cram", "--cache-ram"],
+                           "maximum host-RAM prompt cache size in MiB (-1 = no limit, 0 = disable)",
+                           env="LLAMA_ARG_CACHE_RAM", metavar="N")
+    cache_idle_slots: bool = _flag(True, ["--cache-idle-slots"],
+                                   "save idle slots to the prompt cache on a new task, and clear them "
+                                   "with a unified KV cache (requires --cache-ram)",
+                                   env="LLAMA_ARG_CACHE_IDLE_SLOTS", neg=["--no-cache-idle-slots"])
     mmap: bool = _flag(True, ["--mmap"], "memory-map the model", env="LLAMA_ARG_MMAP", neg=["--no-mmap"])
     mlock: bool = _flag(False, ["--mlock"], "keep the model in RAM", env="LLAMA_ARG_MLOCK", kind="flag")
     repack: bool = _flag(True, ["--repack"], "repack weights for the CPU backend", env="LLAMA_ARG_REPACK",

@@ -7,7 +7,7 @@ samples every slot that produced logits (in parallel across CPU threads), then p
 event per request. Mirrors upstream's server_context::update_slots / process_token
 (tools/server/server-context.cpp).
 Engine thread only: the thread that created an EngineCore is the only one that may call it.
-Imports: `_llama`, `_model`, `_context`, `_sampling`, `engine.types`, `errors`.
+Imports: `_llama`, `_model`, `_context`, `_sampling`, `_prompt_cache`, `engine.types`, `errors`.
 """
 
 import logging
@@ -23,6 +23,7 @@ from libcpp.vector cimport vector
 from pyllama cimport _llama as L
 from pyllama.engine._context cimport Context, check_decode
 from pyllama.engine._model cimport Model
+from pyllama.engine._prompt_cache cimport PromptCache
 from pyllama.engine._sampling cimport SamplerChain, SamplerState, sampler_accept, sampler_sample
 
 from pyllama.engine.types import (
@@ -41,6 +42,8 @@ logger = logging.getLogger("pyllama.engine")
 # Slots whose cache shares at most this many tokens less than the best one count as equally
 # similar when choosing a slot (see free_slot_for).
 cdef int SLOT_LCP_SLACK = 32
+# upstream's DBG level, below logging.DEBUG (its TRC): see _model.LOG_DEBUG_VERBOSE
+cdef int LOG_DEBUG_VERBOSE = 5
 
 
 cdef enum SlotState:
@@ -111,6 +114,7 @@ cdef class Slot:
     cdef public double t_last_used
     cdef public tuple lora        # the scales this request runs with
     cdef public tuple cache_lora  # the scales the cached tokens were computed with
+    cdef bint update_cache        # free_slot_for chose it so: save / load the prompt cache
     # per-request progress
     cdef int n_decoded
     cdef int n_predict
@@ -135,6 +139,7 @@ cdef class Slot:
         self.t_last_used = 0.0
         self.lora = ()
         self.cache_lora = ()
+        self.update_cache = False
 
     @property
     def cached_tokens(self):
@@ -154,6 +159,9 @@ cdef class EngineCore:
         ctx_shift: shift the context instead of stopping when a slot's context fills.
         slot_prompt_similarity: least prefix share that picks a slot by its cache.
         n_threads_sampling: threads that sample slots in parallel (1 = on the engine thread).
+        cache_ram_mib: the host-RAM prompt cache's size limit in MiB (-1 no limit, 0 none).
+        cache_idle_slots: after each admission, save every idle slot to the prompt cache, and
+            clear it when the KV cache is unified.
     """
 
     cdef readonly Context context
@@ -168,6 +176,8 @@ cdef class EngineCore:
     cdef public bint ctx_shift
     cdef public double slot_prompt_similarity
     cdef public int n_threads_sampling
+    cdef readonly PromptCache prompt_cache  # None with cache_ram_mib = 0
+    cdef public bint cache_idle_slots
     cdef vector[int] prefill_ids  # slots filling their prompt, in admission order
     cdef vector[int] sample_slots
     cdef int * cpu_slots  # slots sampled on the CPU this step
@@ -185,7 +195,8 @@ cdef class EngineCore:
     cdef int lora_turn
 
     def __cinit__(self, Context context, *, int n_predict=-1, bint ctx_shift=False,
-                  double slot_prompt_similarity=0.1, int n_threads_sampling=1):
+                  double slot_prompt_similarity=0.1, int n_threads_sampling=1,
+                  int cache_ram_mib=0, bint cache_idle_slots=False):
         self.slots_c = NULL
         self.context = context
         self.model = context.model
@@ -197,6 +208,28 @@ cdef class EngineCore:
         self.ctx_shift = ctx_shift and L.llama_memory_can_shift(L.llama_get_memory(context.ptr))
         self.slot_prompt_similarity = slot_prompt_similarity
         self.n_threads_sampling = max(1, n_threads_sampling)
+        # server_context::load_model / init: the prompt cache holds at most n_ctx tokens
+        # (more if the size limit has room) and --cache-idle-slots needs it
+        self.prompt_cache = None
+        if cache_ram_mib != 0:
+            logger.debug("prompt cache is enabled, size limit: %s",
+                         "no limit" if cache_ram_mib < 0 else f"{cache_ram_mib} MiB")
+            logger.debug("use `--cache-ram 0` to disable the prompt cache")
+            self.prompt_cache = PromptCache(cache_ram_mib, L.llama_n_ctx(context.ptr))
+        else:
+            logger.debug("prompt cache is disabled - use `--cache-ram N` to enable it")
+        self.cache_idle_slots = cache_idle_slots
+        if cache_idle_slots:
+            if self.prompt_cache is None:
+                logger.warning("--cache-idle-slots requires --cache-ram, disabling")
+                self.cache_idle_slots = False
+            elif context.kv_unified:
+                logger.debug("idle slots will be saved to prompt cache and cleared upon starting a new task")
+            else:
+                # without a unified KV cache, clearing a slot frees no room another can use
+                logger.debug("idle slots will be saved to prompt cache upon starting a new task")
+            if self.cache_idle_slots:
+                logger.log(LOG_DEBUG_VERBOSE, "__TEST_TAG_CACHE_IDLE_SLOTS_ENABLED__")
         self.lora_adapters = []
         self.lora_scales = ()
         self.lora_applied = ()
@@ -230,9 +263,20 @@ cdef class EngineCore:
     def free_slot_for(self, request):
         """Return the slot a request should take now, or None to defer it (server_context::get_available_slot)."""
         cdef Slot slot
+        cdef int lcp
         if request.id_slot >= 0:
             slot = self.slots[request.id_slot % self.n_slots]
-            return None if slot.busy else slot
+            if slot.busy:
+                return None
+            # upstream tests the requested slot's similarity too: a cache mostly lost (or one
+            # not similar enough) is saved to the prompt cache first; an empty slot is not
+            slot.update_cache = False
+            if self.slot_prompt_similarity > 0 and slot.cache_tokens.size():
+                lcp = _common_prefix(slot.cache_tokens, request.prompt)
+                if not lcp / max(1, len(request.prompt)) > self.slot_prompt_similarity:
+                    lcp = 0
+                slot.update_cache = lcp / <double>slot.cache_tokens.size() < 0.5
+            return slot
         idle = [s for s in self.slots if not (<Slot>s).busy]
         if not idle:
             return None
@@ -255,8 +299,14 @@ cdef class EngineCore:
                 slack = SLOT_LCP_SLACK if compact else 0
                 near = [(span(s), -lcp, (<Slot>s).t_last_used, (<Slot>s).id, s) for lcp, s in scored
                         if lcp >= best_lcp - slack]
-                return min(near)[-1]
-        return min(idle, key=lambda s: (span(s), (<Slot>s).t_last_used))
+                chosen = min(near)
+                slot = chosen[-1]
+                # about to lose most of the slot's cache (f_keep < 0.5): save it first
+                slot.update_cache = -chosen[1] / <double>slot.cache_tokens.size() < 0.5
+                return slot
+        slot = min(idle, key=lambda s: (span(s), (<Slot>s).t_last_used))
+        slot.update_cache = True  # selected by LRU
+        return slot
 
     def admit(self, Slot slot, request, SamplerChain sampler, channel):
         """Start `request` on `slot`: reuse the cached prefix, queue the rest for prefill.
@@ -285,6 +335,10 @@ cdef class EngineCore:
             # unlisted adapters get scale 0 (upstream's parse_lora_request)
             lora = tuple(request.lora) + (0.0,) * (len(self.lora_adapters) - len(request.lora))
         slot.lora = lora
+        cdef bint update_cache = slot.update_cache
+        slot.update_cache = False
+        if update_cache and self.prompt_cache is not None:
+            self._update_prompt_cache(slot, request, lora)
         if request.cache_prompt and slot.cache_lora == lora:  # another LoRA set: no reuse
             keep = min(_common_prefix(slot.cache_tokens, request.prompt), n_prompt - 1)
             if keep > 0 and self.n_swa > 0:
@@ -331,6 +385,51 @@ cdef class EngineCore:
             channel.put(ProgressEvent(n_prompt, keep, keep, 0.0))
         logger.debug("slot %d: request %d, %d prompt tokens, %d cached", slot.id, request.id,
                      n_prompt, keep)
+        if self.cache_idle_slots:
+            self._cache_idle_slots()
+
+    cdef void _update_prompt_cache(self, Slot slot, request, tuple lora) except *:
+        # server_context::get_available_slot, update_cache: the slot's cache goes to the
+        # prompt cache, then the cached prompt that best continues into the request's (if
+        # any) is restored into the slot; a failed restore leaves the slot empty.
+        # NOTE(pyllama): with cache_prompt off nothing is restored: the slot's KV would be
+        # thrown away at once, and the cached state with it (upstream restores anyway).
+        # Engine thread; the copies run without the GIL.
+        cdef double t0 = time.perf_counter()
+        cdef vector[L.llama_token] tokens_new
+        cdef int rc
+        logger.debug("updating prompt cache")
+        self.prompt_cache.save(self.context.ptr, slot.id, slot.cache_tokens, slot.cache_lora)
+        if request.cache_prompt:
+            tokens_new = request.prompt
+            rc = self.prompt_cache.load(self.context.ptr, slot.id, slot.cache_tokens, slot.cache_lora,
+                                        tokens_new, lora)
+            if rc < 0:
+                logger.warning("slot %d: failed to load prompt from cache", slot.id)
+                self._drop_cache(slot)
+            elif rc > 0:
+                slot.cache_lora = lora
+                self.slots_c[slot.id].n_past = <int>slot.cache_tokens.size()
+                logger.debug("slot %d: restored %d tokens from the prompt cache", slot.id,
+                             <int>slot.cache_tokens.size())
+        self.prompt_cache.update()
+        logger.debug("prompt cache update took %.2f ms", (time.perf_counter() - t0) * 1e3)
+
+    cdef void _cache_idle_slots(self) except *:
+        # server_context::process_single_task after a launch (--cache-idle-slots): every idle
+        # slot is saved to the prompt cache, and with one KV buffer for all slots also cleared,
+        # so that its cells serve the busy ones. Engine thread; the copies run without the GIL.
+        cdef Slot slot
+        for s in self.slots:
+            slot = <Slot>s
+            if slot.busy:
+                continue
+            logger.debug("slot %d: saving idle slot to prompt cache", slot.id)
+            if self.prompt_cache.save(self.context.ptr, slot.id, slot.cache_tokens, slot.cache_lora):
+                logger.log(LOG_DEBUG_VERBOSE, "slot %d: __TEST_TAG_CACHE_IDLE_SLOT__", slot.id)
+                self.prompt_cache.update()
+            if self.context.kv_unified and slot.cache_tokens.size():
+                self._drop_cache(slot)
 
     def cancel(self, int request_id):
         """Stop a request now; its slot is free on return. Returns whether it was running."""
@@ -906,12 +1005,19 @@ cdef class EngineCore:
         return n
 
     def stats(self):
-        """Counters since start (steps, decodes, tokens, seconds in decode and in steps)."""
+        """Counters since start (steps, decodes, tokens, seconds in decode and in steps), and
+        the prompt cache's states, bytes, tokens, saves and restores."""
+        cdef PromptCache pc = self.prompt_cache
         return dict(n_steps=self.n_steps, n_decode_calls=self.n_decode_calls,
                     n_tokens_predicted=self.n_tokens_predicted_total,
                     n_prompt_tokens=self.n_prompt_tokens_total,
                     t_decode=self.t_decode_total, t_step=self.t_step_total,
-                    n_busy=self.n_busy, n_backend_sampled=self.n_backend_sampled)
+                    n_busy=self.n_busy, n_backend_sampled=self.n_backend_sampled,
+                    prompt_cache_states=len(pc.states) if pc is not None else 0,
+                    prompt_cache_size=pc.size() if pc is not None else 0,
+                    prompt_cache_tokens=pc.n_tokens() if pc is not None else 0,
+                    n_prompt_cache_saved=pc.n_saved if pc is not None else 0,
+                    n_prompt_cache_loaded=pc.n_loaded if pc is not None else 0)
 
 
 cdef int _common_prefix(vector[L.llama_token] & cached, prompt):

@@ -46,6 +46,10 @@ class EngineConfig:
         n_predict: default cap for requests that set none (-1 = unlimited).
         ctx_shift: shift the context instead of stopping when a slot fills.
         slot_prompt_similarity: prefix share needed to pick a slot by its cache.
+        cache_ram_mib: host-RAM prompt cache size limit in MiB; -1 no limit, 0 no cache
+            (--cache-ram).
+        cache_idle_slots: save idle slots to the prompt cache when a request starts, and clear
+            them with kv_unified (--cache-idle-slots; needs the prompt cache).
         n_threads_sampling: threads sampling slots in parallel (None = the context's n_threads).
         lora: ((path, scale), ...) LoRA adapters to load; their ids are their positions.
         lora_init_without_apply: start every adapter at scale 0 (until set_lora_scales).
@@ -94,6 +98,8 @@ class EngineConfig:
     n_predict: int = _to(_ENGINE, -1)
     ctx_shift: bool = _to(_ENGINE, False)
     slot_prompt_similarity: float = _to(_ENGINE, 0.1)
+    cache_ram_mib: int = _to(_ENGINE, 8192)
+    cache_idle_slots: bool = _to(_ENGINE, True)
     n_threads_sampling: int | None = _to(_ENGINE, None)
     lora: tuple = _to(_ENGINE, ())
     lora_init_without_apply: bool = _to(_ENGINE, False)

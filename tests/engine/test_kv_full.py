@@ -22,6 +22,16 @@ def engine(synthetic_path):
     eng.close()
 
 
+@pytest.fixture(scope="module")
+def engine_keeping_idle_slots(synthetic_path):
+    # --no-cache-idle-slots: idle slots keep their cache until a busy one needs the room (by
+    # default each is saved to the prompt cache and cleared as soon as another request starts)
+    eng = Engine(synthetic_path, n_parallel=4, n_ctx=256, n_batch=256, kv_unified=True,
+                 cache_idle_slots=False)
+    yield eng
+    eng.close()
+
+
 def _prompt(seed, n):
     rng = random.Random(seed)
     return [1] + [rng.choice(N_VOCAB_TEXT) for _ in range(n - 1)]
@@ -75,8 +85,9 @@ def test_more_requests_than_the_kv_holds_end_one_at_a_time(engine, caplog):
     assert engine.stats()["n_busy"] == 0
 
 
-def test_an_idle_slot_cache_gives_way_to_a_busy_slot(engine, caplog):
+def test_an_idle_slot_cache_gives_way_to_a_busy_slot(engine_keeping_idle_slots, caplog):
     # The first request's cache stays in its slot for reuse; the second needs its room.
+    engine = engine_keeping_idle_slots
     caplog.set_level("WARNING", logger="pyllama.engine")
     _erase_all(engine)
     first = engine.submit(Request(prompt=_prompt(20, 180), sampling=NO_EOS, n_predict=4, id_slot=0)).wait()

@@ -1,0 +1,32 @@
+# cython: language_level=3
+from libc.stdint cimport int64_t, uint8_t
+from libcpp.vector cimport vector
+
+from pyllama cimport _llama as L
+
+
+cdef class PromptState:
+    cdef vector[L.llama_token] tokens  # what the saved sequence held
+    cdef uint8_t * data                # llama_state_seq_get_data_ext's bytes; owned, freed here
+    cdef size_t n_data
+    cdef readonly tuple lora           # the LoRA scales the tokens were computed with
+
+
+cdef class PromptCache:
+    cdef readonly list states          # PromptState, oldest first (upstream's std::list)
+    cdef readonly size_t limit_size    # bytes, 0 = no limit
+    cdef readonly size_t limit_tokens  # 0 = no limit
+    cdef size_t total_size
+    cdef size_t total_tokens
+    cdef readonly int64_t n_saved
+    cdef readonly int64_t n_loaded
+
+    cdef void _push(self, PromptState state) except *
+    cdef void _pop(self, Py_ssize_t i) except *
+    cdef PromptState _alloc(self, vector[L.llama_token] & tokens, tuple lora, size_t size)
+    cdef bint save(self, L.llama_context * ctx, L.llama_seq_id seq_id,
+                   vector[L.llama_token] & tokens, tuple lora) except -1
+    cdef int load(self, L.llama_context * ctx, L.llama_seq_id seq_id,
+                  vector[L.llama_token] & tokens, tuple tokens_lora,
+                  vector[L.llama_token] & tokens_new, tuple lora) except -2
+    cpdef void update(self) except *
