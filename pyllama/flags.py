@@ -60,7 +60,6 @@ REFUSED_FEATURES = {
                            "--tools-runtime --mcp-servers-json",
     "KV cache reuse by shifting and context checkpoints":
         "--cache-reuse --ctx-checkpoints --swa-checkpoints -ctxcp --checkpoint-min-step",
-    "sleeping when idle": "--sleep-idle-seconds",
     "ggml RPC": "--rpc",
     "static files and media paths": "--path --media-path",
     "reasoning budgets": "--reasoning-budget --reasoning-budget-message --reasoning -rea "
@@ -248,6 +247,9 @@ def _check_placement(s: Settings) -> None:
             raise ValueError
     except ValueError:
         raise FlagError(f'error while handling argument "-fitt": invalid value {s.fit_target!r}') from None
+    if s.sleep_idle_seconds == 0 or s.sleep_idle_seconds < -1:  # not placement: arg.cpp's check
+        raise FlagError('error while handling argument "--sleep-idle-seconds": '
+                        'invalid value: cannot be 0 or less than -1')
 
 
 def _finish(s: Settings) -> Settings:

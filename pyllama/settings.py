@@ -223,6 +223,8 @@ class Settings:
                               env="LLAMA_ARG_THREADS_HTTP")
     sse_ping_interval: int = _flag(30, ["--sse-ping-interval"], "seconds of silence before an SSE ping (-1 = never)",
                                    env="LLAMA_ARG_SSE_PING_INTERVAL")
+    sleep_idle_seconds: int = _flag(-1, ["--sleep-idle-seconds"], "number of seconds of idleness after which the "
+                                    "server will sleep (default: -1; -1 = disabled)", metavar="SECONDS")
     reuse_port: bool = _flag(False, ["--reuse-port"], "allow several sockets to bind the same port",
                              env="LLAMA_ARG_REUSE_PORT", kind="flag")
     cors_origins: str = _flag("*", ["--cors-origins"], "allowed origins: *, localhost, or a literal value",

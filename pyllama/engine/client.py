@@ -9,8 +9,10 @@ Imports: engine internals, `engine.types`, `errors`; never falcon or the server.
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import dataclasses
+import gc
 import logging
 import os
 import queue
@@ -155,6 +157,16 @@ class Engine:
         self.embedder: EmbeddingCore | None = None
         self.t_busy = 0.0  # engine-thread seconds not spent waiting for work
         self._busy_since = 0.0  # perf_counter() when the running step began; 0 between steps
+        # --sleep-idle-seconds (server_queue::start_loop's sleeping state): the model is unloaded
+        # after that long without work and reloaded on the next use; see acquire()
+        self._awake = threading.Condition(self._lock)  # notified when a reload is done
+        self._sleeping = False
+        self._wake_requested = False
+        self._holds = 0  # acquire() calls not yet released: the model stays loaded meanwhile
+        self._t_last_task = time.monotonic()
+        self._sleeping_callbacks: list = []
+        self._asleep: dict = {}  # what stats(), n_slots and n_ctx_slot report while asleep
+        self._context: Context | None = None
         self._thread = threading.Thread(target=self._run, name="pyllama-engine", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -179,14 +191,15 @@ class Engine:
             request.sampling = dataclasses.replace(
                 sampling, grammar=json_schema_to_grammar(sampling.json_schema), json_schema=None)
         handle = RequestHandle(self, request, sink, tag)
-        # Built here, on the caller's thread: grammar parsing and bias tables never stall the
-        # engine's steps, and a bad grammar fails before queueing.
-        handle.sampler = SamplerChain(self.model, request.sampling)
-        with self._lock:
-            if not self._running:
-                raise UnavailableError("the engine is shutting down")
-            self._pending.append(handle)
-            self._lock.notify()
+        with self.using():  # a sleeping engine reloads its model first
+            # Built here, on the caller's thread: grammar parsing and bias tables never stall the
+            # engine's steps, and a bad grammar fails before queueing.
+            handle.sampler = SamplerChain(self.model, request.sampling)
+            with self._lock:
+                if not self._running:
+                    raise UnavailableError("the engine is shutting down")
+                self._pending.append(handle)
+                self._lock.notify()
         return handle
 
     def embed(self, inputs: list[list[int]], normalize: int = 2) -> EmbeddingResult:
@@ -203,7 +216,7 @@ class Engine:
         if not self.embeddings:
             raise NotSupportedError("This server does not support embeddings. Start it with `--embeddings`")
         job = _EmbeddingJob([list(t) for t in inputs], normalize)
-        with self._lock:
+        with self.using(), self._lock:  # a sleeping engine reloads its model first
             if not self._running:
                 raise UnavailableError("the engine is shutting down")
             self._pending.append(job)
@@ -226,7 +239,7 @@ class Engine:
         if self.embeddings:
             raise NotSupportedError("an embedding engine runs no engine calls")
         done: queue.SimpleQueue = queue.SimpleQueue()
-        with self._lock:
+        with self.using(), self._lock:  # a sleeping engine reloads its model first
             if not self._running:
                 raise UnavailableError("the engine is shutting down")
             self._calls.append((fn, done))
@@ -263,7 +276,7 @@ class Engine:
         Raises:
             UnavailableError: the engine is shut down or did not answer in time.
         """
-        if self.core is None:
+        if self.embeddings:
             return [dict(id=i, n_ctx=self.n_ctx_slot, is_processing=False, n_tokens=0)
                     for i in range(self.n_slots)]
         return self.call(lambda core: core.slot_info(), timeout=timeout)
@@ -316,7 +329,7 @@ class Engine:
         # Any thread: runs fn(core) on the engine thread between two steps, once the slot is
         # idle. Calls run before queued requests are admitted, so a slot that just finished
         # serves the waiting call before any new request.
-        if self.core is None:
+        if self.embeddings:
             raise NotSupportedError("an embedding engine has no slots to save, restore or erase")
         if isinstance(slot_id, bool) or not isinstance(slot_id, int) or not 0 <= slot_id < self.n_slots:
             raise InvalidRequestError("Invalid slot ID")
@@ -339,6 +352,67 @@ class Engine:
             self._cancels.append(request_id)
             self._lock.notify()
 
+    # --- sleeping when idle (--sleep-idle-seconds) ------------------------------------------------
+    @property
+    def sleeping(self) -> bool:
+        """True while the model is unloaded after the idle period (server_queue::is_sleeping)."""
+        return self._sleeping
+
+    def on_sleeping_state(self, callback) -> None:
+        """Register callback(sleeping: bool), run on the engine thread: with True while the model is
+        still loaded, just before it is unloaded; with False once it is loaded again (in reverse
+        registration order), before any waiting caller goes on. server_queue::on_sleeping_state."""
+        self._sleeping_callbacks.append(callback)
+
+    def acquire(self, wake: bool = True) -> bool:
+        """Keep the model loaded until release(); reload it first if the engine sleeps.
+
+        Thread-safe; blocks while the model reloads (server_queue::wait_until_no_sleep). The
+        way for another thread to use the model (its vocabulary) safely when sleeping is on.
+
+        Args:
+            wake: False to leave a sleeping engine asleep: then nothing is held and False is
+                returned; the hold does not count as activity either (as /props, /health).
+
+        Raises:
+            UnavailableError: the engine is shut down.
+        """
+        with self._lock:
+            if self._sleeping:
+                if not wake:
+                    return False
+                if not self._wake_requested:
+                    logger.debug("requesting to stop sleeping")
+                    self._wake_requested = True
+                    self._lock.notify_all()
+                while self._sleeping and self._running:
+                    self._awake.wait(1.0)
+            if not self._running:
+                raise UnavailableError("the engine is shutting down")
+            self._holds += 1
+            if wake:
+                self._t_last_task = time.monotonic()
+            return True
+
+    def release(self, activity: bool = True) -> None:
+        """End one acquire(); with `activity`, the idle period starts again now. Thread-safe."""
+        with self._lock:
+            self._holds -= 1
+            if activity:
+                self._t_last_task = time.monotonic()
+            if self._holds == 0:
+                self._lock.notify_all()
+
+    @contextlib.contextmanager
+    def using(self, wake: bool = True):
+        """acquire() ... release() around a block; yields whether the model is held."""
+        held = self.acquire(wake)
+        try:
+            yield held
+        finally:
+            if held:
+                self.release(activity=wake)
+
     def close(self, timeout: float | None = None) -> None:
         """Cancel everything, stop the engine thread and free the model."""
         with self._lock:
@@ -354,15 +428,22 @@ class Engine:
 
     @property
     def n_slots(self) -> int:
-        return self.core.n_slots if self.core else self.embedder.n_seq
+        core, embedder = self.core, self.embedder
+        return core.n_slots if core else embedder.n_seq if embedder else self._asleep["n_slots"]
 
     @property
     def n_ctx_slot(self) -> int:
-        return self.core.n_ctx_slot if self.core else self.embedder.n_ctx_seq
+        core, embedder = self.core, self.embedder
+        return core.n_ctx_slot if core else embedder.n_ctx_seq if embedder else self._asleep["n_ctx_slot"]
 
     def stats(self) -> dict:
-        """Engine counters (read without locking; approximate while running)."""
-        stats = self.core.stats() if self.core else {}
+        """Engine counters (approximate while running; while asleep, those of the moment the
+        model was unloaded, as upstream's cached metrics)."""
+        with self._lock:  # the model is not unloaded meanwhile
+            if self._sleeping:
+                stats = dict(self._asleep["stats"])
+            else:
+                stats = self.core.stats() if self.core else {}
         stats["n_pending"] = len(self._pending)
         # a step still running counts too, so busy time never lags the decode time inside it
         since = self._busy_since
@@ -372,38 +453,17 @@ class Engine:
     # --- engine thread -----------------------------------------------------------------------
     def _run(self) -> None:
         _name_os_thread("pyllama-engine")  # before the context: its compute threads inherit it
-        cfg = self.config
         try:
-            # the one place where a config becomes libllama objects
-            model_params = ModelParams(**cfg.model_options())
-            context_params = ContextParams(**cfg.context_options())
-            if cfg.fit:  # before the load, as common_init_from_params
-                fit_params(self.model_path, model_params, context_params, cfg.fit_target_mib, cfg.fit_ctx_min)
-            self.model = Model(self.model_path, params=model_params)
-            context = Context(self.model, params=context_params)
-            if cfg.warmup:
-                logger.debug("warming up the model with an empty run - please wait ... (--no-warmup to disable)")
-                context.warmup()
-            if cfg.embeddings:
-                self.embedder = EmbeddingCore(context)
-                self._ready.set()
-                self._run_embeddings()
-                return
-            self.core = EngineCore(context, n_predict=cfg.n_predict, ctx_shift=cfg.ctx_shift,
-                                   slot_prompt_similarity=cfg.slot_prompt_similarity,
-                                   n_threads_sampling=cfg.n_threads_sampling or context.n_threads,
-                                   cache_ram_mib=cfg.cache_ram_mib, cache_idle_slots=cfg.cache_idle_slots)
-            if cfg.n_ctx_slot_max > 0:
-                self.core.n_ctx_slot = min(self.core.n_ctx_slot, cfg.n_ctx_slot_max)
-            self.core.lora_adapters = [self.model.load_lora(path) for path, _ in cfg.lora]
-            self.core.lora_scales = tuple(0.0 if cfg.lora_init_without_apply else scale
-                                          for _, scale in cfg.lora)
-            self.lora_paths = [path for path, _ in cfg.lora]
+            self._load()
         except BaseException as exc:  # reported to the constructor's thread
             self._startup_error = exc
             self._ready.set()
             return
+        self._t_last_task = time.monotonic()
         self._ready.set()
+        if self.embeddings:
+            self._run_embeddings()
+            return
         deferred: collections.deque = collections.deque()
         clock = time.perf_counter
         try:
@@ -411,7 +471,7 @@ class Engine:
                 with self._lock:
                     while self._running and not self._pending and not self._cancels \
                             and not self._calls and not deferred and self.core.n_busy == 0:
-                        self._lock.wait()
+                        self._wait_for_work()
                     if not self._running:
                         break
                     t0 = self._busy_since = clock()
@@ -426,18 +486,130 @@ class Engine:
                 self.core.step()
                 self.t_busy += clock() - t0
                 self._busy_since = 0.0
+                self._t_last_task = time.monotonic()  # a step is work: the idle period starts after it
         except BaseException as exc:  # never leave callers waiting
             logger.exception("engine thread failed")
             self._fail_all(EngineError(f"engine thread failed: {exc}"), deferred)
             return
         self._fail_all(UnavailableError("the engine is shutting down"), deferred)
 
+    def _load(self) -> None:
+        # Engine thread: the model, its context and the engine core (or embedder) from the
+        # config; at start-up and when waking from sleep (load_model, also "to resume from
+        # sleeping state"). Raises what Model/Context raise.
+        cfg = self.config
+        # the one place where a config becomes libllama objects
+        model_params = ModelParams(**cfg.model_options())
+        context_params = ContextParams(**cfg.context_options())
+        if cfg.fit:  # before the load, as common_init_from_params
+            fit_params(self.model_path, model_params, context_params, cfg.fit_target_mib, cfg.fit_ctx_min)
+        self.model = Model(self.model_path, params=model_params)
+        context = self._context = Context(self.model, params=context_params)
+        if cfg.warmup:
+            logger.debug("warming up the model with an empty run - please wait ... (--no-warmup to disable)")
+            context.warmup()
+        if cfg.embeddings:
+            self.embedder = EmbeddingCore(context)
+            return
+        self.core = EngineCore(context, n_predict=cfg.n_predict, ctx_shift=cfg.ctx_shift,
+                               slot_prompt_similarity=cfg.slot_prompt_similarity,
+                               n_threads_sampling=cfg.n_threads_sampling or context.n_threads,
+                               cache_ram_mib=cfg.cache_ram_mib, cache_idle_slots=cfg.cache_idle_slots)
+        if cfg.n_ctx_slot_max > 0:
+            self.core.n_ctx_slot = min(self.core.n_ctx_slot, cfg.n_ctx_slot_max)
+        self.core.lora_adapters = [self.model.load_lora(path) for path, _ in cfg.lora]
+        self.core.lora_scales = tuple(0.0 if cfg.lora_init_without_apply else scale
+                                      for _, scale in cfg.lora)
+        self.lora_paths = [path for path, _ in cfg.lora]
+
+    def _unload(self) -> None:
+        # Engine thread: free the core (slots, samplers, prompt cache), the context (KV cache),
+        # the LoRA adapters and the model, as server_context_impl::destroy. Their Python objects
+        # may outlive this (a caller's handle); their libllama memory does not.
+        core, self.core = self.core, None
+        self.embedder = None
+        if core is not None:
+            self._asleep["lora_scales"] = core.lora_scales
+            core.lora_adapters = []
+        del core
+        if self._context is not None:
+            self._context.close()
+            self._context = None
+        if self.model is not None:
+            self.model.close()
+        gc.collect()
+        if sys.platform.startswith("linux"):  # hand the freed heap back to the OS
+            try:
+                ctypes.CDLL(None).malloc_trim(0)
+            except (OSError, AttributeError):
+                pass
+
+    def _wait_for_work(self) -> None:
+        # Engine thread, self._lock held, nothing to do: wait for work, or sleep once the idle
+        # period has passed with nothing held (server_queue::start_loop's should_sleep).
+        idle_s = self.config.sleep_idle_seconds
+        if idle_s < 0:
+            self._lock.wait()
+            return
+        if self._holds:
+            self._lock.wait()  # release() notifies when the last hold ends
+            return
+        left = self._t_last_task + idle_s - time.monotonic()
+        if left > 0:
+            self._lock.wait(min(left, 1.0))
+            return
+        self._sleep()
+
+    def _sleep(self) -> None:
+        # Engine thread, self._lock held: unload the model, wait until a caller asks for it
+        # (acquire), load it again. server_queue::start_loop's sleeping state around
+        # server_context_impl::handle_sleeping_state(true / false).
+        logger.info("entering sleeping state")
+        self._asleep = {"stats": self.core.stats() if self.core else {},
+                        "n_slots": self.n_slots, "n_ctx_slot": self.n_ctx_slot}
+        self._sleeping = True
+        self._wake_requested = False
+        self._lock.release()
+        try:
+            for callback in self._sleeping_callbacks:  # cb0 -> cbN, the model still loaded
+                callback(True)
+            logger.info("server is entering sleeping state")
+            self._unload()
+        finally:
+            self._lock.acquire()
+        while self._running and not self._wake_requested:
+            self._lock.wait()
+        if not self._running:  # closed while asleep
+            self._awake.notify_all()
+            return
+        logger.info("exiting sleeping state")
+        self._lock.release()
+        try:
+            logger.info("server is exiting sleeping state")
+            self._load()
+            if self.core is not None:  # the scales set through set_lora_scales() stay
+                self.core.lora_scales = self._asleep.get("lora_scales", self.core.lora_scales)
+            for callback in reversed(self._sleeping_callbacks):  # cbN -> cb0
+                callback(False)
+        except BaseException:  # upstream aborts; here the engine stops and callers get errors
+            logger.error("failed to reload model after sleeping")
+            with self._lock:
+                self._running = False
+                self._awake.notify_all()
+            raise
+        finally:
+            self._lock.acquire()
+        self._sleeping = False
+        self._wake_requested = False
+        self._t_last_task = time.monotonic()
+        self._awake.notify_all()
+
     def _run_embeddings(self) -> None:
         # Every waiting job's inputs go into the same decodes.
         while True:
             with self._lock:
                 while self._running and not self._pending:
-                    self._lock.wait()
+                    self._wait_for_work()
                 if not self._running:
                     break
                 jobs = list(self._pending)
@@ -465,6 +637,7 @@ class Engine:
                     job.done.put(EmbeddingResult(vectors[i:i + n], [len(t) for t in job.inputs],
                                                  self.embedder.pooling_name))
                     i += n
+            self._t_last_task = time.monotonic()
         with self._lock:
             jobs = list(self._pending)
             self._pending.clear()

@@ -59,6 +59,9 @@ class EngineConfig:
             tensor split, overrides, n_ctx = 0) to free device memory before loading, leaving
             that many MiB free per device, with n_ctx no lower than fit_ctx_min (--fit,
             --fit-target, --fit-ctx).
+        sleep_idle_seconds: unload the model, context, KV and prompt cache after that many
+            seconds without work and load them again on the next use; -1 never
+            (--sleep-idle-seconds; see Engine.acquire).
 
     Model (see `Model`):
         n_gpu_layers: layers to offload; -1 all.
@@ -108,6 +111,7 @@ class EngineConfig:
     fit: bool = _to(_ENGINE, True)
     fit_target_mib: tuple = _to(_ENGINE, (1024,))
     fit_ctx_min: int = _to(_ENGINE, 4096)
+    sleep_idle_seconds: int = _to(_ENGINE, -1)
     # --- the model ---
     n_gpu_layers: int = _to(_MODEL, -1)
     use_mmap: bool = _to(_MODEL, True)

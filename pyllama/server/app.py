@@ -24,7 +24,9 @@ from pyllama.server import errors as server_errors
 from pyllama.server.connection import ConnectionWatch
 from pyllama.server.middleware import CorsAndAuth, JSONBody
 from pyllama.server.protocol.base import ProtocolContext
+from pyllama.server.protocol import info as info_json
 from pyllama.server.protocol.params import Defaults
+from pyllama.server.sleep import SleepGuard
 from pyllama.server.streaming import respond
 from pyllama.server.templates import ChatFormatter
 from pyllama.settings import Settings
@@ -119,7 +121,7 @@ def engine_config(s: Settings) -> EngineConfig:
                                s.prio_batch, s.poll_batch),
         perf=s.perf, warmup=s.warmup, tensor_overrides=tensor_overrides(s),
         fit=s.fit == "on", fit_target_mib=tuple(int(v) for v in s.fit_target.replace("/", ",").split(",") if v),
-        fit_ctx_min=s.fit_ctx,
+        fit_ctx_min=s.fit_ctx, sleep_idle_seconds=s.sleep_idle_seconds,
         control_vectors=tuple((p, 1.0) for p in s.control_vector) + tuple(
             (item.partition(":")[0], float(item.partition(":")[2])) for item in s.control_vector_scaled),
         control_vector_layers=s.control_vector_layer_range,
@@ -155,6 +157,10 @@ class ServerState:
         self.engine: Engine | None = None
         self.chat: ChatFormatter | None = None
         self.protocol: ProtocolContext | None = None  # set once the model is loaded
+        # --sleep-idle-seconds: /props and /models while the model is unloaded, as taken just
+        # before it was (server_routes::update_cached_responses)
+        self.cached_props: dict | None = None
+        self.cached_models: dict | None = None
         self.defaults = Defaults(sampling=sampling_defaults(settings), n_predict=settings.n_predict,
                                  n_keep=settings.keep, cache_prompt=settings.cache_prompt,
                                  stop=tuple(settings.reverse_prompt), special=settings.special)
@@ -210,12 +216,45 @@ class ServerState:
         # loaded, as server_context's metrics.init() in load_model
         self.start_us = time.monotonic_ns() // 1000
         embeddings = s.embedding
-        if not embeddings:
-            self.chat = self.make_chat(self.engine.model)
-        self.protocol = self.make_protocol()
+        with self.engine.using():  # --sleep-idle-seconds: the model stays loaded meanwhile
+            if not embeddings:
+                self.chat = self.make_chat(self.engine.model)
+            self.protocol = self.make_protocol()
+            self.engine.on_sleeping_state(self._on_sleeping_state)
         self.ready.set()
         logger.info("model loaded: %s, %d slots of %d tokens", self.model_name, self.engine.n_slots,
                     self.engine.n_ctx_slot)
+
+    def _on_sleeping_state(self, sleeping: bool) -> None:
+        # Engine thread (Engine.on_sleeping_state). Going to sleep, the model still loaded: keep
+        # what /props and /models answer meanwhile (update_cached_responses). Woken: a protocol
+        # context over the reloaded model; the chat templates stay, as upstream's chat_params
+        # ("reused across sleeping / resuming states").
+        if sleeping:
+            self.cached_props = dict(info_json.props(self.protocol, self.settings, self.model_path),
+                                     is_sleeping=True)
+            self.cached_models = info_json.models(self.engine, self.protocol, self.aliases, self.settings.tags)
+        else:
+            self.protocol = self.make_protocol()
+
+    def props(self) -> dict:
+        """GET /props: live while the model is loaded, else the answer kept when it went to sleep
+        (get_props; reading it neither wakes the model nor restarts the idle period)."""
+        return self._live_or_kept(lambda: info_json.props(self.protocol, self.settings, self.model_path),
+                                  "cached_props")
+
+    def models(self) -> dict:
+        """GET /models, /v1/models: as props(), live or kept (get_models)."""
+        return self._live_or_kept(
+            lambda: info_json.models(self.engine, self.protocol, self.aliases, self.settings.tags), "cached_models")
+
+    def _live_or_kept(self, live, kept: str) -> dict:
+        if self.settings.sleep_idle_seconds < 0:
+            return live()
+        with self.engine.using(wake=False) as awake:  # the model is not unloaded meanwhile
+            if awake:
+                return live()
+        return getattr(self, kept)
 
     def close(self) -> None:
         if self.engine is not None:
@@ -240,7 +279,7 @@ def create_app(state: ServerState) -> falcon.App:
     """The WSGI app over a ServerState (the model may still be loading)."""
     from pyllama.server.resources import anthropic, chat, completions, embeddings, info, responses, tokenize
 
-    app = falcon.App(middleware=[CorsAndAuth(state), JSONBody(state.settings.max_body_mb << 20),
+    app = falcon.App(middleware=[CorsAndAuth(state), SleepGuard(state), JSONBody(state.settings.max_body_mb << 20),
                                  ConnectionWatch()],
                      cors_enable=False)
     app.req_options.strip_url_path_trailing_slash = True

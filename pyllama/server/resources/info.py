@@ -10,6 +10,8 @@ from pyllama.server.streaming import write_json
 
 
 class HealthResource:
+    sleep_bypass = ("GET",)  # answered while asleep, without waking (server/sleep.py)
+
     def __init__(self, state) -> None:
         self.state = state
 
@@ -19,20 +21,23 @@ class HealthResource:
 
 
 class ModelsResource:
+    sleep_bypass = ("GET",)
+
     def __init__(self, state) -> None:
         self.state = state
 
     def on_get(self, req, resp):
-        s = self.state
-        write_json(resp, info.models(s.engine, s.protocol, s.aliases, s.settings.tags))
+        write_json(resp, self.state.models())
 
 
 class PropsResource:
+    sleep_bypass = ("GET",)  # POST /props wakes the model, as upstream's post_props
+
     def __init__(self, state) -> None:
         self.state = state
 
     def on_get(self, req, resp):
-        write_json(resp, info.props(self.state.protocol, self.state.settings, self.state.model_path))
+        write_json(resp, self.state.props())
 
     def on_post(self, req, resp):
         if not self.state.settings.props:
@@ -69,6 +74,8 @@ class SlotActionResource:
 
 class MetricsResource:
     """GET /metrics: Prometheus text with llama-server's llamacpp:* names (only with --metrics)."""
+
+    sleep_bypass = ("GET",)  # the engine's stats are those kept when it went to sleep
 
     def __init__(self, state) -> None:
         self.state = state
