@@ -33,7 +33,7 @@ def _pinned_commit() -> str:
 def server_main(argv: list[str] | None = None) -> int:
     """Entry point of `pyllama-server`."""
     argv = sys.argv[1:] if argv is None else argv
-    if "-h" in argv or "--help" in argv:
+    if "-h" in argv or "--help" in argv or "--usage" in argv:
         print(server_help())
         return 0
     if "--version" in argv:

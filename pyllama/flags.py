@@ -62,8 +62,6 @@ REFUSED_FEATURES = {
         "--cache-reuse --ctx-checkpoints --swa-checkpoints -ctxcp --checkpoint-min-step",
     "ggml RPC": "--rpc",
     "static files and media paths": "--path --media-path",
-    "reasoning budgets": "--reasoning-budget --reasoning-budget-message --reasoning -rea "
-                         "--reasoning-preserve --no-reasoning-preserve",
     "prompt logging": "--log-prompts-dir",
 }
 UNSUPPORTED = {name: feature for feature, names in REFUSED_FEATURES.items() for name in names.split()}
@@ -255,6 +253,8 @@ def _check_placement(s: Settings) -> None:
 def _finish(s: Settings) -> Settings:
     _check_cpu(s)
     _check_placement(s)
+    if s.reasoning_budget < -1:
+        raise FlagError('error while handling argument "--reasoning-budget": invalid value')
     for item in s.control_vector_scaled:
         path, colon, scale = item.partition(":")
         try:

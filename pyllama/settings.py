@@ -270,6 +270,20 @@ class Settings:
                                   "reasoning effort given to the chat template: 'default' keeps the template's, "
                                   "or a level such as minimal, low, medium, high, xhigh, max",
                                   env="LLAMA_ARG_REASONING_EFFORT", metavar="LEVEL")
+    reasoning: str = _flag("auto", ["-rea", "--reasoning"],
+                           "use reasoning/thinking in the chat: on, off or auto (detect from the template)",
+                           env="LLAMA_ARG_REASONING", kind="tristate")
+    reasoning_budget: int = _flag(-1, ["--reasoning-budget"],
+                                  "token budget for thinking: -1 unrestricted, 0 immediate end, N>0 a budget",
+                                  env="LLAMA_ARG_THINK_BUDGET")
+    reasoning_budget_message: str = _flag("", ["--reasoning-budget-message"],
+                                          "message injected before the end-of-thinking tag when the budget "
+                                          "is exhausted", env="LLAMA_ARG_THINK_BUDGET_MESSAGE", metavar="MESSAGE")
+    reasoning_preserve: bool | None = _flag(None, ["--reasoning-preserve"],
+                                            "preserve the reasoning trace in the full history, not just the last "
+                                            "assistant message (templates with supports_preserve_reasoning; "
+                                            "default: enabled)", env="LLAMA_ARG_REASONING_PRESERVE",
+                                            neg=["--no-reasoning-preserve"])
     skip_chat_parsing: bool = _flag(False, ["--skip-chat-parsing"],
                                     "a pure content parser even with a Jinja template: reasoning and tool calls "
                                     "stay in the content", env="LLAMA_ARG_SKIP_CHAT_PARSING",

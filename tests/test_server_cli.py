@@ -73,6 +73,10 @@ SERVER = str(Path(sys.executable).parent / "pyllama-server")
      dict(override_tensor=("blk\\.1\\.=CPU", "x=CPU", "y=CPU"), cpu_moe=True, n_cpu_moe=2, n_cpu_ffn=1,
           fit="off", fit_target="512,256", fit_ctx=1024)),
     ([], dict(override_tensor=(), fit="on", fit_target="1024", fit_ctx=4096)),
+    (["-rea", "off", "--reasoning-budget", "64", "--reasoning-budget-message", "Stop.", "--no-reasoning-preserve"],
+     dict(reasoning="off", reasoning_budget=64, reasoning_budget_message="Stop.", reasoning_preserve=False)),
+    (["--reasoning", "on", "--reasoning-preserve"], dict(reasoning="on", reasoning_preserve=True)),
+    ([], dict(reasoning="auto", reasoning_budget=-1, reasoning_preserve=None)),
     (["--control-vector", "a.gguf,b.gguf", "--control-vector-scaled", "c.gguf:0.5",
       "--control-vector-layer-range", "2", "5", "-c", "64"],
      dict(control_vector=("a.gguf", "b.gguf"), control_vector_scaled=("c.gguf:0.5",),
@@ -126,6 +130,8 @@ def test_environment_variables_and_precedence():
     (["--host", " , "], "--host requires at least one address"),
     (["-ncmoe", "-1"], 'error while handling argument "-ncmoe": invalid value'),
     (["-fit", "auto"], "error: unknown value for --fit: 'auto'"),
+    (["--reasoning-budget", "-2"], 'error while handling argument "--reasoning-budget": invalid value'),
+    (["-rea", "maybe"], "invalid value for -rea"),
     (["--control-vector-scaled", "a.gguf"], "control-vector-scaled format: FNAME:SCALE"),
     (["--control-vector-layer-range", "1"], "expected value for argument --control-vector-layer-range"),
     (["--control-vector-layer-range", "1", "x"], "invalid value for --control-vector-layer-range"),
@@ -153,8 +159,9 @@ def test_refused_flags(argv, message):
 
 
 def test_process_help_version_and_exit_codes():
-    out = subprocess.run([SERVER, "--help"], capture_output=True, text=True)
-    assert out.returncode == 0 and "--ctx-size" in out.stdout and "LLAMA_ARG_CTX_SIZE" in out.stdout
+    for flag in ("--help", "-h", "--usage"):  # upstream's three spellings
+        out = subprocess.run([SERVER, flag], capture_output=True, text=True)
+        assert out.returncode == 0 and "--ctx-size" in out.stdout and "LLAMA_ARG_CTX_SIZE" in out.stdout
     out = subprocess.run([SERVER, "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and "pyllama" in out.stdout and "0c1e57098" in out.stdout
     out = subprocess.run([SERVER, "--mmproj", "x"], capture_output=True, text=True)

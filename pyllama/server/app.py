@@ -87,7 +87,7 @@ def sampling_defaults(s: Settings) -> SamplingParams:
         mirostat_eta=s.mirostat_lr, adaptive_target=s.adaptive_target, adaptive_decay=s.adaptive_decay,
         seed=s.seed, logit_bias=tuple(bias), ignore_eos=s.ignore_eos,
         samplers=samplers, grammar=s.grammar, json_schema=s.json_schema or None,
-        backend_sampling=s.backend_sampling)
+        backend_sampling=s.backend_sampling, reasoning_budget_tokens=s.reasoning_budget)
 
 
 # common.h's FFN offload patterns (--cpu-moe, --n-cpu-moe, --n-cpu-ffn)
@@ -163,13 +163,16 @@ class ServerState:
         self.cached_models: dict | None = None
         self.defaults = Defaults(sampling=sampling_defaults(settings), n_predict=settings.n_predict,
                                  n_keep=settings.keep, cache_prompt=settings.cache_prompt,
-                                 stop=tuple(settings.reverse_prompt), special=settings.special)
+                                 stop=tuple(settings.reverse_prompt), special=settings.special,
+                                 reasoning_budget_message=settings.reasoning_budget_message)
         self.defaults.verbose = settings.verbose or settings.verbosity > 9  # -v is every level
         self.metrics = Metrics()
+        self.live_calls: dict = {}  # completion id -> the Call, while it runs (control)
         self.ready = threading.Event()
         self.start_us = time.monotonic_ns() // 1000
         self.created = int(time.time())
-        self.build_info = f"pyllama-{__version__}"
+        self.build_info = build_info()  # upstream's llama_build_info(): b<build>-<commit>
+        self.streams = StreamStore()  # X-Conversation-Id sessions (server/stream_store.py)
 
     @property
     def model(self):
@@ -182,7 +185,38 @@ class ServerState:
 
     def respond(self, resp: falcon.Response, call) -> None:
         """Run a protocol Call on the engine and write its response or stream into `resp`."""
-        respond(resp, self.engine, call, self.metrics, self.settings.sse_ping_interval)
+        cmpl_id = getattr(call, "id", None)
+        if not cmpl_id:
+            respond(resp, self.engine, call, self.metrics, self.settings.sse_ping_interval)
+            return
+        self.live_calls[cmpl_id] = call  # for /v1/chat/completions/control, until it ends
+        try:
+            respond(resp, self.engine, call, self.metrics, self.settings.sse_ping_interval)
+        finally:
+            if resp.stream is None:
+                self.live_calls.pop(cmpl_id, None)
+        if resp.stream is not None:
+            resp.stream = self._forget_after(cmpl_id, resp.stream)
+
+    def _forget_after(self, cmpl_id: str, stream):
+        try:
+            yield from stream
+        finally:
+            self.live_calls.pop(cmpl_id, None)
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
+
+    def end_reasoning(self, cmpl_id: str) -> str:
+        """Force the end of thinking in a live completion: the engine's answer for its first
+        running request ("ok", "not_enabled", "not_running")."""
+        call = self.live_calls.get(cmpl_id)
+        answer = "not_running"
+        for task in call.tasks if call is not None else ():
+            answer = self.engine.end_reasoning(task.request.id)
+            if answer != "not_running":
+                break
+        return answer
 
     def make_chat(self, model) -> ChatFormatter:
         """The chat templates the flags ask for, over a loaded model's vocabulary."""
@@ -190,9 +224,25 @@ class ServerState:
         kwargs = json.loads(s.chat_template_kwargs) if s.chat_template_kwargs else {}
         if s.reasoning_effort != "default":  # a default template kwarg, as upstream's flag sets it
             kwargs["reasoning_effort"] = s.reasoning_effort
-        return ChatFormatter(model, s.chat_template or "", use_jinja=s.jinja,
+        if s.reasoning != "auto":  # -rea on/off: also the enable_thinking kwarg (arg.cpp)
+            kwargs["enable_thinking"] = s.reasoning == "on"
+        # upstream sets preserve_reasoning unless it was given (common_params_parse_ex)
+        kwargs.setdefault("preserve_reasoning", True if s.reasoning_preserve is None else s.reasoning_preserve)
+        chat = ChatFormatter(model, s.chat_template or "", use_jinja=s.jinja,
                              reasoning_format=s.reasoning_format, template_kwargs=kwargs,
-                             prefill_assistant=s.prefill_assistant, force_pure_content=s.skip_chat_parsing)
+                             prefill_assistant=s.prefill_assistant, force_pure_content=s.skip_chat_parsing,
+                             enable_reasoning=s.reasoning != "off")
+        caps = chat.caps
+        if caps.get("supports_preserve_reasoning"):  # upstream's start-up hints
+            if s.reasoning_preserve is None:
+                logger.warning("chat template supports preserving reasoning, it is enabled by default "
+                               "(may use more tokens, disable via --no-reasoning-preserve)")
+            if not kwargs.get("preserve_reasoning"):
+                logger.info("chat template supports preserving reasoning, consider enabling it via "
+                            "--reasoning-preserve")
+        elif s.reasoning_preserve:
+            logger.warning("chat template does NOT support preserving reasoning, --reasoning-preserve has no effect")
+        return chat
 
     def make_protocol(self) -> ProtocolContext:
         """The protocol context over the loaded engine and chat templates."""
@@ -308,6 +358,7 @@ def create_app(state: ServerState) -> falcon.App:
         ("/v1/completions", oai_completion),
         ("/infill", completions.InfillResource(state)),
         ("/chat/completions", chat_resource), ("/v1/chat/completions", chat_resource),
+        ("/v1/chat/completions/control", chat.ChatControlResource(state)),
         ("/chat/completions/input_tokens", chat.ChatInputTokensResource(state)),
         ("/v1/chat/completions/input_tokens", chat.ChatInputTokensResource(state)),
         ("/v1/messages", anthropic.MessagesResource(state)),

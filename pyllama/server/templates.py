@@ -28,7 +28,8 @@ class ChatFormatter:
 
     def __init__(self, model, template_override: str = "", *, use_jinja: bool = True,
                  reasoning_format: str = "auto", template_kwargs: dict | None = None,
-                 prefill_assistant: bool = True, force_pure_content: bool = False) -> None:
+                 prefill_assistant: bool = True, force_pure_content: bool = False,
+                 enable_reasoning: bool = True) -> None:
         self.templates = ChatTemplates(model, template_override)
         self.info = orjson.loads(self.templates.info_json())
         self.use_jinja = use_jinja
@@ -36,6 +37,8 @@ class ChatFormatter:
         self.template_kwargs = template_kwargs or {}
         self.prefill_assistant = prefill_assistant
         self.force_pure_content = force_pure_content  # --skip-chat-parsing
+        # a request thinks unless -rea off or the template cannot (upstream's enable_thinking)
+        self.enable_thinking = enable_reasoning and use_jinja and bool(self.info.get("supports_enable_thinking"))
         self._pure: dict = {}  # (parser definition, generation prompt) -> pure content?
 
     @property
@@ -96,7 +99,7 @@ class ChatFormatter:
         if not isinstance(extra_kwargs, dict):
             raise InvalidRequestError("\"chat_template_kwargs\" must be an object")
         kwargs.update(extra_kwargs)  # values reach the template as their JSON text
-        enable_thinking = kwargs.get("enable_thinking", True)
+        enable_thinking = kwargs.get("enable_thinking", self.enable_thinking)
         if not isinstance(enable_thinking, bool):
             raise InvalidRequestError('invalid type for "enable_thinking" (expected boolean, got string)')
         effort = body.get("reasoning_effort")  # the OAI field; "none" disables reasoning

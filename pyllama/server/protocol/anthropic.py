@@ -64,6 +64,9 @@ def to_chat(body: dict) -> dict:
     for key in ("temperature", "top_p", "top_k", "stream", "chat_template_kwargs"):
         if key in body:
             chat[key] = body[key]
+    thinking = body.get("thinking")
+    if isinstance(thinking, dict) and thinking.get("type") == "enabled":
+        chat["thinking_budget_tokens"] = thinking.get("budget_tokens", 10000)  # upstream's default
     if body.get("stop_sequences"):
         chat["stop"] = body["stop_sequences"]
     if body.get("tools"):

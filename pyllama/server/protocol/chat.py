@@ -18,6 +18,7 @@ from pyllama.engine import FinishEvent, FinishReason, ProgressEvent, TokenEvent
 from pyllama.errors import InvalidRequestError
 from pyllama.server import sse
 from pyllama.server.protocol.base import Call, ProtocolContext, Task
+from pyllama.server.protocol.params import generation_prompt_tokens
 from pyllama.server.protocol.completions import (
     completion_id,
     completion_tasks,
@@ -39,14 +40,21 @@ class ChatPrompt:
     prefill: tuple  # the generation prompt's tokens, for a grammar (common_sampler_init)
 
 
-def prefill_tokens(model, generation_prompt: str) -> tuple:
-    """The generation prompt as tokens for the grammar (common_sampler_init's prefill)."""
-    tokens = model.tokenize(generation_prompt, add_special=False, parse_special=True) if generation_prompt else []
-    if tokens and not generation_prompt[0].isspace():
-        first = model.token_to_piece(tokens[0], special=True)
-        if first[:1].isspace():  # some tokenizers put a space before the first special token
-            tokens = tokens[1:]
-    return tuple(tokens)
+def reasoning_budget_fields(body: dict, params: dict, ctx: ProtocolContext) -> dict:
+    """The native reasoning_budget_* fields of a chat (oaicompat_chat_params_parse): only for
+    a template with thinking end tags; the budget from the body (reasoning_budget_tokens or
+    thinking_budget_tokens) or --reasoning-budget, the message from the body or
+    --reasoning-budget-message."""
+    if not params.get("thinking_end_tags"):
+        return {}
+    budget = body.get("reasoning_budget_tokens", body.get("thinking_budget_tokens", -1))
+    if budget is None or budget == -1:
+        budget = ctx.defaults.sampling.reasoning_budget_tokens
+    return {"reasoning_budget_tokens": budget,
+            "reasoning_budget_start_tag": params.get("thinking_start_tag", ""),
+            "reasoning_budget_end_tags": params["thinking_end_tags"],
+            "reasoning_budget_message": body.get("reasoning_budget_message", ctx.defaults.reasoning_budget_message),
+            "reasoning_control": body.get("reasoning_control", False)}
 
 
 def render(body: dict, ctx: ProtocolContext) -> ChatPrompt:
@@ -88,13 +96,15 @@ def render(body: dict, ctx: ProtocolContext) -> ChatPrompt:
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else list(stop or [])
     native["stop"] = stop + list(params.get("additional_stops") or [])
+    native["generation_prompt"] = params.get("generation_prompt", "")
+    native.update(reasoning_budget_fields(body, params, ctx))
     prefill: tuple = ()
     if params.get("grammar"):
         native["grammar"] = params["grammar"]
         native.pop("json_schema", None)
         native["grammar_lazy"] = params.get("grammar_lazy", False)
         native["grammar_triggers"] = params.get("grammar_triggers") or []
-        prefill = prefill_tokens(ctx.model, params.get("generation_prompt", ""))
+        prefill = generation_prompt_tokens(ctx.model, params.get("generation_prompt", ""))
     elif body.get("json_schema") is not None:
         native["json_schema"] = body["json_schema"]
     parser = {"format": params.get("format", 0),
@@ -279,6 +289,28 @@ class ChatCall(Call):
 def parse(body: dict, ctx: ProtocolContext) -> ChatCall:
     """A /v1/chat/completions body -> its Call."""
     return ChatCall(chat_tasks(render(body, ctx), ctx), body, ctx)
+
+
+def parse_control(body: dict) -> str:
+    """The completion id of a /v1/chat/completions/control body (its only action:
+    reasoning_end)."""
+    cmpl_id = body.get("id") if isinstance(body.get("id"), str) else ""
+    if not cmpl_id:
+        raise InvalidRequestError("missing completion id")
+    if body.get("action") != "reasoning_end":
+        raise InvalidRequestError("unknown control action")
+    return cmpl_id
+
+
+_CONTROL_MESSAGES = {"not_running": "no active completion for this id",
+                     "not_enabled": "reasoning control not enabled for this completion"}
+
+
+def control_result(answer: str) -> dict:
+    """server_task_result_control's JSON."""
+    if answer == "ok":
+        return {"success": True}
+    return {"success": False, "message": _CONTROL_MESSAGES.get(answer, "unknown control action")}
 
 
 def apply_template(body: dict, ctx: ProtocolContext) -> dict:

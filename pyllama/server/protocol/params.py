@@ -80,6 +80,7 @@ class Defaults:
     stop: tuple = ()
     special: bool = False
     verbose: bool = False  # `verbose`'s default (params_base.verbosity > 9): __verbose blocks
+    reasoning_budget_message: str = ""  # --reasoning-budget-message (the budget is in sampling)
 
 
 def tokenize_prompt(model, prompt) -> list[int]:
@@ -147,6 +148,41 @@ def _logit_bias(model, value, n_vocab: int) -> tuple:
     else:
         raise _err("logit_bias", "expected an array or an object")
     return tuple(out)
+
+
+def generation_prompt_tokens(model, generation_prompt: str) -> tuple:
+    """The generation prompt as tokens, as common_sampler_init's prefill: what the template
+    already placed after the last message (a grammar or the reasoning budget accepts it first)."""
+    tokens = model.tokenize(generation_prompt, add_special=False, parse_special=True) if generation_prompt else []
+    if tokens and not generation_prompt[0].isspace():
+        first = model.token_to_piece(tokens[0], special=True)
+        if first[:1].isspace():  # some tokenizers put a space before the first special token
+            tokens = tokens[1:]
+    return tuple(tokens)
+
+
+def _reasoning_budget(body: dict, defaults: Defaults, model) -> dict:
+    """The reasoning_budget_* fields (upstream's server-schema: tags tokenized with specials;
+    the message goes before the first end tag, forced when the budget runs out)."""
+    d = defaults.sampling
+    budget = get_int(body, "reasoning_budget_tokens", d.reasoning_budget_tokens, lo=-1, hi=INT32_MAX)
+    tok = lambda text: tuple(model.tokenize(text, add_special=False, parse_special=True))  # noqa: E731
+    start = tok(get_str(body, "reasoning_budget_start_tag", ""))
+    ends = body.get("reasoning_budget_end_tags")
+    if ends is None and body.get("reasoning_budget_end_tag") is not None:
+        ends = [body["reasoning_budget_end_tag"]]
+    if ends is not None and (not isinstance(ends, list) or not all(isinstance(t, str) for t in ends)):
+        raise _err("reasoning_budget_end_tags", "expected an array of strings")
+    end = tuple(tok(t) for t in ends or () if t)
+    forced = ()
+    if end:
+        message = get_str(body, "reasoning_budget_message", "")
+        forced = (tok(message) if message else ()) + end[0]
+    return dict(reasoning_budget_tokens=budget, reasoning_budget_start=start, reasoning_budget_end=end,
+                reasoning_budget_forced=forced,
+                reasoning_control=get_bool(body, "reasoning_control", d.reasoning_control),
+                reasoning_budget_prefill=generation_prompt_tokens(model, get_str(body, "generation_prompt", ""))
+                if start and end else ())
 
 
 def parse_sampling(body: dict, defaults: Defaults, model, grammar_prefill: tuple = ()) -> SamplingParams:
@@ -225,6 +261,7 @@ def parse_sampling(body: dict, defaults: Defaults, model, grammar_prefill: tuple
             n_probs=max(0, n_probs),
             post_sampling_probs=get_bool(body, "post_sampling_probs", d.post_sampling_probs),
             backend_sampling=get_bool(body, "backend_sampling", d.backend_sampling),
+            **_reasoning_budget(body, defaults, model),
         )
     except InvalidRequestError:
         raise

@@ -16,6 +16,18 @@ class ChatResource:
         self.state.respond(resp, chat.parse(req.context.body, self.state.protocol))
 
 
+class ChatControlResource:
+    """POST /v1/chat/completions/control: act on a live completion (action reasoning_end)."""
+
+    def __init__(self, state) -> None:
+        self.state = state
+
+    def on_post(self, req, resp):
+        cmpl_id = chat.parse_control(req.context.body)
+        self.state.require_ready()
+        write_json(resp, chat.control_result(self.state.end_reasoning(cmpl_id)))
+
+
 class ApplyTemplateResource:
     """POST /apply-template: the rendered prompt, no inference."""
 
