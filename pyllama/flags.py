@@ -58,8 +58,7 @@ REFUSED_FEATURES = {
     "agent and MCP tools": "--tools --mcp-servers-config --agent -ag --ui-mcp-proxy "
                            "--webui-mcp-proxy --no-ui-mcp-proxy --no-webui-mcp-proxy "
                            "--tools-runtime --mcp-servers-json",
-    "KV cache reuse by shifting and context checkpoints":
-        "--cache-reuse --ctx-checkpoints --swa-checkpoints -ctxcp --checkpoint-min-step",
+    "context checkpoints": "--ctx-checkpoints --swa-checkpoints -ctxcp --checkpoint-min-step",
     "ggml RPC": "--rpc",
     "static files and media paths": "--path --media-path",
     "prompt logging": "--log-prompts-dir",

@@ -4,7 +4,7 @@ Each preset is what its handler in upstream's common/arg.cpp ("// presets") sets
 Settings field values; flags.py applies them where the flag stands on the command line, so
 later flags override a preset and a preset overrides earlier flags and LLAMA_ARG_* variables,
 as upstream's handlers do. What a preset sets that pyllama does not have (a draft model for
-speculative decoding, the host-RAM cache reuse, vision input) is listed in `unapplied` and
+speculative decoding, vision input) is listed in `unapplied` and
 logged at start-up (downloads.prepare_model) instead of failing.
 Imports: stdlib only.
 """
@@ -22,15 +22,14 @@ class Preset:
     unapplied: tuple = ()
 
 
-_CACHE_REUSE = "--cache-reuse 256 (pyllama has no KV cache reuse by shifting)"
 _DRAFT = ("the draft model ggml-org/Qwen2.5-Coder-0.5B-Q8_0-GGUF (qwen2.5-coder-0.5b-q8_0.gguf; pyllama "
           "has no speculative decoding, so it is not downloaded)")
 _VISION = "vision input through the repository's mmproj (pyllama has no multimodal input)"
 
 
 def _fim(repo: str, file: str, *unapplied: str) -> Preset:
-    return Preset(dict(hf_repo=repo, hf_file=file, port=8012, ubatch_size=1024, batch_size=1024, ctx_size=0),
-                  (*unapplied, _CACHE_REUSE))
+    return Preset(dict(hf_repo=repo, hf_file=file, port=8012, ubatch_size=1024, batch_size=1024, ctx_size=0,
+                       cache_reuse=256), unapplied)
 
 
 def _gpt_oss(repo: str, file: str = "") -> Preset:

@@ -105,6 +105,9 @@ class Settings:
     swa_full: bool = _flag(False, ["--swa-full"], "full-size SWA cache", env="LLAMA_ARG_SWA_FULL", kind="flag")
     cache_prompt: bool = _flag(True, ["--cache-prompt"], "reuse the KV cache of a previous prompt (default for requests)",
                                env="LLAMA_ARG_CACHE_PROMPT", neg=["--no-cache-prompt"])
+    cache_reuse: int = _flag(0, ["--cache-reuse"], "min chunk size to attempt reusing from the cache via KV "
+                             "shifting, requires prompt caching to be enabled (default for requests)",
+                             env="LLAMA_ARG_CACHE_REUSE", metavar="N")
     defrag_thold: float = _flag(-1.0, ["-dt", "--defrag-thold"], "deprecated, no effect (as upstream)",
                                 env="LLAMA_ARG_DEFRAG_THOLD")
     context_shift: bool = _flag(False, ["--context-shift"], "shift the context when it fills up",

@@ -271,8 +271,8 @@ def test_presets_are_upstreams():
 
 def test_a_preset_applies_where_it_stands():
     s = parse_server_args(["--fim-qwen-7b-default"], environ={"LLAMA_ARG_PORT": "9001"})
-    assert (s.hf_repo, s.hf_file, s.port, s.batch_size, s.ubatch_size, s.ctx_size) == (
-        "ggml-org/Qwen2.5-Coder-7B-Q8_0-GGUF", "qwen2.5-coder-7b-q8_0.gguf", 8012, 1024, 1024, 0)
+    assert (s.hf_repo, s.hf_file, s.port, s.batch_size, s.ubatch_size, s.ctx_size, s.cache_reuse) == (
+        "ggml-org/Qwen2.5-Coder-7B-Q8_0-GGUF", "qwen2.5-coder-7b-q8_0.gguf", 8012, 1024, 1024, 0, 256)
     assert parse_server_args(["--port", "9000", "--fim-qwen-7b-default"], environ={}).port == 8012
     assert parse_server_args(["--fim-qwen-7b-default", "--port", "9000"], environ={}).port == 9000
     s = parse_server_args(["--gpt-oss-20b-default"], environ={})
@@ -293,7 +293,7 @@ def test_start_up_names_the_model_as_upstream_and_says_what_a_preset_lacks(hub, 
     assert (s.alias, s.hf_repo) == ("ggml-org/Qwen2.5-Coder-7B-Q8_0-GGUF", "")  # /props model_alias
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(w.startswith("--fim-qwen-7b-spec: not applied: the draft model") for w in warned), warned
-    assert any("--cache-reuse 256" in w for w in warned), warned
+    assert not any("--cache-reuse" in w for w in warned), warned  # applied: cache_reuse = 256
     assert downloads.prepare_model(s) == s  # once resolved, nothing more to do
     s = downloads.prepare_model(parse_server_args(["-hf", "user/tiny:Q8_0", "-a", "mine"], environ={}))
     assert s.alias == "mine" and s.model.endswith("tiny-Q8_0.gguf")

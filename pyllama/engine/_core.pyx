@@ -162,6 +162,8 @@ cdef class EngineCore:
         cache_ram_mib: the host-RAM prompt cache's size limit in MiB (-1 no limit, 0 none).
         cache_idle_slots: after each admission, save every idle slot to the prompt cache, and
             clear it when the KV cache is unified.
+        n_cache_reuse: the requests' default least chunk size reused by KV shifting (0 = off;
+            off when the memory cannot shift).
     """
 
     cdef readonly Context context
@@ -178,6 +180,7 @@ cdef class EngineCore:
     cdef public int n_threads_sampling
     cdef readonly PromptCache prompt_cache  # None with cache_ram_mib = 0
     cdef public bint cache_idle_slots
+    cdef public int n_cache_reuse
     cdef vector[int] prefill_ids  # slots filling their prompt, in admission order
     cdef vector[int] sample_slots
     cdef int * cpu_slots  # slots sampled on the CPU this step
@@ -196,7 +199,7 @@ cdef class EngineCore:
 
     def __cinit__(self, Context context, *, int n_predict=-1, bint ctx_shift=False,
                   double slot_prompt_similarity=0.1, int n_threads_sampling=1,
-                  int cache_ram_mib=0, bint cache_idle_slots=False):
+                  int cache_ram_mib=0, bint cache_idle_slots=False, int n_cache_reuse=0):
         self.slots_c = NULL
         self.context = context
         self.model = context.model
@@ -206,6 +209,11 @@ cdef class EngineCore:
         self.n_swa = L.llama_model_n_swa(self.model.ptr)
         self.n_predict_default = n_predict
         self.ctx_shift = ctx_shift and L.llama_memory_can_shift(L.llama_get_memory(context.ptr))
+        # server_context::load_model: cache reuse shifts KV cells, as the context shift does
+        self.n_cache_reuse = max(0, n_cache_reuse)
+        if self.n_cache_reuse and not L.llama_memory_can_shift(L.llama_get_memory(context.ptr)):
+            logger.warning("cache_reuse is not supported by this context, it will be disabled")
+            self.n_cache_reuse = 0
         self.slot_prompt_similarity = slot_prompt_similarity
         self.n_threads_sampling = max(1, n_threads_sampling)
         # server_context::load_model / init: the prompt cache holds at most n_ctx tokens
@@ -339,8 +347,16 @@ cdef class EngineCore:
         slot.update_cache = False
         if update_cache and self.prompt_cache is not None:
             self._update_prompt_cache(slot, request, lora)
+        cdef int n_cache_reuse = request.n_cache_reuse if request.n_cache_reuse >= 0 else self.n_cache_reuse
         if request.cache_prompt and slot.cache_lora == lora:  # another LoRA set: no reuse
-            keep = min(_common_prefix(slot.cache_tokens, request.prompt), n_prompt - 1)
+            keep = _common_prefix(slot.cache_tokens, request.prompt)
+            if n_cache_reuse > 0:
+                if L.llama_memory_can_shift(mem):
+                    keep = self._reuse_chunks(slot, request.prompt, keep, n_cache_reuse)
+                else:
+                    logger.warning("slot %d: cache reuse is not supported - ignoring n_cache_reuse = %d",
+                                   slot.id, n_cache_reuse)
+            keep = min(keep, n_prompt - 1)
             if keep > 0 and self.n_swa > 0:
                 # SWA caches drop old cells: reuse only if the cells still cover the prefix.
                 if L.llama_memory_seq_pos_min(mem, slot.id) > max(0, keep - self.n_swa):
@@ -387,6 +403,41 @@ cdef class EngineCore:
                      n_prompt, keep)
         if self.cache_idle_slots:
             self._cache_idle_slots()
+
+    cdef int _reuse_chunks(self, Slot slot, prompt, int n_past, int n_cache_reuse) except -1:
+        # server_context::update_slots, "reuse chunks from the cached prompt by shifting their
+        # KV cache in the new position": past the common prefix, every run of at least
+        # n_cache_reuse cached tokens that continues the prompt moves down to where the prompt
+        # has it (cells in between are removed). Only removals from the cached text are found:
+        # the cache head moves on, the prompt head never skips. Returns the new n_past; the
+        # caller removes the cells from it on. Engine thread.
+        cdef L.llama_memory_t mem = L.llama_get_memory(self.context.ptr)
+        cdef vector[L.llama_token] * cache = &slot.cache_tokens
+        cdef vector[L.llama_token] tokens = prompt
+        cdef size_t head_c = n_past, head_p = n_past, n_match, i
+        cdef size_t n_c = cache.size(), n_p = tokens.size()
+        logger.log(LOG_DEBUG_VERBOSE, "slot %d: trying to reuse chunks with size > %d, n_past = %d",
+                   slot.id, n_cache_reuse, n_past)
+        while head_c < n_c and head_p < n_p:
+            n_match = 0
+            while head_c + n_match < n_c and head_p + n_match < n_p and \
+                    cache[0][head_c + n_match] == tokens[head_p + n_match]:
+                n_match += 1
+            if n_match >= <size_t>n_cache_reuse:
+                logger.debug("slot %d: reusing chunk with size %d, shifting KV cache [%d, %d) -> [%d, %d)",
+                             slot.id, n_match, head_c, head_c + n_match, head_p, head_p + n_match)
+                L.llama_memory_seq_rm(mem, slot.id, <L.llama_pos>head_p, <L.llama_pos>head_c)
+                L.llama_memory_seq_add(mem, slot.id, <L.llama_pos>head_c, <L.llama_pos>(head_c + n_match),
+                                       <L.llama_pos>head_p - <L.llama_pos>head_c)
+                for i in range(n_match):
+                    cache[0][head_p + i] = cache[0][head_c + i]
+                n_past += <int>n_match
+                head_c += n_match
+                head_p += n_match
+            else:
+                head_c += 1
+        logger.log(LOG_DEBUG_VERBOSE, "slot %d: after context reuse, new n_past = %d", slot.id, n_past)
+        return n_past
 
     cdef void _update_prompt_cache(self, Slot slot, request, tuple lora) except *:
         # server_context::get_available_slot, update_cache: the slot's cache goes to the

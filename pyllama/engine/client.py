@@ -514,7 +514,8 @@ class Engine:
         self.core = EngineCore(context, n_predict=cfg.n_predict, ctx_shift=cfg.ctx_shift,
                                slot_prompt_similarity=cfg.slot_prompt_similarity,
                                n_threads_sampling=cfg.n_threads_sampling or context.n_threads,
-                               cache_ram_mib=cfg.cache_ram_mib, cache_idle_slots=cfg.cache_idle_slots)
+                               cache_ram_mib=cfg.cache_ram_mib, cache_idle_slots=cfg.cache_idle_slots,
+                               n_cache_reuse=cfg.n_cache_reuse)
         if cfg.n_ctx_slot_max > 0:
             self.core.n_ctx_slot = min(self.core.n_ctx_slot, cfg.n_ctx_slot_max)
         self.core.lora_adapters = [self.model.load_lora(path) for path, _ in cfg.lora]

@@ -50,6 +50,9 @@ class EngineConfig:
             (--cache-ram).
         cache_idle_slots: save idle slots to the prompt cache when a request starts, and clear
             them with kv_unified (--cache-idle-slots; needs the prompt cache).
+        n_cache_reuse: the least chunk of a slot's cache, past the common prefix, that a
+            request reuses by shifting its KV cells into place (--cache-reuse; 0 = off). A
+            request's own n_cache_reuse wins.
         n_threads_sampling: threads sampling slots in parallel (None = the context's n_threads).
         lora: ((path, scale), ...) LoRA adapters to load; their ids are their positions.
         lora_init_without_apply: start every adapter at scale 0 (until set_lora_scales).
@@ -103,6 +106,7 @@ class EngineConfig:
     slot_prompt_similarity: float = _to(_ENGINE, 0.1)
     cache_ram_mib: int = _to(_ENGINE, 8192)
     cache_idle_slots: bool = _to(_ENGINE, True)
+    n_cache_reuse: int = _to(_ENGINE, 0)
     n_threads_sampling: int | None = _to(_ENGINE, None)
     lora: tuple = _to(_ENGINE, ())
     lora_init_without_apply: bool = _to(_ENGINE, False)

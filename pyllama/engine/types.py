@@ -166,6 +166,7 @@ class Request:
     n_discard: int = 0
     stop: tuple[str, ...] = ()
     cache_prompt: bool = True
+    n_cache_reuse: int = -1  # least chunk reused by KV shifting; -1: the engine's (--cache-reuse)
     id_slot: int = -1
     t_max_predict_ms: int = -1
     n_indent: int = 0

@@ -300,6 +300,8 @@ def build_request(body: dict, tokens: list[int], sampling: SamplingParams, defau
         n_discard=get_int(body, "n_discard", 0, lo=0),
         stop=stop,
         cache_prompt=get_bool(body, "cache_prompt", defaults.cache_prompt),
+        # unset: the engine's --cache-reuse (upstream's default, zeroed where memory cannot shift)
+        n_cache_reuse=get_int(body, "n_cache_reuse", -1, lo=0, hi=INT32_MAX),
         id_slot=get_int(body, "id_slot", -1),
         t_max_predict_ms=get_int(body, "t_max_predict_ms", -1, lo=-1),
         n_indent=get_int(body, "n_indent", 0, lo=0),
