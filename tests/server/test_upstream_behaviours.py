@@ -203,12 +203,14 @@ def test_verbose_adds_upstreams_verbose_block(synthetic_server):
 
 
 # --- 4. prompt-progress events carry timings ------------------------------------------------
-@pytest.mark.parametrize("path", ["/completion", "/v1/chat/completions"])
+@pytest.mark.parametrize("path", ["/completion", "/v1/chat/completions", "/v1/responses"])
 def test_prompt_progress_events_carry_timings(synthetic_server, path):
     # upstream's tests/unit/test_metrics.py::test_metrics_timings_on_prompt_progress
     prompt = "the quick brown fox jumps over the lazy dog " * 8 + path
-    body = {"prompt": prompt} if path == "/completion" else {"messages": [{"role": "user", "content": prompt}]}
-    body.update({"n_predict": 4, "timings_per_token": True, "return_progress": True, "cache_prompt": False})
+    body = {"/completion": {"prompt": prompt, "n_predict": 4},
+            "/v1/chat/completions": {"messages": [{"role": "user", "content": prompt}], "max_tokens": 4},
+            "/v1/responses": {"input": prompt, "max_output_tokens": 4}}[path]
+    body.update({"timings_per_token": True, "return_progress": True, "cache_prompt": False})
     with httpx.Client(base_url=synthetic_server.base, timeout=120) as client:
         chunks = sse_events(client, path, body)
         progress = [c for c in chunks if "prompt_progress" in c]

@@ -20,7 +20,7 @@ from pyllama.engine import FinishEvent, ProgressEvent, TokenEvent
 from pyllama.errors import InvalidRequestError
 from pyllama.server.protocol.base import ProtocolContext, Task, random_id
 from pyllama.server.protocol.chat import ChatCall, ChatStream, chat_tasks, count_tokens, render
-from pyllama.server.protocol.completions import progress_dict, timings_dict
+from pyllama.server.protocol.completions import progress_fields, timings_dict
 
 
 def _is_str(obj, key: str) -> bool:
@@ -298,7 +298,7 @@ class ResponsesCall(ChatCall):
             out.append(self._status("response.in_progress"))
         items: _Items = stream.blocks
         if isinstance(event, ProgressEvent):
-            out[-1]["data"]["prompt_progress"] = progress_dict(event)
+            out[-1]["data"].update(progress_fields(task, event))  # timings too, with timings_per_token
         elif isinstance(event, TokenEvent):
             if event.text:
                 for delta in stream.update(event.text):
