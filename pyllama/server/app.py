@@ -171,8 +171,7 @@ class ServerState:
         self.ready = threading.Event()
         self.start_us = time.monotonic_ns() // 1000
         self.created = int(time.time())
-        self.build_info = build_info()  # upstream's llama_build_info(): b<build>-<commit>
-        self.streams = StreamStore()  # X-Conversation-Id sessions (server/stream_store.py)
+        self.build_info = f"pyllama-{__version__}"
 
     @property
     def model(self):
