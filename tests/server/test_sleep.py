@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from pyllama.cli import FlagError, parse_server_args
-from tests.server.conftest import ServerProcess
+from .conftest import ServerProcess
 
 DEADLINE = 120  # seconds to wait for a state; the test never asserts how long it took
 
