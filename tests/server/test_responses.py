@@ -287,7 +287,9 @@ def test_progress_and_timings_per_token(synthetic_path):
     assert frames[1].data["prompt_progress"] == {"total": 5, "cache": 0, "processed": 0, "time_ms": 0.0}
     assert frames[2].data["prompt_progress"]["processed"] == 5
     with_timings = [f.event for f in frames if "timings" in f.data]
-    assert with_timings == ["response.output_text.delta", "response.output_text.delta", "response.completed"]
+    # progress events carry timings too with timings_per_token (upstream's progress results)
+    assert with_timings == ["response.in_progress", "response.in_progress", "response.output_text.delta",
+                            "response.output_text.delta", "response.completed"]
 
 
 def test_mid_stream_error_ends_the_stream_and_early_errors_are_json(synthetic_path):
