@@ -13,6 +13,7 @@ class PyllamaError(Exception):
 
     status: int = 500
     type: str = "server_error"
+    code_in_body: bool = True  # False where upstream writes the error by hand, without "code"
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
@@ -61,6 +62,14 @@ class NotFoundError(PyllamaError):
 
     status = 404
     type = "not_found_error"
+
+
+class FeatureDisabledError(PyllamaError):
+    """A route whose feature is off (server.cpp's res_403: no "code" in the body)."""
+
+    status = 403
+    type = "feature_disabled"
+    code_in_body = False
 
 
 class NotSupportedError(PyllamaError):
@@ -125,6 +134,8 @@ def error_json(exc: BaseException) -> tuple[int, dict]:
     """
     if isinstance(exc, PyllamaError):
         error = {"code": exc.status, "message": exc.message, "type": exc.type}
+        if not exc.code_in_body:
+            del error["code"]
         if isinstance(exc, ContextLengthExceededError):
             error.update(n_prompt_tokens=exc.n_prompt_tokens, n_ctx=exc.n_ctx)
         return exc.status, {"error": error}

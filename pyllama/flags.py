@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import fields, replace
 
 from pyllama.presets import PRESETS
@@ -60,8 +61,6 @@ REFUSED_FEATURES = {
                            "--tools-runtime --mcp-servers-json",
     "context checkpoints": "--ctx-checkpoints --swa-checkpoints -ctxcp --checkpoint-min-step",
     "ggml RPC": "--rpc",
-    "static files and media paths": "--path --media-path",
-    "prompt logging": "--log-prompts-dir",
 }
 UNSUPPORTED = {name: feature for feature, names in REFUSED_FEATURES.items() for name in names.split()}
 
@@ -297,6 +296,18 @@ def _finish(s: Settings) -> Settings:
                 raise FlagError(f"cannot read --{name.replace('_', '-')}: {exc}") from None
     if s.slot_save_path and not os.path.isdir(s.slot_save_path):
         raise FlagError(f"--slot-save-path {s.slot_save_path}: not a folder")
+    if s.media_path:  # arg.cpp's --media-path handler: a folder, kept with a trailing separator
+        if not os.path.isdir(s.media_path):
+            raise FlagError(f'error while handling argument "--media-path": not a directory: {s.media_path}')
+        if not s.media_path.endswith(os.sep):
+            changes["media_path"] = s.media_path + os.sep
+    if s.path and s.webui and not os.path.isdir(s.path):  # server_http_context::init
+        raise FlagError(f"static assets path not found: {s.path}")
+    if s.log_prompts_dir:  # arg.cpp creates the folder, and only warns when it cannot
+        try:
+            os.makedirs(s.log_prompts_dir, exist_ok=True)
+        except OSError as exc:
+            sys.stderr.write(f"warning: failed to create prompts-log-dir '{s.log_prompts_dir}': {exc.strerror}\n")
     try:
         s.kv_override_map()
         for path, _ in s.lora_list():

@@ -243,6 +243,10 @@ class Settings:
     ui_config: str = _flag("", ["--ui-config", "--webui-config"], "UI defaults (JSON object), echoed in /props ui_settings",
                            env="LLAMA_ARG_UI_CONFIG")
     ui_config_file: str = _flag("", ["--ui-config-file", "--webui-config-file"], "file with the UI defaults", env="LLAMA_ARG_UI_CONFIG_FILE")
+    path: str = _flag("", ["--path"], "folder to serve static files from, at / (while the UI is on)",
+                      env="LLAMA_ARG_STATIC_PATH", metavar="PATH")
+    media_path: str = _flag("", ["--media-path"], "folder for file:// media URLs (validated; pyllama takes "
+                            "no media input yet)", metavar="PATH")
     max_body_mb: int = _flag(64, ["--max-body-mb"], "pyllama: largest request body in MiB (413 beyond)")
     # --- features -------------------------------------------------------------------------
     embedding: bool = _flag(False, ["--embedding", "--embeddings"], "embedding endpoints only",
@@ -300,6 +304,8 @@ class Settings:
                            env="LLAMA_ARG_LOG_VERBOSITY", metavar="N")
     log_disable: bool = _flag(False, ["--log-disable"], "no log output", kind="flag")
     log_file: str = _flag("", ["--log-file"], "log to this file too", env="LLAMA_ARG_LOG_FILE", metavar="FNAME")
+    log_prompts_dir: str = _flag("", ["--log-prompts-dir"], "write each generation prompt to this folder "
+                                 "(created if missing; for debugging)", metavar="PATH")
     log_colors: str = _flag("auto", ["--log-colors"], "coloured logging: on, off, auto (when stderr is a terminal)",
                             env="LLAMA_ARG_LOG_COLORS", choices=["on", "off", "auto"])
     log_prefix: bool = _flag(True, ["--log-prefix"], "level letter (and time) before each log line",

@@ -16,19 +16,24 @@ import time
 
 import falcon
 
-from pyllama import __version__
 from pyllama.engine import CpuPlacement, Engine, EngineConfig, SamplingParams
 from pyllama.engine.types import DEFAULT_DRY_BREAKERS, parse_samplers
 from pyllama.errors import UnavailableError
 from pyllama.server import errors as server_errors
 from pyllama.server.connection import ConnectionWatch
+from pyllama.server.hooks import GenerationHooks
 from pyllama.server.middleware import CorsAndAuth, JSONBody
 from pyllama.server.protocol.base import ProtocolContext
 from pyllama.server.protocol import info as info_json
+from pyllama.server.protocol.info import build_info
 from pyllama.server.protocol.params import Defaults
+from pyllama.server.routing import MethodRouting, RequestLine
 from pyllama.server.sleep import SleepGuard
+from pyllama.server.static import ServiceWorkerResource, StaticFiles
+from pyllama.server.stream_store import StreamStore
 from pyllama.server.streaming import respond
 from pyllama.server.templates import ChatFormatter
+from pyllama.server.vertex import GcpParams
 from pyllama.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -171,7 +176,8 @@ class ServerState:
         self.ready = threading.Event()
         self.start_us = time.monotonic_ns() // 1000
         self.created = int(time.time())
-        self.build_info = f"pyllama-{__version__}"
+        self.build_info = build_info()  # upstream's llama_build_info(): b<build>-<commit>
+        self.streams = StreamStore()  # X-Conversation-Id sessions (server/stream_store.py)
 
     @property
     def model(self):
@@ -306,6 +312,7 @@ class ServerState:
         return getattr(self, kept)
 
     def close(self) -> None:
+        self.streams.stop()
         if self.engine is not None:
             self.engine.close(timeout=30)
 
@@ -326,9 +333,13 @@ def start_loading(state: ServerState, on_failure=None) -> threading.Thread:
 
 def create_app(state: ServerState) -> falcon.App:
     """The WSGI app over a ServerState (the model may still be loading)."""
-    from pyllama.server.resources import anthropic, chat, completions, embeddings, info, responses, tokenize
+    from pyllama.server.resources import (anthropic, chat, completions, embeddings, features, info, responses,
+                                          streams, tokenize, vertex)
 
-    app = falcon.App(middleware=[CorsAndAuth(state), SleepGuard(state), JSONBody(state.settings.max_body_mb << 20),
+    s = state.settings
+    static = [StaticFiles(s.path, s.api_prefix)] if s.path and s.webui else []  # --path, UI on
+    app = falcon.App(middleware=[RequestLine(), CorsAndAuth(state), MethodRouting(), *static, SleepGuard(state),
+                                 JSONBody(state.settings.max_body_mb << 20), GenerationHooks(state),
                                  ConnectionWatch()],
                      cors_enable=False)
     app.req_options.strip_url_path_trailing_slash = True
@@ -372,6 +383,29 @@ def create_app(state: ServerState) -> falcon.App:
         ("/v1/embeddings", embeddings.OAIEmbeddingResource(state)),
         ("/rerank", rerank), ("/reranking", rerank), ("/v1/rerank", rerank), ("/v1/reranking", rerank),
     ]
+    transcriptions = features.TranscriptionsResource()  # no audio model: 501
+    routes += [
+        ("/v1/audio/transcriptions", transcriptions), ("/audio/transcriptions", transcriptions),
+        ("/v1/stream", streams.StreamResource(state)),  # GET replays, DELETE stops
+        ("/v1/streams/lookup", streams.StreamsLookupResource(state)),
+    ]
     for path, resource in routes:
         app.add_route(prefix + path, resource)
+    # After the table, as server.cpp: Vertex AI's routes (register_gcp_compat), which reach
+    # every route above and no later one; the features that are off; the UI's /sw.js.
+    gcp = GcpParams.from_env()
+    if gcp.enabled:
+        table = {re.sub(r"\{(\w+)\}", r":\1", path): next(m for m in ("GET", "POST", "DELETE")
+                                                         if hasattr(resource, "on_" + m.lower()))
+                 for path, resource in routes}
+        if gcp.path_predict in table:
+            logger.error("AIP_PREDICT_ROUTE=%s conflicts with an existing llama-server route", gcp.path_predict)
+            raise SystemExit(3)  # gunicorn's WORKER_BOOT_ERROR: the arbiter stops (upstream exits)
+        if gcp.path_health and gcp.path_health not in table:
+            app.add_route(prefix + gcp.path_health, health)
+        app.add_route(prefix + gcp.path_predict, vertex.PredictResource(app, table, prefix))
+    disabled = features.DisabledFeatureResource()  # no --ui-mcp-proxy, --tools, MCP servers: 403
+    app.add_route(prefix + "/cors-proxy", disabled)
+    app.add_route(prefix + "/tools", disabled)
+    app.add_route(prefix + "/sw.js", ServiceWorkerResource())  # no built-in UI
     return app

@@ -25,16 +25,28 @@ def error_body(status: int, message: str, type_: str, **extra) -> dict:
     return {"error": {"code": status, "message": message, "type": type_, **extra}}
 
 
+# server-http.cpp's error handler body, in its key order
+NOT_FOUND = {"error": {"message": "File Not Found", "type": "not_found_error", "code": 404}}
+
+
 def body_for(exc: BaseException) -> tuple[int, dict]:
     """Status and JSON body for any exception: pyllama.errors.error_json, plus Falcon's own
-    HTTP errors (unknown route, body too large)."""
+    HTTP errors (unknown route, body too large).
+
+    Every 404 gets upstream's "File Not Found" body, whoever raised it: server-http.cpp's
+    set_error_handler rewrites each 404 response, a route's own included. A known route asked
+    with a method it does not take is a 404 too (cpp-httplib routes by method, no 405).
+    """
+    if isinstance(exc, falcon.HTTPMethodNotAllowed):
+        return 404, NOT_FOUND
     if isinstance(exc, falcon.HTTPError):
         status = exc.status_code
-        message = exc.description or exc.title
         if status == 404:
-            message = "File Not Found"
+            return 404, NOT_FOUND
+        message = exc.description or exc.title
         return status, error_body(status, message, _FALCON_TYPES.get(status, "server_error"))
-    return error_json(exc)
+    status, body = error_json(exc)
+    return (404, NOT_FOUND) if status == 404 else (status, body)
 
 
 def _write(resp: falcon.Response, exc: BaseException) -> None:

@@ -114,6 +114,13 @@ def _worker_exit(server, worker):
 
 
 def run(settings: Settings) -> int:
+    from pyllama.server.vertex import apply_port
+
+    try:
+        settings = apply_port(settings)  # AIP_MODE=PREDICTION listens on AIP_HTTP_PORT
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return 1
     logger.info("pyllama-server listening on %s", ", ".join(bind_addresses(settings)))
     PyllamaApplication(settings).run()
     return 0

@@ -81,7 +81,9 @@ class JSONBody:
     """Read every POST body once, within the body limit, into `req.context.body`.
 
     A resource that takes any JSON value (e.g. /lora-adapters' array) sets `json_body = "any"`;
-    every other one gets an object. An empty body is `{}`, as upstream's parsers see it.
+    one that answers a bad body its own way sets `json_body = "raw"` and gets the bytes in
+    `req.context.raw_body`; every other one gets an object. An empty body is `{}`, as
+    upstream's parsers see it.
     """
 
     def __init__(self, limit: int) -> None:
@@ -96,6 +98,9 @@ class JSONBody:
         data = req.bounded_stream.read(self.limit + 1)
         if len(data) > self.limit:
             raise falcon.HTTPContentTooLarge(description=f"request body larger than {self.limit} bytes")
+        if getattr(resource, "json_body", "object") == "raw":  # the resource parses it itself
+            req.context.raw_body = data
+            return
         try:
             body = orjson.loads(data or b"{}")
         except orjson.JSONDecodeError as exc:

@@ -24,7 +24,28 @@ logger = logging.getLogger(__name__)
 
 
 def respond(resp: falcon.Response, engine, call: Call, metrics=None, ping_interval: int = 30) -> None:
-    """Run `call` and write its JSON response or its SSE stream into `resp`."""
+    """Run `call` and write its JSON response or its SSE stream into `resp`.
+
+    `resp.context.before_generation` (server/hooks.py: --log-prompts-dir, X-Conversation-Id)
+    sees the call first and may hand back a tee (server.stream_store.Producer): it gets a copy
+    of the stream and keeps it going when the client leaves; a call that fails before
+    streaming, or does not stream, abandons it.
+    """
+    hook = resp.context.get("before_generation")
+    if hook is not None:
+        resp.context.before_generation = None
+        tee = hook(call)
+        if tee is not None:
+            try:
+                respond(resp, engine, call, metrics, ping_interval)
+            except BaseException:
+                tee.abandon()
+                raise
+            if resp.stream is None:
+                tee.abandon()
+            else:
+                resp.stream = tee.tee(resp.stream)
+            return
     run = Run(engine, call, metrics)
     client_gone = getattr(resp.context, "client_gone", None)  # server.connection
     if not call.stream:

@@ -18,6 +18,7 @@ from pyllama.downloads import prepare_model
 from pyllama.errors import PyllamaError
 from pyllama.flags import parse_server_args
 from pyllama.server.gunicorn import _worker_exit, build_app, gunicorn_options
+from pyllama.server.vertex import apply_port
 
 _settings = parse_server_args(shlex.split(os.environ.get("PYLLAMA_ARGS", "")))
 logs.configure(_settings)
@@ -25,6 +26,7 @@ try:
     _settings = prepare_model(_settings)
 except PyllamaError as exc:
     raise SystemExit(f"pyllama: error: {exc}") from None
+_settings = apply_port(_settings)  # AIP_MODE=PREDICTION listens on AIP_HTTP_PORT
 
 # gunicorn reads these module globals when used with -c python:pyllama.server.wsgi
 globals().update(gunicorn_options(_settings))

@@ -8,6 +8,8 @@ Imports: `engine`, `errors`, the chat protocol.
 
 from __future__ import annotations
 
+import logging
+
 import orjson
 
 from pyllama.engine import FinishEvent, FinishReason, TokenEvent
@@ -16,10 +18,41 @@ from pyllama.server.protocol.base import ProtocolContext, Task, random_id
 from pyllama.server.protocol.chat import ChatCall, ChatStream, chat_tasks, count_tokens, render
 
 
+logger = logging.getLogger(__name__)
+
+
 def _text_of(blocks) -> str:
     if isinstance(blocks, str):
         return blocks
     return "".join(b.get("text", "") for b in blocks or [] if isinstance(b, dict) and b.get("type") == "text")
+
+
+BILLING_HEADER = b"x-anthropic-billing-header:"
+
+
+def normalize_billing_header(text: str) -> str:
+    """Claude Code's per-request `cch=XXXXX;` stamp as `cch=fffff;`, so its system prompt
+    stays one prefix for the prompt cache (normalize_anthropic_billing_header, server-chat.cpp).
+    Any other text is left as it is."""
+    raw = text.encode("utf-8", "surrogatepass")
+    if not raw.startswith(BILLING_HEADER):
+        return text
+    at = raw.find(b"cch=", len(BILLING_HEADER))
+    if at < 0:
+        return text
+    start = at + 4
+    if start + 5 < len(raw) and raw[start + 5:start + 6] == b";":
+        return (raw[:start] + b"fffff" + raw[start + 5:]).decode("utf-8", "replace")
+    logger.error("anthropic string not as expected: %s", text)
+    return text
+
+
+def _system_text(system) -> str:
+    # each text block normalised on its own, then joined (server_chat_convert_anthropic_to_oai)
+    if isinstance(system, str):
+        return normalize_billing_header(system)
+    return "".join(normalize_billing_header(b.get("text", "")) for b in system or []
+                   if isinstance(b, dict) and b.get("type") == "text")
 
 
 def to_chat(body: dict) -> dict:
@@ -30,7 +63,7 @@ def to_chat(body: dict) -> dict:
         raise InvalidRequestError("'messages' must be an array of objects", param="messages")
     messages = []
     if body.get("system"):
-        messages.append({"role": "system", "content": _text_of(body["system"])})
+        messages.append({"role": "system", "content": _system_text(body["system"])})
     for msg in body["messages"]:
         role, content = msg.get("role"), msg.get("content")
         if isinstance(content, str):
@@ -64,6 +97,9 @@ def to_chat(body: dict) -> dict:
     for key in ("temperature", "top_p", "top_k", "stream", "chat_template_kwargs"):
         if key in body:
             chat[key] = body[key]
+    metadata = body.get("metadata")
+    if isinstance(metadata, dict) and isinstance(metadata.get("user_id"), str) and metadata["user_id"]:
+        chat["__metadata_user_id"] = metadata["user_id"]  # passed on as upstream does; unused
     thinking = body.get("thinking")
     if isinstance(thinking, dict) and thinking.get("type") == "enabled":
         chat["thinking_budget_tokens"] = thinking.get("budget_tokens", 10000)  # upstream's default

@@ -58,6 +58,7 @@ class Task:
     index: int
     request: Request
     prompt_text: str = ""
+    source_prompt: Any = None  # the prompt as upstream's handler sees it (--log-prompts-dir)
     pieces: list = field(default_factory=list)  # streamed text, joined only when read
     tokens: list = field(default_factory=list)
     probs: list = field(default_factory=list)

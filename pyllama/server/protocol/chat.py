@@ -121,6 +121,7 @@ def chat_tasks(chat: ChatPrompt, ctx: ProtocolContext) -> list[Task]:
     tasks = completion_tasks(chat.native, ctx, prompt=tokens, grammar_prefill=chat.prefill)
     for task in tasks:
         task.state = ChatStream(ctx.chat.parser(chat.parser))
+        task.source_prompt = chat.prompt
     return tasks
 
 
@@ -224,7 +225,7 @@ class ChatCall(Call):
     def frames(self, task: Task, event) -> bytes:
         # PERF(pyllama): the per-token path: the parser's delta JSON goes into the chunk bytes
         # as it is (the same bytes orjson would write for the chunk dict), no dicts on the way.
-        if type(event) is not TokenEvent or not task.state.started or event.probs:
+        if type(event) is not TokenEvent or not task.state.started or event.probs or event.timings:
             return sse.frames(self.chunks(task, event))
         if not event.text:
             return b""
@@ -265,6 +266,8 @@ class ChatCall(Call):
                 if i == len(deltas) - 1 and event.probs:
                     chunk["choices"][0]["logprobs"] = {"content": probs_list(task, event.probs)}
                 out.append(chunk)
+            if event.timings is not None and out:  # timings_per_token: on the last delta
+                out[-1]["timings"] = timings_dict(event.timings)
         elif isinstance(event, FinishEvent):
             start = len(out)
             for delta in stream.finish(event.text):

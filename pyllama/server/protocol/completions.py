@@ -262,6 +262,7 @@ def completion_tasks(body: dict, ctx: ProtocolContext, prompt=None, grammar_pref
     n_cmpl = get_int(body, "n_cmpl", get_int(body, "n", 1), lo=1, hi=ctx.n_slots)
     tasks = []
     n_vocab = model.n_vocab
+    source = body["prompt"] if prompt is None else prompt
     for p in prompts:
         tokens = p if prompt is not None and isinstance(p, list) else tokenize_prompt(model, p)
         if any(t < 0 or t >= n_vocab for t in tokens):
@@ -271,7 +272,7 @@ def completion_tasks(body: dict, ctx: ProtocolContext, prompt=None, grammar_pref
             if child and sampling.seed != 0xFFFFFFFF:
                 child_sampling = replace(sampling, seed=(sampling.seed + child) & 0xFFFFFFFF)
             request = build_request(body, tokens, child_sampling, ctx.defaults, stop)
-            tasks.append(Task(index=len(tasks), request=request))
+            tasks.append(Task(index=len(tasks), request=request, source_prompt=source))
     return tasks
 
 
@@ -358,8 +359,15 @@ class OAICompletionCall(Call):
     def _chunks(self, task: Task, event) -> list:
         if isinstance(event, TokenEvent):
             probs = probs_list(task, event.probs) if event.probs else None
-            return [oai_completion_chunk(self.id, self.model_name, self.fingerprint, task.index,
-                                         event.text, probs=probs)]
+            chunk = oai_completion_chunk(self.id, self.model_name, self.fingerprint, task.index,
+                                         event.text, probs=probs)
+            if event.timings is not None:  # timings_per_token (to_json_oaicompat)
+                chunk["timings"] = timings_dict(event.timings)
+            return [chunk]
+        if isinstance(event, ProgressEvent):  # return_progress: an empty choice and the progress
+            chunk = oai_completion_chunk(self.id, self.model_name, self.fingerprint, task.index, "")
+            chunk.update(progress_fields(task, event))
+            return [chunk]
         if isinstance(event, FinishEvent):
             chunk = oai_completion_chunk(self.id, self.model_name, self.fingerprint, task.index, "",
                                          finish_reason(event))

@@ -12,10 +12,52 @@ import time
 
 import orjson
 
-from pyllama.engine import Request
+from pyllama.engine import Request, llama_build_commit
 from pyllama.errors import InvalidRequestError
-from pyllama.server.protocol.base import ProtocolContext
+from pyllama.server.protocol.base import ProtocolContext, random_id
 from pyllama.server.protocol.completions import generation_settings
+
+
+# The build number of the pinned commit (vendor/pin.toml's build_number): `git rev-list --count`
+# there, which upstream's cmake/build-info.cmake makes LLAMA_BUILD_NUMBER.
+LLAMA_BUILD_NUMBER = 11312
+
+
+def build_info() -> str:
+    """llama_build_info(): "b<build number>-<commit>" of the pinned llama.cpp (system_fingerprint)."""
+    return f"b{LLAMA_BUILD_NUMBER}-{llama_build_commit()}"
+
+
+_media_marker: str | None = None
+
+
+def media_marker() -> str:
+    """get_media_marker(): LLAMA_MEDIA_MARKER, or "<__media_" + 32 random characters + "__>",
+    fixed for the life of the process."""
+    global _media_marker
+    if _media_marker is None:
+        _media_marker = os.environ.get("LLAMA_MEDIA_MARKER") or f"<__media_{random_id()}__>"
+    return _media_marker
+
+
+# llama_ftype_name's names (src/llama-model-loader.cpp), "(guessed) " first when guessed
+FTYPE_NAMES = ("all F32", "F16", "BF16", "Q1_0", "Q2_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
+               "MXFP4 MoE", "NVFP4", "Q2_K - Medium", "Q2_K - Small", "Q3_K - Small",
+               "Q3_K - Medium", "Q3_K - Large", "Q4_K - Small", "Q4_K - Medium", "Q5_K - Small",
+               "Q5_K - Medium", "Q6_K", "TQ1_0 - 1.69 bpw ternary", "TQ2_0 - 2.06 bpw ternary",
+               "IQ2_XXS - 2.0625 bpw", "IQ2_XS - 2.3125 bpw", "IQ2_S - 2.5 bpw", "IQ2_M - 2.7 bpw",
+               "IQ3_XS - 3.3 bpw", "IQ3_XXS - 3.0625 bpw", "IQ1_S - 1.5625 bpw", "IQ1_M - 1.75 bpw",
+               "IQ4_NL - 4.5 bpw", "IQ4_XS - 4.25 bpw", "IQ3_S - 3.4375 bpw", "IQ3_S mix - 3.66 bpw",
+               "unknown, may not work")
+
+
+def model_ftype(model) -> str:
+    """llama_ftype_name(llama_model_ftype(model)): the end of the model's description
+    ("<arch> <type> <ftype>"), found by name since a type name may hold a space."""
+    desc = model.description or ""
+    names = [f"(guessed) {n}" for n in FTYPE_NAMES] + list(FTYPE_NAMES)
+    found = [n for n in names if desc == n or desc.endswith(" " + n)]
+    return max(found, key=len) if found else desc.split(" ", 2)[-1]
 
 
 def models(engine, ctx: ProtocolContext, aliases: list, tags: str) -> dict:
@@ -25,7 +67,7 @@ def models(engine, ctx: ProtocolContext, aliases: list, tags: str) -> dict:
     meta = {"vocab_type": int(model.meta("tokenizer.ggml.model") != "llama") + 1,
             "n_vocab": model.n_vocab, "n_ctx": ctx.n_ctx_slot, "n_ctx_train": model.n_ctx_train,
             "n_embd": model.n_embd, "n_params": model.n_params, "size": model.size,
-            "ftype": model.description.split(" ", 2)[-1] if model.description else ""}
+            "ftype": model_ftype(model)}
     capabilities = ["embedding"] if ctx.embeddings else ["completion"]
     return {
         "models": [{"name": name, "model": name, "modified_at": "", "size": "", "digest": "",
@@ -52,8 +94,10 @@ def props(ctx: ProtocolContext, settings, model_path: str) -> dict:
         "default_generation_settings": {"params": default_params(ctx), "n_ctx": ctx.n_ctx_slot},
         "total_slots": ctx.n_slots,
         "model_alias": ctx.model_name,
+        "model_ftype": model_ftype(model),
         "model_path": settings.model or model_path,
         "modalities": {"vision": False, "video": False, "audio": False},
+        "media_marker": media_marker(),
         "endpoint_slots": settings.slots,
         "endpoint_props": settings.props,
         "endpoint_metrics": settings.metrics,

@@ -209,6 +209,10 @@ def parse_sampling(body: dict, defaults: Defaults, model, grammar_prefill: tuple
     elif isinstance(seed, bool) or not isinstance(seed, int):
         raise _err("seed", "expected an integer")
     n_probs = get_int(body, "n_probs", d.n_probs)
+    if body.get("n_probs") is None and body.get("logprobs") is not None:
+        # "logprobs" is n_probs' alias in upstream's schema (a boolean reads as 0 or 1)
+        alias = body["logprobs"]
+        n_probs = int(alias) if isinstance(alias, bool) else get_int(body, "logprobs", d.n_probs)
     grammar = get_str(body, "grammar", d.grammar)
     json_schema = body.get("json_schema")
     if json_schema is not None and not grammar:
