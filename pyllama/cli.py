@@ -2,7 +2,9 @@
 
 `pyllama-server` turns llama-server's flags into Settings (pyllama/flags.py), then runs the
 server under gunicorn.
-Imports: `flags`, `errors`, `downloads` and `server.gunicorn` (lazily), and the public `engine` names.
+Without a model but with --models-dir / --models-preset it runs a router instead (server/router).
+Imports: `flags`, `errors`, `downloads`, `server.gunicorn` and `server.router` (lazily), and the
+public `engine` names.
 """
 
 from __future__ import annotations
@@ -58,12 +60,22 @@ def server_main(argv: list[str] | None = None) -> int:
         print(f"pyllama-server: error: {exc}", file=sys.stderr)
         return 1
     from pyllama import logs
+    from pyllama.server.router.mode import is_router_mode
 
+    router = is_router_mode(settings)
     try:
-        logs.configure(settings)
+        logs.configure(settings, common_log=not router)  # a router never loads libllama
     except OSError as exc:
         print(f"pyllama-server: error: cannot open --log-file: {exc}", file=sys.stderr)
         return 1
+    if router:  # no model, and --models-dir / --models-preset: serve many through children
+        from pyllama.server.router.app import run as run_router
+
+        return run_router(settings, argv)
+    from pyllama.server.router.child import is_child, watch_stdin
+
+    if is_child():  # started by a router: stop with it (server_child::setup)
+        watch_stdin()
     from pyllama.downloads import prepare_model
 
     try:  # -hf/-mu/-dr: download once, here, before gunicorn forks its worker

@@ -80,14 +80,16 @@ class JsonlFormatter(logging.Formatter):
                            "msg": msg}, ensure_ascii=False)
 
 
-def configure(settings: Settings) -> None:
-    """Install the handlers the flags ask for on the root logger (replacing earlier ones)."""
+def configure(settings: Settings, common_log: bool = True) -> None:
+    """Install the handlers the flags ask for on the root logger (replacing earlier ones);
+    `common_log=False` leaves llama.cpp's common log alone (a router never loads libllama)."""
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
         handler.close()
     root.setLevel(level_for(settings))
-    _configure_common_log(settings)
+    if common_log:
+        _configure_common_log(settings)
     if settings.log_disable:
         root.addHandler(logging.NullHandler())
         return

@@ -86,6 +86,10 @@ def build_app(settings: Settings):
         os._exit(3)  # gunicorn's WORKER_BOOT_ERROR: the arbiter stops instead of respawning
 
     start_loading(state, on_failure=fail)
+    from pyllama.server.router.child import is_child, notify_when_ready
+
+    if is_child():  # started by a router: tell it when the model is ready
+        notify_when_ready(state)
     global _worker_state
     _worker_state = state
     return UpstreamHeaders(create_app(state))  # header names as upstream spells them
