@@ -99,3 +99,26 @@ def test_in_process_api_loads_no_http_layer():
     out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_router_stays_off_the_engine():
+    # router mode (server/router/) is a process in front of child servers: no engine, no
+    # libllama, none of the model-serving resources or protocol modules
+    allowed_resources = {"pyllama.server.resources.features"}
+    for path in (PKG / "server" / "router").glob("*.py"):
+        bad = [n for n in _imports(path)
+               if n.startswith(("pyllama.engine", "pyllama._", "pyllama.server.protocol", "pyllama.server.app",
+                                "pyllama.server.streaming", "pyllama.llama"))
+               or (n.startswith("pyllama.server.resources") and n not in allowed_resources)]
+        assert not bad, f"router/{path.name} imports {bad}"
+
+
+def test_importing_the_router_loads_no_engine():
+    import subprocess
+    import sys
+
+    code = ("import sys, pyllama.server.router.app, pyllama.server.router.mode; "
+            "print(sorted(m for m in sys.modules if m.startswith(('pyllama.engine', 'pyllama._'))))")
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

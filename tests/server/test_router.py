@@ -391,7 +391,19 @@ tags = small, test
         assert props["default_generation_settings"]["n_ctx"] == 512
         r = httpx.post(srv.base + "/completion", json={"model": "d2", "prompt": "Hello"}, timeout=WAIT)  # an alias
         assert r.status_code == 200 and r.json()["tokens_predicted"] == 3
-        assert _status(_models(srv), "delta") == "loaded"
+        models = _models(srv)
+        assert _status(models, "delta") == "loaded"
+        children = _child_pids(_port(models["gamma"])) + _child_pids(_port(models["delta"]))
+        # the router killed outright, before it can stop anyone: its children see their stdin
+        # close and stop too (server_child::setup), no orphans
+        router_pids = [srv.proc.pid] + [p for p in _pids() if _ppid(p) == srv.proc.pid]
+        for pid in router_pids:
+            os.kill(pid, signal.SIGKILL)
+        srv.proc.wait(30)
+        deadline = time.time() + WAIT
+        while any(_alive(p) for p in children) and time.time() < deadline:
+            time.sleep(0.1)
+        assert len(children) == 4 and not any(_alive(p) for p in children)
     finally:
         srv.stop()
 
