@@ -105,6 +105,7 @@ std::string pyllama_chat_apply(const pyllama_chat * chat, const std::string & in
     out["thinking_start_tag"] = params.thinking_start_tag;
     out["thinking_end_tags"] = params.thinking_end_tags;
     out["parser"] = params.parser;
+    out["message_delimiters"] = params.message_delimiters.to_json();
     return out.dump_safe();
 }
 

@@ -4,12 +4,14 @@
 from libcpp cimport bool as cbool
 from libcpp.string cimport string
 
-from libc.stdint cimport int32_t, uint32_t
+from libc.stdint cimport int32_t, int64_t, uint32_t
 from libcpp.vector cimport vector
 from libcpp.string cimport string as cstring
 
 from pyllama._llama cimport (
     llama_context,
+    llama_pos,
+    llama_seq_id,
     llama_context_params,
     llama_model,
     llama_sampler,
@@ -72,3 +74,27 @@ cdef extern from "reasoning-budget.h" nogil:
     common_reasoning_budget_state common_reasoning_budget_get_state(const llama_sampler * smpl)
     const vector[llama_token] * common_reasoning_budget_get_end_match(const llama_sampler * smpl)
     cbool common_reasoning_budget_force(llama_sampler * smpl)
+
+
+cdef extern from "common.h" nogil:
+    # what a context can remove from a sequence (common_context_can_seq_rm clears its memory)
+    cdef enum common_context_seq_rm_type:
+        COMMON_CONTEXT_SEQ_RM_TYPE_NO
+        COMMON_CONTEXT_SEQ_RM_TYPE_PART
+        COMMON_CONTEXT_SEQ_RM_TYPE_FULL
+        COMMON_CONTEXT_SEQ_RM_TYPE_RS
+
+    common_context_seq_rm_type common_context_can_seq_rm(llama_context * ctx)
+
+    # a context checkpoint: the part of a sequence's memory that cannot be rolled back (SWA
+    # cells, recurrent state), as llama-server keeps them per slot
+    cdef cppclass common_prompt_checkpoint:
+        int64_t n_tokens
+        int id_task
+        llama_pos pos_min
+        llama_pos pos_max
+        size_t size()
+        cbool empty()
+        void update_pos(int64_t n_tokens, llama_pos pos_min, llama_pos pos_max)
+        void update_tgt(llama_context * ctx, llama_seq_id seq_id, uint32_t flags)
+        void load_tgt(llama_context * ctx, llama_seq_id seq_id, uint32_t flags)

@@ -55,11 +55,9 @@ REFUSED_FEATURES = {
                             "--spec-ngram-map-k4v-size-n --spec-ngram-map-k4v-size-m "
                             "--spec-ngram-map-k4v-min-hits --spec-ngram-size-n --spec-ngram-size-m "
                             "--spec-ngram-min-hits",
-    "router mode": "--models-dir --models-preset --models-max --models-autoload --no-models-autoload",
     "agent and MCP tools": "--tools --mcp-servers-config --agent -ag --ui-mcp-proxy "
                            "--webui-mcp-proxy --no-ui-mcp-proxy --no-webui-mcp-proxy "
                            "--tools-runtime --mcp-servers-json",
-    "context checkpoints": "--ctx-checkpoints --swa-checkpoints -ctxcp --checkpoint-min-step",
     "ggml RPC": "--rpc",
 }
 UNSUPPORTED = {name: feature for feature, names in REFUSED_FEATURES.items() for name in names.split()}
@@ -246,6 +244,9 @@ def _check_placement(s: Settings) -> None:
     if s.sleep_idle_seconds == 0 or s.sleep_idle_seconds < -1:  # not placement: arg.cpp's check
         raise FlagError('error while handling argument "--sleep-idle-seconds": '
                         'invalid value: cannot be 0 or less than -1')
+    if s.checkpoint_min_step < 0:
+        raise FlagError('error while handling argument "--checkpoint-min-step": '
+                        'checkpoint-min-step must be non-negative')
 
 
 def _finish(s: Settings) -> Settings:

@@ -121,6 +121,12 @@ class Settings:
                                    "save idle slots to the prompt cache on a new task, and clear them "
                                    "with a unified KV cache (requires --cache-ram)",
                                    env="LLAMA_ARG_CACHE_IDLE_SLOTS", neg=["--no-cache-idle-slots"])
+    ctx_checkpoints: int = _flag(32, ["-ctxcp", "--ctx-checkpoints", "--swa-checkpoints"],
+                                 "max number of context checkpoints to create per slot", metavar="N",
+                                 env="LLAMA_ARG_CTX_CHECKPOINTS")
+    checkpoint_min_step: int = _flag(8192, ["-cms", "--checkpoint-min-step"],
+                                     "minimum spacing between context checkpoints in tokens (0 = no minimum)",
+                                     metavar="N", env="LLAMA_ARG_CHECKPOINT_MIN_SPACING_NT")
     mmap: bool = _flag(True, ["--mmap"], "memory-map the model", env="LLAMA_ARG_MMAP", neg=["--no-mmap"])
     mlock: bool = _flag(False, ["--mlock"], "keep the model in RAM", env="LLAMA_ARG_MLOCK", kind="flag")
     repack: bool = _flag(True, ["--repack"], "repack weights for the CPU backend", env="LLAMA_ARG_REPACK",
@@ -226,6 +232,15 @@ class Settings:
                               env="LLAMA_ARG_THREADS_HTTP")
     sse_ping_interval: int = _flag(30, ["--sse-ping-interval"], "seconds of silence before an SSE ping (-1 = never)",
                                    env="LLAMA_ARG_SSE_PING_INTERVAL")
+    # --- router mode (started without -m, with --models-dir and/or --models-preset) ---------------
+    models_dir: str = _flag("", ["--models-dir"], "directory containing models for the router server",
+                            env="LLAMA_ARG_MODELS_DIR", metavar="PATH")
+    models_preset: str = _flag("", ["--models-preset"], "path to INI file containing model presets for the "
+                               "router server", env="LLAMA_ARG_MODELS_PRESET", metavar="PATH")
+    models_max: int = _flag(4, ["--models-max"], "for router server, maximum number of models to load "
+                            "simultaneously (0 = unlimited)", env="LLAMA_ARG_MODELS_MAX", metavar="N")
+    models_autoload: bool = _flag(True, ["--models-autoload"], "for router server, whether to automatically "
+                                  "load models", env="LLAMA_ARG_MODELS_AUTOLOAD", neg=["--no-models-autoload"])
     sleep_idle_seconds: int = _flag(-1, ["--sleep-idle-seconds"], "number of seconds of idleness after which the "
                                     "server will sleep (default: -1; -1 = disabled)", metavar="SECONDS")
     reuse_port: bool = _flag(False, ["--reuse-port"], "allow several sockets to bind the same port",

@@ -35,6 +35,9 @@ class SyntheticSpec:
     # as reasoning models have them
     special_tokens: tuple = ()
     name: str = "pyllama-synthetic"
+    # a sliding attention window: the gemma3 architecture then (its layers are SWA but every
+    # sixth, as gemma-3's), whose memory cannot be cut back inside the window
+    sliding_window: int = 0
 
 
 def _vocab(extra: int) -> tuple[list[str], list[float], list[int]]:
@@ -64,6 +67,8 @@ def add_llama_shape(writer, spec: SyntheticSpec) -> None:
     writer.add_head_count_kv(spec.n_head_kv)
     writer.add_rope_dimension_count(spec.n_embd // spec.n_head)
     writer.add_layer_norm_rms_eps(1e-5)
+    if spec.sliding_window:
+        writer.add_sliding_window(spec.sliding_window)
 
 
 def add_llama_blocks(writer, spec: SyntheticSpec, weight, norm) -> None:
@@ -79,6 +84,12 @@ def add_llama_blocks(writer, spec: SyntheticSpec, weight, norm) -> None:
         writer.add_tensor(f"blk.{i}.ffn_gate.weight", weight(spec.n_ff, spec.n_embd))
         writer.add_tensor(f"blk.{i}.ffn_up.weight", weight(spec.n_ff, spec.n_embd))
         writer.add_tensor(f"blk.{i}.ffn_down.weight", weight(spec.n_embd, spec.n_ff))
+        if spec.sliding_window:  # gemma3's extra norms
+            head = spec.n_embd // spec.n_head
+            writer.add_tensor(f"blk.{i}.post_attention_norm.weight", norm(spec.n_embd))
+            writer.add_tensor(f"blk.{i}.post_ffw_norm.weight", norm(spec.n_embd))
+            writer.add_tensor(f"blk.{i}.attn_q_norm.weight", norm(head))
+            writer.add_tensor(f"blk.{i}.attn_k_norm.weight", norm(head))
 
 
 def write_synthetic_model(path: str | Path, spec: SyntheticSpec = SyntheticSpec()) -> Path:
@@ -103,7 +114,7 @@ def write_synthetic_model(path: str | Path, spec: SyntheticSpec = SyntheticSpec(
         types.append(4)  # USER_DEFINED
     n_vocab = len(tokens)
 
-    writer = GGUFWriter(str(path), "llama")
+    writer = GGUFWriter(str(path), "gemma3" if spec.sliding_window else "llama")
     add_llama_shape(writer, spec)
     writer.add_file_type(LlamaFileType.MOSTLY_F16 if spec.f16 else LlamaFileType.ALL_F32)
     writer.add_tokenizer_model("llama")

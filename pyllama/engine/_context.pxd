@@ -19,6 +19,7 @@ cdef class Context:
     cdef readonly Model model
     cdef readonly bint embeddings
     cdef readonly bint kv_unified  # one KV stream for all sequences
+    cdef readonly bint swa_full    # full-size cache for sliding-window layers
 
     cdef void _free(self) noexcept
     cdef int _require_open(self) except -1

@@ -254,6 +254,7 @@ cdef class Context:
             raise TypeError("pass either params or options, not both")
         self.embeddings = params.params.embeddings
         self.kv_unified = params.params.kv_unified
+        self.swa_full = params.params.swa_full
         with nogil:
             self.ptr = L.llama_init_from_model(model.ptr, params.params)
         if self.ptr == NULL:

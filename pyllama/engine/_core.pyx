@@ -7,9 +7,11 @@ samples every slot that produced logits (in parallel across CPU threads), then p
 event per request. Mirrors upstream's server_context::update_slots / process_token
 (tools/server/server-context.cpp).
 Engine thread only: the thread that created an EngineCore is the only one that may call it.
-Imports: `_llama`, `_model`, `_context`, `_sampling`, `_prompt_cache`, `engine.types`, `errors`.
+Imports: `_llama`, `_bridge` (common), `_model`, `_context`, `_sampling`, `_prompt_cache`,
+`engine.types`, `errors`.
 """
 
+import bisect
 import logging
 import os
 import time
@@ -21,9 +23,15 @@ from libc.stdlib cimport free, malloc
 from libcpp.vector cimport vector
 
 from pyllama cimport _llama as L
+from pyllama._bridge cimport (
+    COMMON_CONTEXT_SEQ_RM_TYPE_FULL,
+    COMMON_CONTEXT_SEQ_RM_TYPE_RS,
+    common_context_can_seq_rm,
+    common_context_seq_rm_type,
+)
 from pyllama.engine._context cimport Context, check_decode
 from pyllama.engine._model cimport Model
-from pyllama.engine._prompt_cache cimport PromptCache
+from pyllama.engine._prompt_cache cimport Checkpoint, PromptCache
 from pyllama.engine._sampling cimport SamplerChain, SamplerState, sampler_accept, sampler_sample
 
 from pyllama.engine.types import (
@@ -68,6 +76,7 @@ cdef struct SlotC:
     bint held               # not in this step's batch (another LoRA set runs this step)
     bint prefilled          # took prompt tokens in this step's batch
     int n_in_batch          # tokens _fill_batch put in the batch; committed after a decode
+    int prefill_stop        # the prompt chunk of this step ends here (a checkpoint point)
 
 
 cdef int utf8_complete_len(bytes data):
@@ -115,6 +124,8 @@ cdef class Slot:
     cdef public tuple lora        # the scales this request runs with
     cdef public tuple cache_lora  # the scales the cached tokens were computed with
     cdef bint update_cache        # free_slot_for chose it so: save / load the prompt cache
+    cdef public list checkpoints  # context checkpoints of cache_tokens (Checkpoint), oldest first
+    cdef tuple user_starts        # where the request's user messages start, ascending
     # per-request progress
     cdef int n_decoded
     cdef int n_predict
@@ -140,6 +151,8 @@ cdef class Slot:
         self.lora = ()
         self.cache_lora = ()
         self.update_cache = False
+        self.checkpoints = []
+        self.user_starts = ()
 
     @property
     def cached_tokens(self):
@@ -164,6 +177,9 @@ cdef class EngineCore:
             clear it when the KV cache is unified.
         n_cache_reuse: the requests' default least chunk size reused by KV shifting (0 = off;
             off when the memory cannot shift).
+        n_ctx_checkpoints: context checkpoints kept per slot (0 = none); made only where the
+            memory cannot be cut back (sliding-window or recurrent layers).
+        checkpoint_min_step: least tokens between two checkpoints of a prompt (0 = none).
     """
 
     cdef readonly Context context
@@ -181,6 +197,10 @@ cdef class EngineCore:
     cdef readonly PromptCache prompt_cache  # None with cache_ram_mib = 0
     cdef public bint cache_idle_slots
     cdef public int n_cache_reuse
+    cdef readonly int n_ctx_checkpoints
+    cdef readonly int checkpoint_min_step
+    cdef readonly bint do_checkpoints  # the memory needs them and n_ctx_checkpoints > 0
+    cdef int n_ubatch
     cdef vector[int] prefill_ids  # slots filling their prompt, in admission order
     cdef vector[int] sample_slots
     cdef int * cpu_slots  # slots sampled on the CPU this step
@@ -199,14 +219,30 @@ cdef class EngineCore:
 
     def __cinit__(self, Context context, *, int n_predict=-1, bint ctx_shift=False,
                   double slot_prompt_similarity=0.1, int n_threads_sampling=1,
-                  int cache_ram_mib=0, bint cache_idle_slots=False, int n_cache_reuse=0):
+                  int cache_ram_mib=0, bint cache_idle_slots=False, int n_cache_reuse=0,
+                  int n_ctx_checkpoints=32, int checkpoint_min_step=8192):
         self.slots_c = NULL
         self.context = context
         self.model = context.model
         self.n_slots = L.llama_n_seq_max(context.ptr)
         self.n_ctx_slot = L.llama_n_ctx_seq(context.ptr)
         self.n_batch = L.llama_n_batch(context.ptr)
-        self.n_swa = L.llama_model_n_swa(self.model.ptr)
+        self.n_ubatch = L.llama_n_ubatch(context.ptr)
+        # server_context::load_model: a full-size SWA cache keeps every cell
+        self.n_swa = 0 if context.swa_full else L.llama_model_n_swa(self.model.ptr)
+        # server_context::init: checkpoints where the memory cannot be cut back to any length
+        # (common_context_can_seq_rm decodes two tokens and clears the memory)
+        cdef common_context_seq_rm_type seq_rm_type = common_context_can_seq_rm(context.ptr)
+        self.n_ctx_checkpoints = max(0, n_ctx_checkpoints)
+        self.checkpoint_min_step = max(0, checkpoint_min_step)
+        self.do_checkpoints = self.n_ctx_checkpoints > 0 and (
+            seq_rm_type == COMMON_CONTEXT_SEQ_RM_TYPE_FULL or seq_rm_type == COMMON_CONTEXT_SEQ_RM_TYPE_RS
+            or self.n_swa > 0)
+        if self.n_ctx_checkpoints > 0:
+            logger.debug("context checkpoints enabled, max = %d, min spacing = %d",
+                         self.n_ctx_checkpoints, self.checkpoint_min_step)
+        else:
+            logger.debug("context checkpoints disabled")
         self.n_predict_default = n_predict
         self.ctx_shift = ctx_shift and L.llama_memory_can_shift(L.llama_get_memory(context.ptr))
         # server_context::load_model: cache reuse shifts KV cells, as the context shift does
@@ -256,6 +292,7 @@ cdef class EngineCore:
             self.slots_c[i].held = False
             self.slots_c[i].prefilled = False
             self.slots_c[i].n_in_batch = 0
+            self.slots_c[i].prefill_stop = -1
             slot = Slot(i)
             # the C loop reaches the Slot's vectors through these (the Slot lives as long)
             self.slots_c[i].cache = &slot.cache_tokens
@@ -356,19 +393,20 @@ cdef class EngineCore:
                 else:
                     logger.warning("slot %d: cache reuse is not supported - ignoring n_cache_reuse = %d",
                                    slot.id, n_cache_reuse)
-            keep = min(keep, n_prompt - 1)
-            if keep > 0 and self.n_swa > 0:
-                # SWA caches drop old cells: reuse only if the cells still cover the prefix.
-                if L.llama_memory_seq_pos_min(mem, slot.id) > max(0, keep - self.n_swa):
-                    keep = 0
+            keep = self._restore_checkpoint(slot, keep, keep < n_prompt)
+        self._erase_checkpoints_after(slot, keep)
+        keep = min(keep, n_prompt - 1)  # at least one token is evaluated, for its logits
         if not L.llama_memory_seq_rm(mem, slot.id, keep, -1):
             keep = 0
             L.llama_memory_seq_rm(mem, slot.id, -1, -1)
+            slot.checkpoints = []
         slot.cache_tokens.resize(keep)
         slot.cache_lora = lora
         slot.prompt.clear()
         for t in request.prompt:
             slot.prompt.push_back(t)
+        slot.user_starts = tuple(request.user_starts)
+        sc.prefill_stop = -1
         sc.n_prompt_done = keep
         slot.request = request
         slot.channel = channel
@@ -403,6 +441,170 @@ cdef class EngineCore:
                      n_prompt, keep)
         if self.cache_idle_slots:
             self._cache_idle_slots()
+
+    cdef int _restore_checkpoint(self, Slot slot, int n_past, bint has_new_tokens) except -1:
+        # server_context::update_slots: a sequence whose memory no longer covers the window
+        # before n_past (SWA cells dropped, a recurrent state past it) restores the newest
+        # checkpoint that does and continues from there, else starts over. Returns the new
+        # n_past. Engine thread.
+        cdef L.llama_memory_t mem = L.llama_get_memory(self.context.ptr)
+        cdef int pos_next = n_past
+        # the largest pos_min a checkpoint may have to be of use
+        cdef int pos_min_thold = max(0, pos_next - self.n_swa - (0 if has_new_tokens else 1))
+        cdef int pos_min
+        cdef Checkpoint found = None
+        if n_past <= 0 or n_past > <int>slot.cache_tokens.size():
+            return n_past
+        pos_min = L.llama_memory_seq_pos_min(mem, slot.id)
+        if pos_min == -1:  # upstream aborts here ("should not happen"); start over instead
+            logger.error("slot %d: n_past = %d, but the sequence is empty", slot.id, n_past)
+            return 0
+        # NOTE(pyllama): a sequence that still starts at 0 holds every cell it had: upstream
+        # tests pos_min >= the threshold, which the threshold's clamp to 0 makes true for any
+        # prompt shorter than the window, and re-evaluates a short prompt that diverges
+        # before its last checkpoint from its first token
+        if pos_min < pos_min_thold or pos_min == 0:
+            return n_past
+        for c in reversed(slot.checkpoints):
+            logger.debug("slot %d: checking checkpoint with [%d, %d] against %d...", slot.id,
+                         (<Checkpoint>c).c.pos_min, (<Checkpoint>c).c.pos_max, pos_min_thold)
+            if (<Checkpoint>c).c.pos_max > pos_next:  # upstream's TAG_CHECKPOINTS_FIX_POS_MIN
+                continue
+            if (<Checkpoint>c).c.pos_min < pos_min_thold or (<Checkpoint>c).c.pos_min == 0:
+                found = <Checkpoint>c
+                break
+        if found is None:
+            logger.debug("slot %d: forcing full prompt re-processing due to lack of cache data "
+                         "(likely due to SWA or hybrid/recurrent memory, see %s)", slot.id,
+                         "https://github.com/ggml-org/llama.cpp/pull/13194#issuecomment-2868343055")
+            return 0
+        found.restore(self.context.ptr, slot.id)
+        pos_next = min(pos_next, max(found.c.pos_min + 1, found.c.pos_max))
+        n_past = min(pos_next, <int>found.c.n_tokens)
+        logger.debug("slot %d: restored context checkpoint (pos_min = %d, pos_max = %d, n_tokens = %d, "
+                     "n_past = %d, size = %.3f MiB)", slot.id, found.c.pos_min, found.c.pos_max,
+                     found.c.n_tokens, n_past, found.c.size() / (1024.0 * 1024.0))
+        return n_past
+
+    cdef void _erase_checkpoints_after(self, Slot slot, int pos_next) except *:
+        # the checkpoints past where the sequence now ends no longer stand for it
+        cdef list kept = []
+        for c in slot.checkpoints:
+            if (<Checkpoint>c).c.pos_max > pos_next:
+                logger.debug("slot %d: erased invalidated context checkpoint (pos_min = %d, pos_max = %d, "
+                             "n_tokens = %d, n_swa = %d, pos_next = %d, size = %.3f MiB)", slot.id,
+                             (<Checkpoint>c).c.pos_min, (<Checkpoint>c).c.pos_max, (<Checkpoint>c).c.n_tokens,
+                             self.n_swa, pos_next, (<Checkpoint>c).c.size() / (1024.0 * 1024.0))
+            else:
+                kept.append(c)
+        slot.checkpoints = kept
+
+    cdef void _plan_prefill(self) except *:
+        # Where each filling slot's prompt chunk of this step must end, so that a checkpoint
+        # can be made there before the next one (server_context::update_slots): at a user
+        # message's start (the last one, or one min-step past the last checkpoint), and
+        # 4 + n_ubatch and 4 tokens before the prompt's end. Engine thread, GIL held.
+        cdef int j, sid, done, n_prompt, stop, p, k, pos, last_user
+        cdef Slot slot
+        cdef SlotC * sc
+        cdef tuple starts
+        for j in range(<int>self.prefill_ids.size()):
+            sid = self.prefill_ids[j]
+            sc = &self.slots_c[sid]
+            slot = <Slot>self.slots[sid]
+            done = sc.n_prompt_done
+            n_prompt = <int>slot.prompt.size()
+            stop = n_prompt
+            for offset in (4 + self.n_ubatch, 4):
+                p = n_prompt - min(self.n_batch, <int>offset)
+                if done < p < stop:
+                    stop = p
+            starts = slot.user_starts
+            if starts:
+                last_user = starts[-1]
+                k = bisect.bisect_right(starts, done)
+                while k < len(starts) and <int>starts[k] < stop:
+                    pos = starts[k]
+                    if pos == last_user or not slot.checkpoints or \
+                            pos > (<Checkpoint>slot.checkpoints[-1]).c.n_tokens + self.checkpoint_min_step:
+                        stop = pos
+                        break
+                    k += 1
+            sc.prefill_stop = stop
+
+    cdef void _make_checkpoints(self) except *:
+        # Before the decode: a slot whose chunk in this batch starts a user message, ends its
+        # prompt or comes near that end saves a checkpoint of its sequence as it is, that is
+        # without this chunk (server_context::update_slots). Engine thread, GIL held; the copy
+        # runs without it.
+        cdef L.llama_memory_t mem = L.llama_get_memory(self.context.ptr)
+        cdef int j, sid, start, end, n_prompt, pos_min, pos_max
+        cdef bint near_end, is_user_start, is_last_user
+        cdef Slot slot
+        cdef SlotC * sc
+        for j in range(<int>self.prefill_ids.size()):
+            sid = self.prefill_ids[j]
+            sc = &self.slots_c[sid]
+            if sc.n_in_batch == 0:
+                continue
+            slot = <Slot>self.slots[sid]
+            start = sc.n_prompt_done
+            end = start + sc.n_in_batch
+            n_prompt = <int>slot.prompt.size()
+            near_end = n_prompt < end + self.n_ubatch
+            is_user_start = start in slot.user_starts
+            is_last_user = bool(slot.user_starts) and start == slot.user_starts[-1]
+            if not (end == n_prompt or is_user_start or near_end):
+                continue  # an ordinary mid-prompt chunk
+            pos_min = L.llama_memory_seq_pos_min(mem, sid)
+            pos_max = L.llama_memory_seq_pos_max(mem, sid)
+            if pos_min < 0:
+                continue  # nothing to checkpoint yet
+            # no need for checkpoints close together, unless at the last user message
+            if slot.checkpoints and not is_last_user and not near_end and \
+                    start <= (<Checkpoint>slot.checkpoints[-1]).c.n_tokens + self.checkpoint_min_step:
+                continue
+            logger.log(LOG_DEBUG_VERBOSE, "slot %d: main/do_checkpoint = yes, pos_min = %d, pos_max = %d",
+                       sid, pos_min, pos_max)
+            self._create_checkpoint(slot, start, pos_min, pos_max)
+
+    cdef void _create_checkpoint(self, Slot slot, int n_tokens, int pos_min, int pos_max) except *:
+        # server_context::create_checkpoint: room is made first (checkpoints of other requests
+        # within min-step of an earlier one, then the oldest), a checkpoint at the same length
+        # is replaced. Engine thread.
+        cdef int id_task = slot.request.id
+        cdef list ckpts = slot.checkpoints
+        cdef Checkpoint c
+        cdef int64_t last = -1
+        cdef Py_ssize_t i = 0
+        while len(ckpts) + 1 >= self.n_ctx_checkpoints and i < len(ckpts):
+            c = <Checkpoint>ckpts[i]
+            if c.c.id_task != id_task and last >= 0 and c.c.n_tokens <= last + self.checkpoint_min_step:
+                logger.debug("slot %d: erasing context checkpoint too close to an earlier one (pos_min = %d, "
+                             "pos_max = %d, n_tokens = %d, size = %.3f MiB)", slot.id, c.c.pos_min,
+                             c.c.pos_max, c.c.n_tokens, c.c.size() / (1024.0 * 1024.0))
+                del ckpts[i]
+                continue
+            last = c.c.n_tokens
+            i += 1
+        while len(ckpts) >= self.n_ctx_checkpoints:
+            c = <Checkpoint>ckpts[0]
+            logger.warning("slot %d: erasing old context checkpoint (pos_min = %d, pos_max = %d, n_tokens = %d, "
+                           "size = %.3f MiB)", slot.id, c.c.pos_min, c.c.pos_max, c.c.n_tokens,
+                           c.c.size() / (1024.0 * 1024.0))
+            del ckpts[0]
+        i = 0
+        while i < len(ckpts):
+            if (<Checkpoint>ckpts[i]).c.n_tokens == n_tokens:
+                logger.debug("slot %d: superseding context checkpoint at n_tokens = %d", slot.id, n_tokens)
+                del ckpts[i]
+            else:
+                i += 1
+        c = Checkpoint.create(self.context.ptr, slot.id, n_tokens, pos_min, pos_max, id_task)
+        ckpts.append(c)
+        logger.debug("slot %d: created context checkpoint %d of %d (pos_min = %d, pos_max = %d, "
+                     "n_tokens = %d, size = %.3f MiB)", slot.id, len(ckpts), self.n_ctx_checkpoints,
+                     pos_min, pos_max, n_tokens, c.c.size() / (1024.0 * 1024.0))
 
     cdef int _reuse_chunks(self, Slot slot, prompt, int n_past, int n_cache_reuse) except -1:
         # server_context::update_slots, "reuse chunks from the cached prompt by shifting their
@@ -450,11 +652,12 @@ cdef class EngineCore:
         cdef vector[L.llama_token] tokens_new
         cdef int rc
         logger.debug("updating prompt cache")
-        self.prompt_cache.save(self.context.ptr, slot.id, slot.cache_tokens, slot.cache_lora)
+        self.prompt_cache.save(self.context.ptr, slot.id, slot.cache_tokens, slot.cache_lora,
+                               slot.checkpoints)
         if request.cache_prompt:
             tokens_new = request.prompt
             rc = self.prompt_cache.load(self.context.ptr, slot.id, slot.cache_tokens, slot.cache_lora,
-                                        tokens_new, lora)
+                                        slot.checkpoints, tokens_new, lora)
             if rc < 0:
                 logger.warning("slot %d: failed to load prompt from cache", slot.id)
                 self._drop_cache(slot)
@@ -476,7 +679,8 @@ cdef class EngineCore:
             if slot.busy:
                 continue
             logger.debug("slot %d: saving idle slot to prompt cache", slot.id)
-            if self.prompt_cache.save(self.context.ptr, slot.id, slot.cache_tokens, slot.cache_lora):
+            if self.prompt_cache.save(self.context.ptr, slot.id, slot.cache_tokens, slot.cache_lora,
+                                      slot.checkpoints):
                 logger.log(LOG_DEBUG_VERBOSE, "slot %d: __TEST_TAG_CACHE_IDLE_SLOT__", slot.id)
                 self.prompt_cache.update()
             if self.context.kv_unified and slot.cache_tokens.size():
@@ -521,9 +725,8 @@ cdef class EngineCore:
         cdef Slot slot
         cdef SlotC * sc
         cdef Context ctx = self.context
-
+        cdef bint checkpointing
         cdef int rc = 0
-        cdef int64_t t1
 
         # context shift first (it logs, and reads the request): GIL held, rarely runs
         if self.ctx_shift:
@@ -535,19 +738,24 @@ cdef class EngineCore:
         if self.lora_adapters:
             self._choose_lora_group()
 
+        checkpointing = self.do_checkpoints and self.prefill_ids.size() > 0
+        if checkpointing:
+            self._plan_prefill()
         while True:
             # fill one batch, decode it and sample every slot with logits, all without the GIL;
             # slot positions move only once the decode succeeded
-            with nogil:
-                n = self._fill_batch(&ctx.batch, n_batch)
+            if checkpointing:  # checkpoints are made between the fill and the decode
+                with nogil:
+                    n = self._fill_batch(&ctx.batch, n_batch)
                 if n > 0:
-                    ctx.batch.n_tokens = n
-                    t1 = L.llama_time_us()
-                    rc = L.llama_decode(ctx.ptr, ctx.batch)
-                    self.t_decode_total += (L.llama_time_us() - t1) * 1e-6
-                    if rc == 0:
-                        self._commit_batch()
-                        self._sample_all()
+                    self._make_checkpoints()
+                    with nogil:
+                        rc = self._decode_batch(n)
+            else:
+                with nogil:
+                    n = self._fill_batch(&ctx.batch, n_batch)
+                    if n > 0:
+                        rc = self._decode_batch(n)
             if n == 0:
                 return rc != 0  # a retry that ended the last request still did work
             self.n_decode_calls += 1
@@ -639,6 +847,18 @@ cdef class EngineCore:
             self.context.set_lora_c(self.lora_adapters, group)
             self.lora_applied = group
 
+    cdef int _decode_batch(self, int n) noexcept nogil:
+        # Decode the filled batch; on success commit it and sample. Engine thread, no GIL.
+        cdef int rc
+        cdef int64_t t1 = L.llama_time_us()
+        self.context.batch.n_tokens = n
+        rc = L.llama_decode(self.context.ptr, self.context.batch)
+        self.t_decode_total += (L.llama_time_us() - t1) * 1e-6
+        if rc == 0:
+            self._commit_batch()
+            self._sample_all()
+        return rc
+
     cdef int _fill_batch(self, L.llama_batch * batch, int n_max) noexcept nogil:
         # The next token of every generating slot, then prompt chunks in admission order, up
         # to n_max tokens (server_context::update_slots). Writes the batch and each slot's
@@ -665,6 +885,8 @@ cdef class EngineCore:
                 continue
             n_prompt = <int>sc.prompt.size()
             take = min(n_max - n, n_prompt - sc.n_prompt_done)
+            if sc.prefill_stop > sc.n_prompt_done:
+                take = min(take, sc.prefill_stop - sc.n_prompt_done)
             for k in range(take):
                 _batch_put(batch, n, sc.prompt[0][sc.n_prompt_done + k], sc.n_past + k, sid,
                            sc.n_prompt_done + k == n_prompt - 1)
@@ -758,6 +980,7 @@ cdef class EngineCore:
         for i in range(n_keep + n_discard, <int>slot.cache_tokens.size()):
             slot.cache_tokens[i - n_discard] = slot.cache_tokens[i]
         slot.cache_tokens.resize(slot.cache_tokens.size() - n_discard)
+        slot.checkpoints = []  # their positions moved
         sc.n_past -= n_discard
         slot.truncated = True
         logger.debug("slot %d: context shift, n_keep = %d, n_discard = %d", slot.id, n_keep, n_discard)
@@ -971,6 +1194,7 @@ cdef class EngineCore:
         # (server_slot::prompt_clear). Engine thread.
         L.llama_memory_seq_rm(L.llama_get_memory(self.context.ptr), slot.id, -1, -1)
         slot.cache_tokens.clear()
+        slot.checkpoints = []
         self.slots_c[slot.id].n_past = 0
 
     cdef void _abort_all(self, exc) except *:

@@ -3,6 +3,16 @@ from libc.stdint cimport int64_t, uint8_t
 from libcpp.vector cimport vector
 
 from pyllama cimport _llama as L
+from pyllama._bridge cimport common_prompt_checkpoint
+
+
+cdef class Checkpoint:
+    cdef common_prompt_checkpoint c    # common's checkpoint: positions and the partial state bytes
+
+    @staticmethod
+    cdef Checkpoint create(L.llama_context * ctx, L.llama_seq_id seq_id, int64_t n_tokens,
+                           L.llama_pos pos_min, L.llama_pos pos_max, int id_task)
+    cdef void restore(self, L.llama_context * ctx, L.llama_seq_id seq_id) except *
 
 
 cdef class PromptState:
@@ -10,6 +20,8 @@ cdef class PromptState:
     cdef uint8_t * data                # llama_state_seq_get_data_ext's bytes; owned, freed here
     cdef size_t n_data
     cdef readonly tuple lora           # the LoRA scales the tokens were computed with
+    cdef readonly list checkpoints     # the slot's context checkpoints (Checkpoint), saved with it
+    cdef size_t n_checkpoints_data     # their bytes
 
 
 cdef class PromptCache:
@@ -23,10 +35,10 @@ cdef class PromptCache:
 
     cdef void _push(self, PromptState state) except *
     cdef void _pop(self, Py_ssize_t i) except *
-    cdef PromptState _alloc(self, vector[L.llama_token] & tokens, tuple lora, size_t size)
+    cdef PromptState _alloc(self, vector[L.llama_token] & tokens, tuple lora, list checkpoints, size_t size)
     cdef bint save(self, L.llama_context * ctx, L.llama_seq_id seq_id,
-                   vector[L.llama_token] & tokens, tuple lora) except -1
+                   vector[L.llama_token] & tokens, tuple lora, list checkpoints) except -1
     cdef int load(self, L.llama_context * ctx, L.llama_seq_id seq_id,
-                  vector[L.llama_token] & tokens, tuple tokens_lora,
+                  vector[L.llama_token] & tokens, tuple tokens_lora, list checkpoints,
                   vector[L.llama_token] & tokens_new, tuple lora) except -2
     cpdef void update(self) except *

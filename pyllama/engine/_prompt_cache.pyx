@@ -8,12 +8,12 @@ it. Mirrors upstream's server_prompt_cache (tools/server/server-task.cpp: alloc 
 update) and server_slot::prompt_save / prompt_load (server-context.cpp).
 Every copy runs with the GIL released. Engine thread only: the EngineCore that owns a
 PromptCache is its only user.
-Imports: `_llama`.
+Imports: `_llama`, `_bridge` (common's checkpoint).
 """
 
 import logging
 
-from libc.stdint cimport uint8_t
+from libc.stdint cimport int64_t, uint8_t
 from libc.stdlib cimport free, malloc
 from libcpp.vector cimport vector
 
@@ -32,6 +32,62 @@ cdef size_t _lcp(const vector[L.llama_token] & a, const vector[L.llama_token] & 
     return i
 
 
+cdef class Checkpoint:
+    """A context checkpoint: the part of a sequence's memory that cannot be rolled back.
+
+    Sliding-window layers drop the cells that fall out of the window and recurrent layers
+    keep one state, so such a sequence cannot be cut back to an earlier length; a checkpoint
+    saved while the prompt was processed (its SWA cells / recurrent state, as
+    llama_state_seq_get_data_ext writes them with LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY) can be
+    restored instead (llama-server's --ctx-checkpoints; common_prompt_checkpoint). Immutable
+    once made, so a slot and a cached prompt may share one. Engine thread.
+    """
+
+    @staticmethod
+    cdef Checkpoint create(L.llama_context * ctx, L.llama_seq_id seq_id, int64_t n_tokens,
+                           L.llama_pos pos_min, L.llama_pos pos_max, int id_task):
+        cdef Checkpoint ckpt = Checkpoint.__new__(Checkpoint)
+        ckpt.c.id_task = id_task
+        ckpt.c.update_pos(n_tokens, pos_min, pos_max)
+        with nogil:
+            ckpt.c.update_tgt(ctx, seq_id, L.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY)
+        return ckpt
+
+    cdef void restore(self, L.llama_context * ctx, L.llama_seq_id seq_id) except *:
+        with nogil:
+            self.c.load_tgt(ctx, seq_id, L.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY)
+
+    @property
+    def n_tokens(self):
+        """The prompt tokens the checkpoint stands for."""
+        return self.c.n_tokens
+
+    @property
+    def pos_min(self):
+        return self.c.pos_min
+
+    @property
+    def pos_max(self):
+        return self.c.pos_max
+
+    @property
+    def id_task(self):
+        """The request that made it."""
+        return self.c.id_task
+
+    @property
+    def size(self):
+        """Its state bytes."""
+        return self.c.size()
+
+
+cdef size_t _checkpoints_size(list checkpoints):
+    cdef size_t n = 0
+    for c in checkpoints:
+        n += (<Checkpoint>c).c.size()
+    return n
+
+
 cdef class PromptState:
     """One saved sequence: its tokens, its state bytes and its LoRA scales (server_prompt_cache_state)."""
 
@@ -39,6 +95,8 @@ cdef class PromptState:
         self.data = NULL
         self.n_data = 0
         self.lora = ()
+        self.checkpoints = []
+        self.n_checkpoints_data = 0
 
     def __dealloc__(self):
         free(self.data)  # we own it: malloc'ed in PromptCache._alloc
@@ -50,7 +108,7 @@ cdef class PromptState:
 
     @property
     def size(self):
-        return self.n_data
+        return self.n_data + self.n_checkpoints_data
 
     @property
     def token_list(self):
@@ -86,17 +144,18 @@ cdef class PromptCache:
 
     cdef void _push(self, PromptState state) except *:
         self.states.append(state)
-        self.total_size += state.n_data
+        self.total_size += state.n_data + state.n_checkpoints_data
         self.total_tokens += state.tokens.size()
 
     cdef void _pop(self, Py_ssize_t i) except *:
         cdef PromptState state = self.states.pop(i)
-        self.total_size -= state.n_data
+        self.total_size -= state.n_data + state.n_checkpoints_data
         self.total_tokens -= state.tokens.size()
 
-    cdef PromptState _alloc(self, vector[L.llama_token] & tokens, tuple lora, size_t size):
+    cdef PromptState _alloc(self, vector[L.llama_token] & tokens, tuple lora, list checkpoints, size_t size):
         # server_prompt_cache::alloc: None when the prompt is already cached, too large, or
         # the memory cannot be had; else a new state, newest, whose data the caller fills.
+        # `size` is the sequence state's; the checkpoints that go with it count too.
         # A state only stands for a prompt computed with the same LoRA scales (NOTE(pyllama):
         # upstream's states carry no adapters; a state of other scales is never a match).
         cdef PromptState state
@@ -106,9 +165,11 @@ cdef class PromptCache:
             if state.lora == lora and _lcp(state.tokens, tokens) == tokens.size():
                 logger.debug(" - prompt is already in the cache, skipping")
                 return None
-        if self.limit_size > 0 and size > self.limit_size:
+        cdef size_t n_checkpoints_data = _checkpoints_size(checkpoints)
+        cdef size_t size_new = size + n_checkpoints_data
+        if self.limit_size > 0 and size_new > self.limit_size:
             logger.warning(" - prompt state size %.3f MiB exceeds cache size limit %.3f MiB, skipping",
-                           size / MIB, self.limit_size / MIB)
+                           size_new / MIB, self.limit_size / MIB)
             return None
         # drop the cached prompts the new one contains
         i = 0
@@ -121,7 +182,7 @@ cdef class PromptCache:
                 i += 1
         if self.limit_size > 0:
             # make room before allocating, so the limit is never breached
-            while self.states and self.total_size + size > self.limit_size:
+            while self.states and self.total_size + size_new > self.limit_size:
                 logger.warning(" - making room for prompt cache entry, removing oldest entry (size = %.3f MiB)",
                                (<PromptState>self.states[0]).n_data / MIB)
                 self._pop(0)
@@ -139,11 +200,14 @@ cdef class PromptCache:
         state.n_data = size
         state.tokens = tokens
         state.lora = lora
+        state.checkpoints = list(checkpoints)
+        state.n_checkpoints_data = n_checkpoints_data
         return state
 
     cdef bint save(self, L.llama_context * ctx, L.llama_seq_id seq_id,
-                   vector[L.llama_token] & tokens, tuple lora) except -1:
-        """Copy sequence `seq_id`, which holds `tokens`, into the cache (server_slot::prompt_save).
+                   vector[L.llama_token] & tokens, tuple lora, list checkpoints) except -1:
+        """Copy sequence `seq_id`, which holds `tokens`, into the cache with the slot's
+        `checkpoints` (server_slot::prompt_save).
 
         Returns whether a state was added. Engine thread; the copy runs without the GIL.
         """
@@ -154,7 +218,7 @@ cdef class PromptCache:
             size = L.llama_state_seq_get_size_ext(ctx, seq_id, L.LLAMA_STATE_SEQ_FLAGS_NONE)
         logger.debug(" - saving prompt with length %d, total state size = %.3f MiB",
                      <int>tokens.size(), size / MIB)
-        cdef PromptState state = self._alloc(tokens, lora, size)
+        cdef PromptState state = self._alloc(tokens, lora, checkpoints, size)
         if state is None:
             return False
         with nogil:
@@ -167,14 +231,15 @@ cdef class PromptCache:
         return True
 
     cdef int load(self, L.llama_context * ctx, L.llama_seq_id seq_id,
-                  vector[L.llama_token] & tokens, tuple tokens_lora,
+                  vector[L.llama_token] & tokens, tuple tokens_lora, list checkpoints,
                   vector[L.llama_token] & tokens_new, tuple lora) except -2:
         """Restore the saved prompt that best continues into `tokens_new` (server_prompt_cache::load).
 
         `tokens` is what sequence `seq_id` holds now (computed with `tokens_lora`); a state wins
         if it keeps a larger share of itself and covers a larger share of the new prompt than
         that, and is not mostly lost (f_keep >= 0.25). Its state then replaces the sequence,
-        its tokens replace `tokens`, and it leaves the cache. Returns 1 (restored), 0 (nothing
+        its tokens replace `tokens`, its checkpoints replace those in `checkpoints` (the
+        slot's list, changed in place), and it leaves the cache. Returns 1 (restored), 0 (nothing
         better) or -1 (the restore failed: the caller clears the sequence). Engine thread; the
         copy runs without the GIL.
         """
@@ -213,6 +278,7 @@ cdef class PromptCache:
             return -1
         self._pop(i_best)  # before the swap: it subtracts the state's tokens; data freed with `best`
         tokens.swap(best.tokens)
+        checkpoints[:] = best.checkpoints
         self.n_loaded += 1
         return 1
 

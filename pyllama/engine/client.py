@@ -515,7 +515,8 @@ class Engine:
                                slot_prompt_similarity=cfg.slot_prompt_similarity,
                                n_threads_sampling=cfg.n_threads_sampling or context.n_threads,
                                cache_ram_mib=cfg.cache_ram_mib, cache_idle_slots=cfg.cache_idle_slots,
-                               n_cache_reuse=cfg.n_cache_reuse)
+                               n_cache_reuse=cfg.n_cache_reuse, n_ctx_checkpoints=cfg.n_ctx_checkpoints,
+                               checkpoint_min_step=cfg.checkpoint_min_step)
         if cfg.n_ctx_slot_max > 0:
             self.core.n_ctx_slot = min(self.core.n_ctx_slot, cfg.n_ctx_slot_max)
         self.core.lora_adapters = [self.model.load_lora(path) for path, _ in cfg.lora]

@@ -53,6 +53,10 @@ class EngineConfig:
         n_cache_reuse: the least chunk of a slot's cache, past the common prefix, that a
             request reuses by shifting its KV cells into place (--cache-reuse; 0 = off). A
             request's own n_cache_reuse wins.
+        n_ctx_checkpoints: context checkpoints kept per slot (--ctx-checkpoints; 0 = none),
+            made while a prompt is processed where the memory cannot be cut back (SWA or
+            recurrent layers), so a later prompt that diverges inside the window resumes there.
+        checkpoint_min_step: least tokens between checkpoints (--checkpoint-min-step).
         n_threads_sampling: threads sampling slots in parallel (None = the context's n_threads).
         lora: ((path, scale), ...) LoRA adapters to load; their ids are their positions.
         lora_init_without_apply: start every adapter at scale 0 (until set_lora_scales).
@@ -107,6 +111,8 @@ class EngineConfig:
     cache_ram_mib: int = _to(_ENGINE, 8192)
     cache_idle_slots: bool = _to(_ENGINE, True)
     n_cache_reuse: int = _to(_ENGINE, 0)
+    n_ctx_checkpoints: int = _to(_ENGINE, 32)
+    checkpoint_min_step: int = _to(_ENGINE, 8192)
     n_threads_sampling: int | None = _to(_ENGINE, None)
     lora: tuple = _to(_ENGINE, ())
     lora_init_without_apply: bool = _to(_ENGINE, False)

@@ -174,6 +174,7 @@ class Request:
     lora: tuple[float, ...] | None = None  # a scale per loaded adapter; None = the server's scales
     timings_per_token: bool = False  # attach the running Timings to every TokenEvent
     return_progress: bool = False  # ProgressEvents while the prompt is processed
+    user_starts: tuple[int, ...] = ()  # prompt positions where user messages start (checkpoints)
     id: int = field(default_factory=lambda: next(_request_ids))
 
 

@@ -136,6 +136,7 @@ def engine_config(s: Settings) -> EngineConfig:
         repack=s.repack, n_predict=-1, ctx_shift=s.context_shift,
         slot_prompt_similarity=s.slot_prompt_similarity, embeddings=s.embedding,
         cache_ram_mib=s.cache_ram, cache_idle_slots=s.cache_idle_slots, n_cache_reuse=s.cache_reuse,
+        n_ctx_checkpoints=s.ctx_checkpoints, checkpoint_min_step=s.checkpoint_min_step,
         pooling=s.pooling or None, kv_overrides=s.kv_override_map(), load_mode=s.load_mode or None,
         check_tensors=s.check_tensors, lazy_mode=s.lazy_mode, split_mode=s.split_mode,
         main_gpu=s.main_gpu,

@@ -97,6 +97,7 @@ def render(body: dict, ctx: ProtocolContext) -> ChatPrompt:
     stop = [stop] if isinstance(stop, str) else list(stop or [])
     native["stop"] = stop + list(params.get("additional_stops") or [])
     native["generation_prompt"] = params.get("generation_prompt", "")
+    native["message_delimiters"] = params.get("message_delimiters") or []
     native.update(reasoning_budget_fields(body, params, ctx))
     prefill: tuple = ()
     if params.get("grammar"):

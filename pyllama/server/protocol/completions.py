@@ -25,6 +25,7 @@ from pyllama.server.protocol.params import (
     parse_stop,
     split_prompts,
     tokenize_prompt,
+    user_message_starts,
 )
 
 STOP_TYPES = {FinishReason.EOS: "eos", FinishReason.WORD: "word", FinishReason.LIMIT: "limit",
@@ -267,11 +268,12 @@ def completion_tasks(body: dict, ctx: ProtocolContext, prompt=None, grammar_pref
         tokens = p if prompt is not None and isinstance(p, list) else tokenize_prompt(model, p)
         if any(t < 0 or t >= n_vocab for t in tokens):
             raise InvalidRequestError("Prompt contains invalid tokens", param="prompt")
+        user_starts = user_message_starts(model, body.get("message_delimiters"), tokens)
         for child in range(n_cmpl):
             child_sampling = sampling
             if child and sampling.seed != 0xFFFFFFFF:
                 child_sampling = replace(sampling, seed=(sampling.seed + child) & 0xFFFFFFFF)
-            request = build_request(body, tokens, child_sampling, ctx.defaults, stop)
+            request = build_request(body, tokens, child_sampling, ctx.defaults, stop, user_starts)
             tasks.append(Task(index=len(tasks), request=request, source_prompt=source))
     return tasks
 

@@ -294,8 +294,31 @@ def n_predict_of(body: dict, defaults: Defaults) -> int:
     return defaults.n_predict
 
 
+def user_message_starts(model, delimiters, tokens: list[int]) -> tuple[int, ...]:
+    """Where user messages start in `tokens`, found by the message delimiters (a JSON array
+    of {role, delimiter}: the chat template's, or a /completion body's `message_delimiters`)
+    as common_chat_msg_delimiters::split finds them: at each position the first delimiter
+    that matches opens a message. The engine makes context checkpoints there.
+    NOTE(pyllama): a delimiter that tokenizes to nothing is skipped (upstream's would match
+    at every position)."""
+    if not isinstance(delimiters, list) or not delimiters:
+        return ()
+    opened: dict[int, str] = {}  # position -> role of the first delimiter matching there
+    for d in delimiters:
+        if not isinstance(d, dict) or not isinstance(d.get("delimiter"), str):
+            continue
+        delim = model.tokenize(d["delimiter"], add_special=False, parse_special=True)
+        if not delim:
+            continue
+        n, first, role = len(delim), delim[0], d.get("role")
+        for i, t in enumerate(tokens):
+            if t == first and i not in opened and tokens[i:i + n] == delim:
+                opened[i] = role
+    return tuple(sorted(i for i, role in opened.items() if role == "user"))
+
+
 def build_request(body: dict, tokens: list[int], sampling: SamplingParams, defaults: Defaults,
-                  stop: tuple) -> Request:
+                  stop: tuple, user_starts: tuple[int, ...] = ()) -> Request:
     return Request(
         prompt=tokens,
         sampling=sampling,
@@ -313,6 +336,7 @@ def build_request(body: dict, tokens: list[int], sampling: SamplingParams, defau
         lora=_request_lora(body),
         timings_per_token=get_bool(body, "timings_per_token", False),
         return_progress=get_bool(body, "return_progress", False) and get_bool(body, "stream", False),
+        user_starts=user_starts,
     )
 
 
