@@ -347,6 +347,23 @@ def test_no_autoload_and_models_max(models_dir, router_env):
     assert child_pids and not any(_alive(p) for p in child_pids)
 
 
+# --- a child that sleeps ------------------------------------------------------------------------
+def test_a_sleeping_child_is_reported_and_woken(models_dir, router_env):
+    srv = ServerProcess(["--models-dir", str(models_dir), "--sleep-idle-seconds", "1", "-c", "256", "-np", "1",
+                         "--no-warmup"], env=router_env)
+    try:
+        srv.wait_ready()
+        assert _chat(srv, "alpha").status_code == 200
+        models = _wait_for(srv, lambda m: _status(m, "alpha") == "sleeping", "alpha asleep")
+        assert "failed" not in models["alpha"]["status"]
+        r = _chat(srv, "alpha")  # a sleeping child takes the request and wakes up
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == "alpha"
+        _wait_for(srv, lambda m: _status(m, "alpha") in ("loaded", "sleeping"), "alpha awake")
+    finally:
+        srv.stop()
+
+
 # --- a preset file ----------------------------------------------------------------------------
 def test_preset_file(tmp_path, models_dir, router_env):
     ini = tmp_path / "models.ini"

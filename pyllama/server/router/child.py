@@ -55,8 +55,13 @@ def notify_to_router(state: str, payload) -> None:
 
 def notify_when_ready(state) -> None:
     """Once `state` (a ServerState) has its model, send the "ready" state with the model's
-    /v1/models entry (server.cpp: notify_to_router(READY, routes.get_model_info())).
-    Runs a daemon thread of the worker."""
+    /v1/models entry (server.cpp: notify_to_router(READY, routes.get_model_info())); then,
+    with --sleep-idle-seconds, "sleeping" when the model is unloaded and "ready" with an empty
+    payload when it is back (server_context's state callback). Runs a daemon thread of the
+    worker; the sleep states are sent from the engine thread."""
+    def on_sleeping_state(sleeping: bool) -> None:
+        notify_to_router("sleeping" if sleeping else "ready", {})
+
     def run():
         state.ready.wait()
         try:
@@ -65,6 +70,8 @@ def notify_when_ready(state) -> None:
             logger.exception("cannot describe the model for the router")
             info = {}
         notify_to_router("ready", info)
+        if state.settings.sleep_idle_seconds > 0:
+            state.engine.on_sleeping_state(on_sleeping_state)
 
     threading.Thread(target=run, name="pyllama-router-notify", daemon=True).start()
 
