@@ -239,9 +239,16 @@ cdef class PromptCache:
         if it keeps a larger share of itself and covers a larger share of the new prompt than
         that, and is not mostly lost (f_keep >= 0.25). Its state then replaces the sequence,
         its tokens replace `tokens`, its checkpoints replace those in `checkpoints` (the
-        slot's list, changed in place), and it leaves the cache. Returns 1 (restored), 0 (nothing
-        better) or -1 (the restore failed: the caller clears the sequence). Engine thread; the
-        copy runs without the GIL.
+        slot's list, changed in place), and it leaves the cache unless the new prompt keeps
+        less than half of it: the slot holds the rest, and saves it again when it is reused. Returns 1
+        (restored), 0 (nothing better) or -1 (the restore failed: the caller clears the
+        sequence). Engine thread; the copy runs without the GIL.
+
+        NOTE(pyllama): a state the new prompt keeps less than half of (another conversation
+        with the same long system prompt, say) stays in the cache, as the newest: the slot
+        keeps just that prefix, and upstream, which always takes the state out, loses the
+        rest of that conversation for good. (The slot's own cache is saved by the same rule:
+        when a request would keep less than half of it.)
         """
         cdef size_t lcp_best = _lcp(tokens, tokens_new) if tokens_lora == lora else 0
         cdef float f_keep_best = <float>lcp_best / tokens.size() if tokens.size() > 0 else -1.0
@@ -276,9 +283,13 @@ cdef class PromptCache:
         if n != best.n_data:
             logger.error("failed to restore state with size %d", best.n_data)
             return -1
-        self._pop(i_best)  # before the swap: it subtracts the state's tokens; data freed with `best`
-        tokens.swap(best.tokens)
+        self._pop(i_best)  # before the swap: it subtracts the state's tokens
         checkpoints[:] = best.checkpoints
+        if f_keep_best >= 0.5:
+            tokens.swap(best.tokens)  # its data is freed with `best`
+        else:
+            tokens = best.tokens
+            self._push(best)  # kept, now the most recently used
         self.n_loaded += 1
         return 1
 

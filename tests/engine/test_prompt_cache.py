@@ -191,3 +191,41 @@ def test_a_state_saved_from_one_slot_restores_into_another(engine_factory):
     assert again.id_slot == 1 and again.timings.cache_n == 209
     assert again.tokens == first.tokens
     assert eng.slot_info()[1]["n_tokens"] == 210 + 7 and eng.stats()["prompt_cache_states"] == 0
+
+
+def test_conversations_never_receive_each_others_state_under_concurrency(engine_factory):
+    # six conversations over two slots, three clients at a time, three turns each: every turn
+    # continues that conversation's own history. They share a 60-token prefix, so cached
+    # states of the others always match part of each prompt; only a state whose tokens are a
+    # prefix of the prompt may serve it (the identical-prefix rule), so every answer must
+    # equal a run without any cache (the F32 model's numbers do not depend on the batch).
+    import threading
+
+    convs = _conversations(6, shared=60, unique=120, seed=7)
+    cached = engine_factory(n_parallel=2, kv_unified=True)
+    plain = engine_factory(n_parallel=1, cache_ram_mib=0)
+    rng = random.Random(8)
+    histories = [list(c) for c in convs]
+    for turn in range(3):
+        results = {}
+
+        def serve(i):
+            results[i] = _run(cached, histories[i])
+
+        order = list(range(6))
+        rng.shuffle(order)
+        for group in (order[:3], order[3:]):
+            threads = [threading.Thread(target=serve, args=(i,)) for i in group]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        for i, history in enumerate(histories):
+            expected = _run(plain, history, cache_prompt=False)
+            assert results[i].tokens == expected.tokens, (turn, i)
+            assert results[i].timings.cache_n < len(history)
+            if turn:
+                # the RAM cache or a slot held this conversation: at least its previous prompt
+                assert results[i].timings.cache_n >= len(history) - 1 - 8 - 20
+            history += results[i].tokens + [rng.choice(WORDS) for _ in range(20)]
+    assert cached.stats()["n_prompt_cache_loaded"] > 0
