@@ -62,6 +62,10 @@ def gunicorn_options(settings: Settings) -> dict:
         "logger_class": "pyllama.logs.GunicornLogger",
         "worker_tmp_dir": "/dev/shm" if os.path.isdir("/dev/shm") else None,
         "reuse_port": settings.reuse_port,
+        # gunicorn >= 25's control socket sits at one path per user ($HOME/.gunicorn/gunicorn.ctl):
+        # every pyllama-server (and each router child) would take it over from the last, and
+        # llama-server has nothing like it
+        "control_socket_disable": True,
     }
     if settings.ssl_key_file and settings.ssl_cert_file:
         options["keyfile"] = settings.ssl_key_file
@@ -102,6 +106,8 @@ class PyllamaApplication(BaseApplication):
 
     def load_config(self):
         for key, value in gunicorn_options(self.settings).items():
+            if key == "control_socket_disable" and key not in self.cfg.settings:
+                continue  # gunicorn < 25.1 has no control socket
             self.cfg.set(key, value)
         self.cfg.set("worker_exit", _worker_exit)
 

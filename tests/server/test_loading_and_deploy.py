@@ -121,3 +121,18 @@ def test_http_threads_default_is_upstreams():
     assert opts["bind"] == ["127.0.0.1:9", "[::1]:9"]
     opts = gunicorn_options(parse_server_args(["--threads-http", "2"], environ={}))
     assert opts["threads"] == 2 + 1024
+
+
+def test_no_gunicorn_control_socket_is_made(synthetic_path, tmp_path):
+    # gunicorn >= 25.1 opens a control socket at one path per user: two servers would fight
+    # over it, and llama-server has none
+    from .conftest import ServerProcess
+
+    env = {"HOME": str(tmp_path), "XDG_RUNTIME_DIR": ""}
+    srv = ServerProcess(["-m", str(synthetic_path), "-c", "256"], env=env)
+    try:
+        srv.wait_ready()
+    finally:
+        srv.stop()
+    assert not (tmp_path / ".gunicorn").exists()
+    assert b"Control socket" not in srv.proc.stdout.read()
