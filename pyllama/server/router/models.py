@@ -20,7 +20,8 @@ forwards the child's log lines, prefixed with its port, handles its state lines,
 it. A stop writes the exit command to the child's stdin and force-kills it (its whole process
 group: gunicorn's arbiter and worker) after the model's `stop-timeout` (default 10 s).
 Thread-safe: one lock (and its condition) guards the mapping, as server_models::mutex.
-Imports: `errors`, `settings`, router/preset.py, router/child.py (the line protocol), stdlib.
+Imports: `errors`, `settings`, router/preset.py, router/sched.py, router/child.py (the line
+protocol), stdlib.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from pathlib import Path
 from pyllama.errors import EngineError, InvalidRequestError
 from pyllama.server.router import preset as presets
 from pyllama.server.router.child import CMD_CHILD_TO_ROUTER_STATE, CMD_ROUTER_TO_CHILD_EXIT, ROUTER_PORT_ENV
+from pyllama.server.router.sched import LruScheduler
 from pyllama.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -152,97 +154,6 @@ class Broadcaster:
         with self._lock:
             for q in self._clients:
                 q.put(data)
-
-
-class LruScheduler:
-    """server_lru_sched: requests waiting for a --models-max slot, and whom to evict for them.
-    Every method needs the registry's lock held."""
-
-    def __init__(self, models: "ServerModels") -> None:
-        self.models = models
-        self.queue: list = []  # [model_id, n_waiters, loading]
-
-    def _count_running(self) -> int:
-        return sum(1 for inst in self.models.mapping.values() if inst.meta.is_running())
-
-    def has_capacity(self) -> bool:
-        mx = self.models.models_max
-        return mx <= 0 or self._count_running() < mx
-
-    def _find(self, model_id: str):
-        return next((e for e in self.queue if e[0] == model_id), None)
-
-    def pick_victim(self) -> str:
-        """The least recently used idle model, "" if none can be given up."""
-        victim, victim_last_used = "", 0
-        for name, inst in self.models.mapping.items():
-            # a busy model is mid-request, one still coming up has no request to finish
-            if inst.req_count != 0 or not inst.meta.is_ready_or_sleep():
-                continue
-            # already on its way out, or a queued request wants it
-            if name in self.models.stopping or self._find(name):
-                continue
-            if not victim or inst.meta.last_used < victim_last_used:
-                victim, victim_last_used = name, inst.meta.last_used
-        return victim
-
-    def join(self, model_id: str) -> None:
-        entry = self._find(model_id)
-        if entry:
-            entry[1] += 1
-            logger.info("request for name=%s joined the queue, %d waiting", model_id, entry[1])
-            return
-        self.queue.append([model_id, 1, False])
-        logger.info("request for name=%s queued at position %d", model_id, len(self.queue))
-
-    def leave(self, model_id: str) -> None:
-        entry = self._find(model_id)
-        if entry:
-            entry[1] -= 1
-            if entry[1] <= 0:
-                self.queue.remove(entry)
-
-    def try_claim(self, model_id: str) -> bool:
-        """True if it is this model's turn to load, and nobody is loading it yet."""
-        if not self.queue or self.queue[0][0] != model_id or self.queue[0][2]:
-            return False
-        if not self.has_capacity():
-            return False
-        self.queue[0][2] = True
-        return True
-
-    def claim_done(self, model_id: str, ok: bool) -> None:
-        if ok:
-            return
-        entry = self._find(model_id)
-        if entry:
-            entry[2] = False
-
-    def tick(self) -> None:
-        """Evict idle models while queued requests outnumber the free slots; never blocks."""
-        mx = self.models.models_max
-        if mx <= 0 or not self.queue:
-            return
-        mapping = self.models.mapping
-        n_running = n_stopping = 0
-        for name, inst in mapping.items():
-            if inst.meta.is_running():
-                n_running += 1
-                n_stopping += name in self.models.stopping
-        n_needed = n_claimed = 0
-        for model_id, _, loading in self.queue:
-            if not loading:
-                n_needed += 1
-            elif model_id in mapping and not mapping[model_id].meta.is_running():
-                n_claimed += 1  # claimed the slot, but load() has not spawned yet
-        n_free = mx - n_running + n_stopping - n_claimed
-        while n_free < n_needed:
-            victim = self.pick_victim()
-            if not victim:
-                return  # all remaining models are busy: wait for a request to end
-            logger.info("evicting idle LRU name=%s for a queued request", victim)
-            self.models.request_stop(victim)
-            n_free += 1
 
 
 class ServerModels:
