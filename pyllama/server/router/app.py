@@ -14,12 +14,14 @@ Imports: `errors`, `settings`, falcon, gunicorn, the server's middleware and err
 
 from __future__ import annotations
 
+import email.policy
 import logging
 import os
 import queue
 import signal
 import threading
 import time
+from email.parser import BytesParser
 
 import falcon
 import orjson
@@ -32,8 +34,11 @@ from pyllama.server.middleware import BadJSONError, CorsAndAuth, JSONBody
 from pyllama.server.resources.features import DisabledFeatureResource
 from pyllama.server.routing import MethodRouting, RequestLine
 from pyllama.server.router import preset as presets
-from pyllama.server.router.models import ServerModels
+from pyllama.server.router.cache import check_repo_name
+from pyllama.server.router.models import (CHILD_ADDR, DOWNLOADING, MODE_DOWNLOAD, SOURCE_CACHE, ModelMeta,
+                                          ServerModels)
 from pyllama.server.router.proxy import forward
+from pyllama.server.router.streams import RouterStreamResource, RouterStreamsLookupResource
 from pyllama.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -76,24 +81,60 @@ def _validate_model(state: RouterState, name: str, autoload: bool) -> str:
 
 
 def _body_json(req: falcon.Request):
+    """The request's JSON body; a multipart form's fields as an object (cpp-httplib turns a
+    form into JSON for the handler, and proxy_post reads `model` from it)."""
+    raw = req.context.raw_body or b""
+    if (req.content_type or "").lower().startswith("multipart/form-data"):
+        return _form_fields(req.content_type, raw)
     try:
-        return orjson.loads(req.context.raw_body or b"{}")
+        return orjson.loads(raw or b"{}")
     except orjson.JSONDecodeError as exc:  # json::parse throws: a 500 through ex_wrapper
         raise BadJSONError(f"[json.exception.parse_error.101] parse error: {exc}") from None
 
 
+def _form_fields(content_type: str, raw: bytes) -> dict:
+    """The text fields of a multipart/form-data body (its files are left out)."""
+    msg = BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + raw)
+    fields = {}
+    if msg.is_multipart():
+        for part in msg.iter_parts():
+            name = part.get_param("name", header="content-disposition")
+            if name and not part.get_filename():
+                fields[name] = part.get_payload(decode=True).decode("utf-8", "replace")
+    return fields
+
+
 def _proxy(state: RouterState, req: falcon.Request, resp: falcon.Response, name: str, autoload: bool,
            update_last_used: bool) -> None:
-    """Make sure the model runs, then relay the request to its child (proxy_request)."""
+    """Make sure the model runs, then relay the request to its child (proxy_get/proxy_post).
+
+    A POST carrying X-Conversation-Id is remembered as served by this model (the stream
+    routes find its session there) before the load wait, so that a DELETE /v1/stream during
+    that wait cancels it; such a request does not give up when its client leaves during the
+    wait (only a stop cancels it: the child's session buffer must still get the generation).
+    """
     models = state.models
     should_stop = resp.context.get("client_gone")
+    conv_id = (req.get_header("X-Conversation-Id") or "") if req.method == "POST" else ""
+    ticket = models.conv_models.remember(conv_id, name)
     if autoload:
-        models.ensure_model_ready(name, should_stop)
+        models.ensure_model_ready(name, should_stop if ticket == 0 else None)
+    if ticket and not models.conv_models.alive(conv_id, ticket):
+        logger.info("request for conv_id=%s cancelled while model name=%s was loading", conv_id, name)
+        raise InvalidRequestError("request cancelled by a stop while the model was loading")
     meta = models.begin_request(name, update_last_used)
     logger.info("proxying request to model %s on port %d", meta.name, meta.port)
     path = req.path + ("?" + req.query_string if req.query_string else "")
-    out = forward(req.method, "127.0.0.1", meta.port, path, dict(req.headers), req.context.get("raw_body") or b"",
-                  state.settings.timeout, on_close=lambda: models.end_request(meta.name))
+    relay(state, resp, meta.port, req.method, path, dict(req.headers), req.context.get("raw_body") or b"",
+          on_close=lambda: models.end_request(meta.name))
+
+
+def relay(state: RouterState, resp: falcon.Response, port: int, method: str, path: str, headers: dict,
+          body: bytes, on_close=None) -> None:
+    """Send a request to the child on `port` and answer with what it answers (server_http_proxy);
+    `on_close` runs once the answer has been relayed."""
+    out = forward(method, CHILD_ADDR, port, path, headers, body, state.settings.timeout, on_close=on_close)
     resp.status = out.status
     for key, value in out.headers:
         if key.lower() != "date":  # gunicorn writes its own
@@ -158,23 +199,27 @@ class PropsResource(ProxyResource):
 
 
 class ModelsResource:
-    """GET /models, /v1/models: every model and its state (get_router_models)."""
+    """GET /models, /v1/models: every model and its state (get_router_models), the sources
+    re-scanned first with `?reload=` (any value)."""
 
     def __init__(self, state: RouterState) -> None:
         self.state = state
 
     def on_get(self, req, resp):
+        if req.get_param("reload"):
+            self.state.models.load_models()
         now = int(time.time())
         data = []
         for meta in self.state.models.get_all_meta():
             if meta.hidden:
                 continue  # a cache model a preset deduplicates
             status = {"value": meta.status, "args": list(meta.args)}
-            shown = meta.preset.copy()
-            presets.unset_reserved_args(shown, False)
-            for env in ("LLAMA_ARG_HOST", "LLAMA_ARG_PORT", "LLAMA_ARG_ALIAS", "LLAMA_ARG_TAGS"):
-                shown.unset_option(env)
-            status["preset"] = shown.to_ini()
+            if meta.preset.name:  # a download's entry has none
+                shown = meta.preset.copy()
+                presets.unset_reserved_args(shown, False)
+                for env in ("LLAMA_ARG_HOST", "LLAMA_ARG_PORT", "LLAMA_ARG_ALIAS", "LLAMA_ARG_TAGS"):
+                    shown.unset_option(env)
+                status["preset"] = shown.to_ini()
             if meta.is_failed():
                 status["exit_code"] = meta.exit_code
                 status["failed"] = True
@@ -190,6 +235,36 @@ class ModelsResource:
                     info.setdefault(key, value)
             data.append(info)
         resp.media = {"data": data, "object": "list"}
+
+
+class ModelsManageResource(ModelsResource):
+    """/models: the list, and the cache: POST {"model": "user/repo[:quant]"} downloads a model
+    into the cache in a child of its own (post_router_models); DELETE ?model= stops a cache
+    model and deletes its files (del_router_models)."""
+
+    json_body = "any"
+
+    def on_post(self, req, resp):
+        body = req.context.body
+        name = body.get("model") if isinstance(body, dict) else None
+        if not isinstance(name, str) or not name:
+            raise InvalidRequestError("model must be a non-empty string")
+        # NOTE(router): upstream also lists the repo on the hub here, but goes on whatever the
+        # listing says; only a malformed name stops it, and the download child reports the rest
+        check_repo_name(name)
+        models = self.state.models
+        if models.has_model(name):
+            raise InvalidRequestError(f"model '{name}' already exists")
+        logger.info("starting download for model '%s'", name)
+        models.load(name, MODE_DOWNLOAD, ModelMeta(name=name, preset=presets.Preset(), source=SOURCE_CACHE))
+        resp.media = {"success": True}
+
+    def on_delete(self, req, resp):
+        name = req.get_param("model") or ""
+        if not name:
+            raise InvalidRequestError("model must be a non-empty string")
+        self.state.models.remove(name)
+        resp.media = {"success": True}
 
 
 class ModelsLoadResource:
@@ -226,7 +301,7 @@ class ModelsUnloadResource:
         meta = self.state.models.get_meta(name) if isinstance(name, str) else None
         if meta is None:
             raise InvalidRequestError("model is not found")
-        if not meta.is_running():
+        if not meta.is_running() and meta.status != DOWNLOADING:
             raise InvalidRequestError("model is not running")
         self.state.models.unload(meta.name)
         resp.media = {"success": True}
@@ -298,9 +373,10 @@ def create_router_app(state: RouterState) -> falcon.App:
     prefix = s.api_prefix.rstrip("/")
     proxy = ProxyResource(state)
     health = HealthResource()
-    models = ModelsResource(state)
     routes = {"/health": health, "/v1/health": health, "/props": PropsResource(state),
-              "/models": models, "/v1/models": models,
+              "/models": ModelsManageResource(state), "/v1/models": ModelsResource(state),
+              "/v1/stream": RouterStreamResource(state, relay),  # GET replays, DELETE stops
+              "/v1/streams/lookup": RouterStreamsLookupResource(state),
               "/models/load": ModelsLoadResource(state), "/models/unload": ModelsUnloadResource(state),
               "/models/sse": ModelsEventsResource(state)}
     for path in PROXY_POST + PROXY_GET:

@@ -10,8 +10,11 @@ router over its standard streams, as server-models.cpp's children do:
   outlives its router, even one killed with SIGKILL.
 
 `python -m pyllama.server.router.child ARGS` runs `pyllama-server ARGS`, for routers that
-have no `pyllama-server` script beside their Python.
-Imports: stdlib; `pyllama.cli` only when run as a program.
+have no `pyllama-server` script beside their Python. With LLAMA_SERVER_CHILD_MODE=download
+(POST /models) it downloads the model LLAMA_ARG_HF_REPO names into the cache instead, says
+`downloading` with `{"result": "download_finished"}` (or `"download_failed"`), and exits on
+the router's exit command (server_child::run_download).
+Imports: stdlib; `pyllama.cli`, `flags`, `logs`, `downloads` only when run as a program.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import threading
 logger = logging.getLogger(__name__)
 
 CMD_ROUTER_TO_CHILD_EXIT = "cmd_router_to_child:exit"
+CHILD_MODE_ENV = "LLAMA_SERVER_CHILD_MODE"
 CMD_CHILD_TO_ROUTER_STATE = "cmd_child_to_router:state:"
 ROUTER_PORT_ENV = "LLAMA_SERVER_ROUTER_PORT"
 
@@ -95,7 +99,49 @@ def watch_stdin() -> threading.Thread:
     return thread
 
 
+def run_download(argv: list) -> int:
+    """Download the model the flags name, tell the router, wait for its exit command
+    (server_child::run_download). Runs as the download child's main program."""
+    from pyllama import logs
+    from pyllama.downloads import prepare_model
+    from pyllama.flags import parse_server_args
+
+    settings = parse_server_args(argv)
+    logs.configure(settings, common_log=False)
+    finished = threading.Event()
+
+    def watch():
+        for line in sys.stdin:
+            if CMD_ROUTER_TO_CHILD_EXIT in line:
+                break
+        else:  # EOF: the router is gone
+            logger.info("EOF on stdin detected, forcing shutdown...")
+            os._exit(1)
+        if not finished.is_set():
+            # NOTE(router): upstream's download checks a cancel flag between chunks; ours has no
+            # such hook, so a cancel ends the process (the partial file stays, resumable)
+            logger.info("download cancelled")
+            notify_to_router("downloading", {"result": "download_failed"})
+            os._exit(0)
+
+    thread = threading.Thread(target=watch, name="pyllama-router-stdin", daemon=True)
+    thread.start()
+    try:
+        prepare_model(settings)
+        ok = True
+    except Exception as exc:  # noqa: BLE001 - any failure is a failed download for the router
+        logger.error("download failed for model name=%s: %s", settings.hf_repo, exc)
+        ok = False
+    finished.set()
+    notify_to_router("downloading", {"result": "download_finished" if ok else "download_failed"})
+    thread.join()  # the router answers the result with the exit command
+    logger.info("download completed %s", "successfully" if ok else "with errors")
+    return 0
+
+
 if __name__ == "__main__":
+    if is_child() and os.environ.get(CHILD_MODE_ENV) == "download":
+        sys.exit(run_download(sys.argv[1:]))
     from pyllama.cli import server_main
 
     sys.exit(server_main(sys.argv[1:]))

@@ -41,7 +41,8 @@ from pathlib import Path
 
 from pyllama.errors import EngineError, InvalidRequestError
 from pyllama.server.router import preset as presets
-from pyllama.server.router.child import CMD_CHILD_TO_ROUTER_STATE, CMD_ROUTER_TO_CHILD_EXIT, ROUTER_PORT_ENV
+from pyllama.server.router.child import (CHILD_MODE_ENV, CMD_CHILD_TO_ROUTER_STATE, CMD_ROUTER_TO_CHILD_EXIT,
+                                         ROUTER_PORT_ENV)
 from pyllama.server.router.sched import LruScheduler
 from pyllama.settings import Settings
 
@@ -49,6 +50,8 @@ logger = logging.getLogger(__name__)
 child_logger = logging.getLogger("pyllama.server.router.instance")
 
 UNLOADED, LOADING, LOADED, SLEEPING = "unloaded", "loading", "loaded", "sleeping"
+DOWNLOADING, DOWNLOADED = "downloading", "downloaded"  # a POST /models download child
+MODE_NORMAL, MODE_DOWNLOAD = "normal", "download"  # server_child_mode
 SOURCE_PRESET, SOURCE_MODELS_DIR, SOURCE_CACHE = "preset", "models_dir", "cache"
 DEFAULT_STOP_TIMEOUT = 10  # seconds
 CHILD_ADDR = "127.0.0.1"  # the router may listen on 0.0.0.0; children only on loopback
@@ -75,6 +78,12 @@ def server_bin_args() -> list:
     script = Path(sys.executable).parent / "pyllama-server"
     if script.is_file() and os.access(script, os.X_OK):
         return [str(script)]
+    return [sys.executable, "-m", "pyllama.server.router.child"]
+
+
+def download_bin_args() -> list:
+    """How to start a download child: this Python running router/child.py, which downloads
+    when LLAMA_SERVER_CHILD_MODE=download (upstream starts llama-server itself in that mode)."""
     return [sys.executable, "-m", "pyllama.server.router.child"]
 
 
@@ -129,6 +138,59 @@ class Instance:
     meta: ModelMeta
     proc: subprocess.Popen | None = None
     req_count: int = 0  # proxied requests in flight
+    mode: str = MODE_NORMAL
+
+    def request_exit(self) -> None:
+        """Ask the child to exit (it reads the command on its stdin, server_child::setup)."""
+        if self.proc is None:
+            return
+        try:
+            self.proc.stdin.write((CMD_ROUTER_TO_CHILD_EXIT + "\n").encode())
+            self.proc.stdin.flush()
+        except (OSError, ValueError):
+            pass
+
+
+class ConvModelTracker:
+    """conv_model_tracker: which model serves each conversation's resumable stream.
+
+    Filled when a POST carrying X-Conversation-Id is relayed, so that /v1/stream and
+    /v1/streams/lookup go straight to the child that holds the session. Best effort: a stale
+    entry only makes that child answer "not found". Each registration gets a ticket; a stop
+    (DELETE /v1/stream) or a newer request on the same conversation invalidates it, which is
+    how a request still waiting for its model to load is cancelled. Thread-safe: a lock of its own.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._next_ticket = 1
+        self._map: dict = {}  # conv_id -> (model, ticket)
+
+    def remember(self, conv_id: str, model: str) -> int:
+        """Register; the ticket, or 0 when nothing was registered."""
+        if not conv_id or not model:
+            return 0
+        with self._lock:
+            ticket, self._next_ticket = self._next_ticket, self._next_ticket + 1
+            self._map[conv_id] = (model, ticket)
+            return ticket
+
+    def alive(self, conv_id: str, ticket: int) -> bool:
+        """False once a stop erased the entry or a newer request replaced it."""
+        with self._lock:
+            entry = self._map.get(conv_id)
+            return entry is not None and entry[1] == ticket
+
+    def lookup(self, conv_id: str) -> str | None:
+        if not conv_id:
+            return None
+        with self._lock:
+            entry = self._map.get(conv_id)
+            return None if entry is None else entry[0]
+
+    def forget(self, conv_id: str) -> None:
+        with self._lock:
+            self._map.pop(conv_id, None)
 
 
 class Broadcaster:
@@ -176,15 +238,15 @@ class ServerModels:
         self.sched = LruScheduler(self)
         self.sse = Broadcaster()
         self.closing = False
+        self.is_reloading = False  # load() waits while a reload runs
+        self.need_reload = False  # a download finished: the next get_meta() re-scans first
+        self.conv_models = ConvModelTracker()
         self.load_models()
 
     # --- the model list ---------------------------------------------------------------------
-    def load_models(self) -> None:
-        """Build the model list from its sources (server_models::load_models, first load).
-
-        Raises:
-            PresetError: a source that cannot be read; RouterError: conflicting names.
-        """
+    def _scan(self) -> tuple:
+        """Read the model sources: (presets by name, source by name, hidden cache models).
+        Pure I/O, no lock (load_models' phase 1)."""
         s = self.settings
         cached = presets.load_from_cache()
         local = presets.load_from_models_dir(s.models_dir) if s.models_dir else {}
@@ -207,27 +269,105 @@ class ServerModels:
         # the router's own command line over every model ("llama-server --temp 0" for all)
         for p in final.values():
             p.merge(self.base_preset)
-        hidden = self._dedup_hidden(custom, cached, source)
-        with self.lock:
-            for name in sorted(final):
-                self._add_model(ModelMeta(name=name, preset=final[name], source=source.get(name, SOURCE_PRESET)))
-            for name, inst in self.mapping.items():
-                value = inst.meta.preset.get_option(presets.PRESET_STOP_TIMEOUT)
-                if value is not None:
-                    try:
-                        inst.meta.stop_timeout = int(value)
-                    except ValueError:
-                        logger.warning("invalid stop-timeout value '%s' for model '%s', using default %d seconds",
-                                       value, name, DEFAULT_STOP_TIMEOUT)
-                        inst.meta.stop_timeout = DEFAULT_STOP_TIMEOUT
-                inst.meta.hidden = name in hidden
+        return final, source, self._dedup_hidden(custom, cached, source)
+
+    def _apply_stop_timeout_and_hidden(self, hidden: set) -> None:
+        """Lock held."""
+        for name, inst in self.mapping.items():
+            value = inst.meta.preset.get_option(presets.PRESET_STOP_TIMEOUT)
+            if value is not None:
+                try:
+                    inst.meta.stop_timeout = int(value)
+                except ValueError:
+                    logger.warning("invalid stop-timeout value '%s' for model '%s', using default %d seconds",
+                                   value, name, DEFAULT_STOP_TIMEOUT)
+                    inst.meta.stop_timeout = DEFAULT_STOP_TIMEOUT
+            inst.meta.hidden = name in hidden
+
+    def load_models(self) -> None:
+        """(Re-)build the model list from its sources (server_models::load_models).
+
+        The first time, every model is added. Later (GET /models?reload=1, or after a POST
+        /models download), the new list is reconciled with the running one: a running model
+        whose source is gone or whose preset changed is stopped, a model no longer listed is
+        dropped, the others take their new preset, new ones are added, and /models/sse hears
+        "models_reload". A reload never starts a model.
+
+        Raises:
+            PresetError: a source that cannot be read; RouterError: conflicting names.
+        """
+        final, source, hidden = self._scan()
+        with self.cv:
+            self.need_reload = False
+            if not self.mapping:
+                for name in sorted(final):
+                    self._add_model(ModelMeta(name=name, preset=final[name], source=source.get(name, SOURCE_PRESET)))
+                self._apply_stop_timeout_and_hidden(hidden)
+                self._log_available_models()
+                if self.startup_models is not None:  # skipped once the startup phase is over
+                    to_load = [name for name, inst in self.mapping.items() if presets.is_truthy(
+                        inst.meta.preset.get_option(presets.PRESET_LOAD_ON_STARTUP) or "")]
+                    if len(to_load) > self.models_max:  # as upstream: even with --models-max 0
+                        raise RouterError(f"number of models to load on startup ({len(to_load)}) exceeds "
+                                          f"models_max ({self.models_max})")
+                    self.startup_models = to_load
+                return
+            self.is_reloading = True
+            try:
+                self._reload(final, source, hidden)
+            finally:
+                self.is_reloading = False  # releases the load() calls waiting for the reload
+                self.cv.notify_all()
             self._log_available_models()
-            to_load = [name for name, inst in self.mapping.items()
-                       if presets.is_truthy(inst.meta.preset.get_option(presets.PRESET_LOAD_ON_STARTUP) or "")]
-            if len(to_load) > self.models_max:  # as upstream: even with --models-max 0
-                raise RouterError(f"number of models to load on startup ({len(to_load)}) exceeds "
-                                  f"models_max ({self.models_max})")
-            self.startup_models = to_load
+        self.notify_sse("models_reload", "*")
+
+    def _reload(self, final: dict, source: dict, hidden: set) -> None:
+        """load_models' reconciliation. Lock held (released while waiting for stops)."""
+        def comparable(preset):  # update_args sets these, the sources do not
+            p = preset.copy()
+            for env in ("LLAMA_ARG_HOST", "LLAMA_ARG_PORT", "LLAMA_ARG_ALIAS"):
+                p.unset_option(env)
+            return p.options
+
+        to_unload = [name for name, inst in self.mapping.items() if inst.meta.is_running() and (
+            name not in final or comparable(inst.meta.preset) != comparable(final[name]))]
+        for name in to_unload:
+            logger.info("(reload) unloading model name=%s (source updated or removed)", name)
+            inst = self.mapping[name]
+            if inst.meta.is_running():
+                self._stop_instance(name, inst)
+        self.cv.wait_for(lambda: not any(n in self.mapping and self.mapping[n].meta.is_running()
+                                         for n in to_unload))
+        for name in list(self.mapping):
+            status = self.mapping[name].meta.status
+            if status == DOWNLOADING:
+                continue  # its child is still busy
+            if status == DOWNLOADED:
+                del self.mapping[name]  # the download is done: the cache lists the model now
+            elif name not in final:
+                logger.info("(reload) removing model name=%s (no longer in source)", name)
+                del self.mapping[name]
+        for name, inst in self.mapping.items():
+            if inst.meta.is_running() or name not in final:
+                continue
+            meta = inst.meta
+            meta.preset = final[name]
+            meta.aliases = set()
+            for alias in _split_names(meta.preset.get_option("LLAMA_ARG_ALIAS")):
+                other = next((k for k, i in self.mapping.items() if k != name and (k == alias or alias in i.meta.aliases)),
+                             None)
+                if other is not None:
+                    logger.warning("(reload) alias '%s' for model '%s' conflicts with model '%s', skipping",
+                                   alias, name, other)
+                    continue
+                meta.aliases.add(alias)
+            meta.tags = _split_names(meta.preset.get_option("LLAMA_ARG_TAGS"))
+            meta.exit_code = 0  # no longer failed: it may be loaded again
+            meta.update_args(self.bin_args)
+        for name in sorted(final):  # new models; load-on-startup does not apply to them
+            if name not in self.mapping:
+                self._add_model(ModelMeta(name=name, preset=final[name], source=source.get(name, SOURCE_PRESET)))
+        self._apply_stop_timeout_and_hidden(hidden)
 
     def _dedup_hidden(self, custom: dict, cached: dict, source: dict) -> set:
         """Cache models a `dedup-cache-models` preset already serves (hidden from GET /models)."""
@@ -299,13 +439,22 @@ class ServerModels:
         with self.lock:
             return self._resolve(name) is not None
 
+    def _reload_if_needed(self) -> None:
+        with self.lock:
+            needed = self.need_reload
+        if needed:
+            self.load_models()
+
     def get_meta(self, name: str) -> ModelMeta | None:
-        """A copy of a model's metadata, by name or alias."""
+        """A copy of a model's metadata, by name or alias (re-scanning the sources first
+        after a download, as server_models::get_meta)."""
+        self._reload_if_needed()
         with self.lock:
             inst = self._resolve(name)
             return None if inst is None else replace(inst.meta)
 
     def get_all_meta(self) -> list:
+        self._reload_if_needed()
         with self.lock:
             return [replace(inst.meta) for inst in self.mapping.values()]
 
@@ -341,6 +490,62 @@ class ServerModels:
             self.notify_sse("status_change", name, data)
             self.cv.notify_all()
 
+    def update_download_progress(self, name: str, progress: dict | None, done: bool, ok: bool = True) -> None:
+        """A download child's progress (`progress`: url, downloaded, total) or its end
+        (server_models::update_download_progress). An ended download leaves a DOWNLOADED
+        entry that the next load_models() replaces with what the cache now holds."""
+        curr = None
+        with self.cv:
+            inst = self.mapping.get(name)
+            if inst is not None:
+                if done:
+                    inst.meta.status = DOWNLOADED
+                    self.need_reload = True
+                else:
+                    info = inst.meta.loaded_info
+                    info.setdefault("progress", {})[progress["url"]] = {"done": progress["downloaded"],
+                                                                        "total": progress["total"]}
+                    curr = json.loads(json.dumps(info))  # a copy
+            if done:
+                self.cv.notify_all()  # an unload() may wait for the cancelled download
+        if done:
+            self.notify_sse("download_finished" if ok else "download_failed", name, {})
+        else:
+            self.notify_sse("download_progress", name, curr)
+
+    def remove(self, name: str) -> None:
+        """Stop a cache model and delete its files from the cache (server_models::remove).
+
+        Raises:
+            RouterError: an unknown model, or one that does not come from the cache.
+        """
+        from pyllama.server.router.cache import remove_cached
+
+        with self.cv:
+            inst = self.mapping.get(name)
+            if inst is None:
+                raise RouterError(f"model name={name} is not found")
+            if inst.meta.source != SOURCE_CACHE:
+                raise RouterError(f"model name={name} is not removable (not from cache)")
+            if inst.meta.status == DOWNLOADING:
+                logger.info("cancelling download for model name=%s", name)
+                inst.request_exit()
+            elif inst.meta.is_running():
+                self._stop_instance(name, inst)
+            self._wait(name, lambda m: m.status in (UNLOADED, DOWNLOADED))
+            # best effort: a cancelled download may have no files yet
+            ok = remove_cached(name)
+            self.mapping.pop(name, None)
+        if not ok:
+            logger.warning("removing model name=%s from disk returned false (no cached files?)", name)
+        logger.info("removing model name=%s from cache (%s)", name, "succeeded" if ok else "partial")
+        self.notify_sse("model_remove", name, {})
+
+    def _wait(self, name: str, predicate) -> None:
+        """Wait until `predicate(meta)` holds, or the entry is gone (server_models::wait).
+        Lock held."""
+        self.cv.wait_for(lambda: name not in self.mapping or predicate(self.mapping[name].meta))
+
     def handle_child_state(self, name: str, line: str) -> None:
         """A `cmd_child_to_router:state:` line (server_models::handle_child_state)."""
         try:
@@ -349,7 +554,18 @@ class ServerModels:
         except (ValueError, AttributeError) as exc:
             logger.error("failed to parse child state update for name=%s: %s", name, exc)
             return
-        if state == "loading":
+        if state == "downloading":  # a download child: progress, then its result
+            result, url = payload.get("result", ""), payload.get("url", "")
+            if result in ("download_finished", "download_failed"):
+                self.update_download_progress(name, None, done=True, ok=result == "download_finished")
+                with self.lock:
+                    inst = self.mapping.get(name)
+                    if inst is not None:
+                        inst.request_exit()
+            elif url:
+                self.update_download_progress(name, {"url": url, "downloaded": payload.get("downloaded", 0),
+                                                     "total": payload.get("total", 0)}, done=False)
+        elif state == "loading":
             self.update_status(name, LOADING, progress=payload)
         elif state == "ready":  # an empty payload: woken from sleep
             self.update_status(name, LOADED, loaded_info=payload or None)
@@ -359,7 +575,7 @@ class ServerModels:
             logger.error("unexpected state %r from child name=%s", state, name)
 
     # --- children ---------------------------------------------------------------------------
-    def _watch(self, name: str, proc: subprocess.Popen, port: int) -> None:
+    def _watch(self, name: str, proc: subprocess.Popen, port: int, mode: str = MODE_NORMAL) -> None:
         """Reader thread of one child: forward its log, handle its state lines, reap it."""
         for raw in proc.stdout:
             line = raw.decode("utf-8", "replace").rstrip("\r\n")
@@ -370,19 +586,31 @@ class ServerModels:
                 child_logger.info("[%5d] %s", port, line)  # forward the child's log
         code = proc.wait()
         code = code if code >= 0 else 1  # killed by a signal: EXIT_FAILURE, as subprocess_join
-        self.on_child_exit(name, proc, code)
+        self.on_child_exit(name, proc, code, mode)
         logger.info("instance name=%s exited with status %d", name, code)
 
-    def on_child_exit(self, name: str, proc: subprocess.Popen, exit_code: int) -> None:
+    def on_child_exit(self, name: str, proc: subprocess.Popen, exit_code: int, mode: str = MODE_NORMAL) -> None:
         with self.cv:
             inst = self.mapping.get(name)
             if inst is None or inst.proc is not proc:
-                self.stopping.discard(name)  # a newer instance took the name
+                self.stopping.discard(name)  # entry dropped, or a newer instance took the name
+                return
+            if mode == MODE_DOWNLOAD:
+                if inst.meta.status == DOWNLOADING:  # died without a result: a failed download
+                    inst.meta.status = DOWNLOADED
+                    self.need_reload = True
+                    self.notify_sse("download_failed", name, {})
+                # the entry goes at the next load_models()
+                self.stopping.discard(name)
+                self.cv.notify_all()
                 return
         self.update_status(name, UNLOADED, exit_code)
 
-    def _spawn(self, meta: ModelMeta) -> subprocess.Popen:
+    def _spawn(self, meta: ModelMeta, mode: str = MODE_NORMAL) -> subprocess.Popen:
         env = {**self.base_env, ROUTER_PORT_ENV: str(self.settings.port)}
+        if mode == MODE_DOWNLOAD:
+            env[CHILD_MODE_ENV] = MODE_DOWNLOAD
+            env["LLAMA_ARG_HF_REPO"] = meta.name
         # its own session: a force-kill reaches gunicorn's worker too, and a Ctrl-C on the
         # router's terminal stops the children through the router, in order
         return subprocess.Popen(meta.args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -422,43 +650,55 @@ class ServerModels:
         timer.daemon = True
         timer.start()
 
-    def load(self, name: str) -> None:
+    def load(self, name: str, mode: str = MODE_NORMAL, custom_meta: ModelMeta | None = None) -> None:
         """Start a model's child (server_models::load); returns once it is spawned.
+
+        `mode=MODE_DOWNLOAD` with a `custom_meta` starts a download child instead (POST /models):
+        an entry of its own in DOWNLOADING state, outside --models-max.
 
         Raises:
             RouterError: an unknown model, no free slot, a failed spawn.
         """
-        if not self.has_model(name):
-            raise RouterError(f"model name={name} is not found")
-        self.unload_lru()
+        if custom_meta is None:
+            if not self.has_model(name):
+                raise RouterError(f"model name={name} is not found")
+            self.unload_lru()
         with self.cv:
+            # a reload in progress: load against the fresh list
+            self.cv.wait_for(lambda: not self.is_reloading)
             if self.closing:
                 raise RouterError("the router is shutting down")
-            old = self.mapping[name]
-            if old.meta.status != UNLOADED:
+            if custom_meta is None and name not in self.mapping:
+                raise RouterError(f"model name={name} is not found")  # dropped by a reload
+            old = self.mapping.get(name)
+            base = custom_meta if custom_meta is not None else old.meta
+            if base.status != UNLOADED:
                 logger.info("model %s is not ready", name)
                 return
-            # re-check the capacity under the lock, against concurrent loads
-            if self.models_max > 0 and sum(1 for i in self.mapping.values() if i.meta.is_running()) >= self.models_max:
+            # re-check the capacity under the lock, against concurrent loads; downloads take no slot
+            if mode == MODE_NORMAL and self.models_max > 0 and \
+                    sum(1 for i in self.mapping.values() if i.meta.is_running()) >= self.models_max:
                 raise RouterError("model limit reached, try again later")
-            meta = replace(old.meta, preset=old.meta.preset.copy(), port=free_port(), status=LOADING,
+            meta = replace(base, preset=base.preset.copy(), port=free_port(), status=LOADING,
                            loaded_info={}, last_used=now_ms())
             logger.info("spawning server instance with name=%s on port %d", name, meta.port)
-            meta.update_args(self.bin_args)
+            meta.update_args(self.bin_args if mode == MODE_NORMAL else download_bin_args())
+            if mode == MODE_DOWNLOAD:
+                meta.status = DOWNLOADING
             logger.info("spawning server instance with args:")
             for arg in meta.args:
                 logger.info("  %s", arg)
             try:
-                proc = self._spawn(meta)
+                proc = self._spawn(meta, mode)
             except OSError as exc:
                 raise RouterError(f"failed to spawn server instance: {exc}") from None
-            if old.proc is not None and old.proc.poll() is None:
+            if old is not None and old.proc is not None and old.proc.poll() is None:
                 logger.warning("old process for model name=%s is still alive, this is unexpected", name)
                 self._kill(old.proc)
             self.notify_sse("model_status", name, {"status": meta.status})
-            self.mapping[name] = Instance(meta, proc)
-            threading.Thread(target=self._watch, args=(name, proc, meta.port), name=f"pyllama-router-{meta.port}",
-                             daemon=True).start()
+            self.mapping[name] = Instance(meta, proc, mode=mode)
+            threading.Thread(target=self._watch, args=(name, proc, meta.port, mode),
+                             name=f"pyllama-router-{meta.port}", daemon=True).start()
             self.cv.notify_all()
 
     def unload_lru(self) -> None:
@@ -485,12 +725,17 @@ class ServerModels:
         self.request_stop(name, not loading)
 
     def unload(self, name: str) -> None:
-        """Stop a model's child; its exit is reported by its reader thread."""
+        """Stop a model's child; its exit is reported by its reader thread. A download is
+        cancelled, and waited for."""
         with self.cv:
             inst = self.mapping.get(name)
             if inst is None:
                 return
-            if inst.meta.is_running():
+            if inst.meta.status == DOWNLOADING:
+                logger.info("cancelling download for model name=%s", name)
+                inst.request_exit()
+                self._wait(name, lambda m: m.status != DOWNLOADING)
+            elif inst.meta.is_running():
                 self._stop_instance(name, inst)
             else:
                 logger.warning("model instance name=%s is not running", name)
@@ -500,9 +745,13 @@ class ServerModels:
         with self.cv:
             self.closing = True
             for name, inst in self.mapping.items():
-                if inst.meta.is_running():
+                if inst.meta.status == DOWNLOADING:
+                    logger.info("cancelling download for model name=%s", name)
+                    inst.request_exit()
+                elif inst.meta.is_running():
                     self._stop_instance(name, inst)
-            self.cv.wait_for(lambda: not any(i.meta.is_running() for i in self.mapping.values()), timeout)
+            self.cv.wait_for(lambda: not any(i.meta.is_running() or i.meta.status == DOWNLOADING
+                                             for i in self.mapping.values()), timeout)
 
     def ensure_model_ready(self, name: str, should_stop=None) -> bool:
         """Make sure a model is running, loading it (through the --models-max queue) if not,
@@ -547,6 +796,8 @@ class ServerModels:
                     status = inst.meta.status
                     if status in (LOADED, SLEEPING):
                         break
+                    if status in (DOWNLOADING, DOWNLOADED):
+                        break  # never wait on a download child
                     if status == LOADING:
                         saw_loading = True
                     elif status == UNLOADED:
