@@ -25,6 +25,7 @@ from libcpp.vector cimport vector
 from pyllama cimport _llama as L
 from pyllama._bridge cimport (
     COMMON_CONTEXT_SEQ_RM_TYPE_FULL,
+    COMMON_CONTEXT_SEQ_RM_TYPE_PART,
     COMMON_CONTEXT_SEQ_RM_TYPE_RS,
     common_context_can_seq_rm,
     common_context_seq_rm_type,
@@ -200,6 +201,7 @@ cdef class EngineCore:
     cdef readonly int n_ctx_checkpoints
     cdef readonly int checkpoint_min_step
     cdef readonly bint do_checkpoints  # the memory needs them and n_ctx_checkpoints > 0
+    cdef bint swa_only  # SWA layers but no recurrent state: any cut is fine inside the window
     cdef int n_ubatch
     cdef vector[int] prefill_ids  # slots filling their prompt, in admission order
     cdef vector[int] sample_slots
@@ -235,6 +237,7 @@ cdef class EngineCore:
         cdef common_context_seq_rm_type seq_rm_type = common_context_can_seq_rm(context.ptr)
         self.n_ctx_checkpoints = max(0, n_ctx_checkpoints)
         self.checkpoint_min_step = max(0, checkpoint_min_step)
+        self.swa_only = self.n_swa > 0 and seq_rm_type == COMMON_CONTEXT_SEQ_RM_TYPE_PART
         self.do_checkpoints = self.n_ctx_checkpoints > 0 and (
             seq_rm_type == COMMON_CONTEXT_SEQ_RM_TYPE_FULL or seq_rm_type == COMMON_CONTEXT_SEQ_RM_TYPE_RS
             or self.n_swa > 0)
@@ -459,11 +462,18 @@ cdef class EngineCore:
         if pos_min == -1:  # upstream aborts here ("should not happen"); start over instead
             logger.error("slot %d: n_past = %d, but the sequence is empty", slot.id, n_past)
             return 0
-        # NOTE(pyllama): a sequence that still starts at 0 holds every cell it had: upstream
-        # tests pos_min >= the threshold, which the threshold's clamp to 0 makes true for any
-        # prompt shorter than the window, and re-evaluates a short prompt that diverges
-        # before its last checkpoint from its first token
-        if pos_min < pos_min_thold or pos_min == 0:
+        # NOTE(pyllama): where only sliding-window layers keep the memory from being cut back,
+        # the test is exact: the first token evaluated, at p, attends to the cells from
+        # p - n_swa + 1 on (llama_hparams::is_masked_swa), so those must still be there.
+        # Upstream asks pos_min < p - n_swa, clamped to 0: that throws away a sequence that
+        # still holds every cell (pos_min 0: any prompt shorter than the window that diverges
+        # before its last checkpoint starts over), and one restored from the prompt cache,
+        # which keeps just the window (pos_min = its end - n_swa + 1): each returning
+        # conversation then resumes from a checkpoint before the previous reply instead.
+        if self.swa_only:
+            if pos_min <= max(0, pos_next - (0 if has_new_tokens else 1) - self.n_swa + 1):
+                return n_past
+        elif pos_min < pos_min_thold:
             return n_past
         for c in reversed(slot.checkpoints):
             logger.debug("slot %d: checking checkpoint with [%d, %d] against %d...", slot.id,

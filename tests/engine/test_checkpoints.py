@@ -146,3 +146,22 @@ def test_models_that_can_cut_back_make_no_checkpoints(make, synthetic_path):
     _run(engine, FIRST[:500], user_starts=[USER])
     assert _checkpoints(engine) == []
     assert _run(engine, _edit(400, 20, seed=7)).timings.cache_n == 400
+
+
+@pytest.mark.parametrize("cut", [0, 1, 2])
+def test_a_state_from_the_prompt_cache_serves_up_to_the_window_edge(make, cut):
+    # A state saved to host RAM keeps only the window's cells (its end - 32 + 1 on). A prompt
+    # that continues it to within a token of its end still has every cell its first new token
+    # attends to (cut 0 and 1: the whole cached prefix serves); one token earlier (cut 2) the
+    # first cell is missing, and the checkpoint 4 tokens before the old prompt's end serves
+    # (resuming one token before it, as upstream). Each answer must equal a full evaluation.
+    first = FIRST[:300]
+    engine = make(cache_ram_mib=256)
+    _run(engine, first)
+    held = engine.call(lambda core: core.slots[0].cached_tokens)  # the prompt + 7 decoded
+    _run(engine, [1] + _tokens(200, seed=8))  # the slot goes to another conversation
+    tail = [WORDS[0] if held[len(held) - cut] != WORDS[0] else WORDS[1]] if cut else []
+    prompt = held[:len(held) - cut] + tail + _tokens(20, seed=9)
+    result = _run(engine, prompt)
+    assert result.timings.cache_n == (len(held) - cut if cut < 2 else 300 - 4 - 1)
+    assert result.tokens == _run(make(cache_ram_mib=0), prompt).tokens
