@@ -319,3 +319,45 @@ def test_a_multipart_request_is_relayed_to_its_model(router):
     assert _error(r) == (501, "The current model does not support audio input.")
     r = httpx.post(router.base + "/v1/audio/transcriptions", data={"language": "en"}, files=files)
     assert _error(r) == (400, "model name is missing from the request")
+
+
+# --- gunicorn directly ------------------------------------------------------------------------------
+def test_router_under_gunicorn_directly(ggufs, cache, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from . import conftest as server_conftest
+
+    port = server_conftest.free_port()
+    args = f"--models-dir {ggufs[0]} -c 256 -np 1 --no-warmup --port {port}"
+    env = {**os.environ, "PYLLAMA_ARGS": args, "LLAMA_CACHE": str(cache)}
+    gunicorn = str(Path(sys.executable).parent / "gunicorn")
+    log = tmp_path / "gunicorn.log"  # a file, not a pipe nobody drains: children log a lot
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([gunicorn, "-c", "python:pyllama.server.wsgi", "pyllama.server.wsgi:create_app()"],
+                                env=env, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+    proc.stdout = open(log, "rb")
+    try:
+        srv = ServerProcess.__new__(ServerProcess)  # wait_ready on gunicorn's process
+        srv.proc, srv.base = proc, f"http://127.0.0.1:{port}"
+        srv.wait_ready()
+        assert httpx.get(srv.base + "/props").json()["role"] == "router"
+        r = httpx.post(srv.base + "/completion", json={"model": "alpha", "prompt": "Hi", "n_predict": 2}, timeout=WAIT)
+        assert r.status_code == 200 and r.json()["tokens_predicted"] == 2
+        child = _port(_models(srv)["alpha"])
+        assert httpx.get(f"http://127.0.0.1:{child}/health").status_code == 200
+    finally:
+        proc.terminate()
+        assert proc.wait(60) == 0
+        proc.stdout.close()
+    with pytest.raises(httpx.HTTPError):  # the worker stopped its child on the way out
+        httpx.get(f"http://127.0.0.1:{child}/health", timeout=5)
+
+    bad = tmp_path / "bad.ini"
+    bad.write_text("[m]\nno-such-option = 1\n")
+    done = subprocess.run([gunicorn, "-c", "python:pyllama.server.wsgi", "pyllama.server.wsgi:create_app()"],
+                          env={**env, "PYLLAMA_ARGS": f"--models-preset {bad}"}, capture_output=True, text=True,
+                          cwd=tmp_path, timeout=60)
+    assert done.returncode != 0
+    assert "failed to initialize router models: option 'no-such-option' not recognized" in done.stderr

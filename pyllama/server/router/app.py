@@ -415,9 +415,29 @@ def build_router_app(state: RouterState):
     return UpstreamHeaders(create_router_app(state))
 
 
+def worker_exit_hook(state: RouterState):
+    """gunicorn's worker_exit for a router: disconnect /models/sse clients, then stop every
+    child and wait for them (the router's clean_up)."""
+    def worker_exit(server, worker):
+        state.stopping.set()
+        # each child gets its stop-timeout, then is killed: wait a little longer than the longest
+        longest = max((m.stop_timeout for m in state.models.get_all_meta()), default=0)
+        state.models.unload_all(timeout=longest + 5)
+
+    return worker_exit
+
+
+def announce(settings: Settings) -> None:
+    from pyllama.server.gunicorn import bind_addresses
+
+    logger.info("starting server in router mode. models will be automatically loaded on-demand")
+    logger.info("pyllama-server listening on %s", ", ".join(bind_addresses(settings)))
+    logger.warning("security: router mode enabled - do not expose to untrusted environments")
+
+
 def run(settings: Settings, argv: list) -> int:
     """Serve in router mode until stopped; every child is stopped before this returns."""
-    from pyllama.server.gunicorn import PyllamaApplication, bind_addresses
+    from pyllama.server.gunicorn import PyllamaApplication
 
     try:
         models = ServerModels(settings, argv)
@@ -425,12 +445,7 @@ def run(settings: Settings, argv: list) -> int:
         logger.error("failed to initialize router models: %s", exc)
         return 1
     state = RouterState(settings, models)
-
-    def worker_exit(server, worker):
-        state.stopping.set()
-        # each child gets its stop-timeout, then is killed: wait a little longer than the longest
-        longest = max((m.stop_timeout for m in models.get_all_meta()), default=0)
-        models.unload_all(timeout=longest + 5)
+    worker_exit = worker_exit_hook(state)
 
     class RouterApplication(PyllamaApplication):
         def load_config(self):
@@ -440,8 +455,6 @@ def run(settings: Settings, argv: list) -> int:
         def load(self):
             return build_router_app(state)
 
-    logger.info("starting server in router mode. models will be automatically loaded on-demand")
-    logger.info("pyllama-server listening on %s", ", ".join(bind_addresses(settings)))
-    logger.warning("security: router mode enabled - do not expose to untrusted environments")
+    announce(settings)
     RouterApplication(settings).run()
     return 0
