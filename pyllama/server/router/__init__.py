@@ -13,7 +13,10 @@ too, as upstream lists them), and never in a process that a router started (a ch
 preset names no model serves the bundled default model rather than becoming a router).
 
 Modules: mode.py (is this process a router?), preset.py (presets and the INI format),
-models.py (the registry and the children), proxy.py (the relay), app.py (routes and gunicorn),
-child.py (the child's side of the pipe). This file holds no code: cli.py imports mode.py.
+models.py (the registry and the children), sched.py (the --models-max queue),
+conversations.py (which model holds each resumable stream), cache.py (POST/DELETE /models'
+side of the model cache), proxy.py (the relay), app.py (routes and gunicorn), streams.py (the
+resumable stream routes), child.py (the child's side of the pipe, and the download child).
+This file holds no code: cli.py and server/wsgi.py import mode.py.
 Imports: `settings`, `errors`, the server's HTTP-only modules; never the engine or libllama.
 """

@@ -2,9 +2,12 @@
 
 As server.cpp wires router mode (server_models_routes::init_routes): /health as usual; GET
 /props is the router's own answer unless `?model=` names a model; GET /models and /v1/models
-list every model with its state; POST /models/load and /models/unload; GET /models/sse streams
-the registry's events; every other model route is proxied to the child serving the model that
-the request names, in its JSON body's `model` (POST) or its `model` query parameter (GET),
+list every model with its state (`?reload=` re-scans the sources first); POST /models downloads
+a model into the cache, DELETE /models removes one; POST /models/load and /models/unload; GET
+/models/sse streams the registry's events; /v1/stream and /v1/streams/lookup reach the child
+holding a conversation's session (router/streams.py); every other model route is proxied to the
+child serving the model that the request names, in its JSON body's `model` (POST; a multipart
+form's `model` field, the form relayed as it came) or its `model` query parameter (GET),
 loading it first unless autoload is off (`--no-models-autoload`, or `?autoload=false`).
 Errors are upstream's: a std::invalid_argument there is a 400 invalid_request_error here, a
 std::runtime_error a 500 server_error, any 404 the usual "File Not Found".
@@ -421,8 +424,7 @@ def worker_exit_hook(state: RouterState):
     def worker_exit(server, worker):
         state.stopping.set()
         # each child gets its stop-timeout, then is killed: wait a little longer than the longest
-        longest = max((m.stop_timeout for m in state.models.get_all_meta()), default=0)
-        state.models.unload_all(timeout=longest + 5)
+        state.models.unload_all(timeout=state.models.max_stop_timeout() + 5)
 
     return worker_exit
 

@@ -3,6 +3,8 @@
 One entry per model the router can serve, from the cache, `--models-dir` and `--models-preset`
 (router/preset.py), each with upstream's state machine (server-models.h):
 
+    DOWNLOADING --> DOWNLOADED --> (replaced at the next load_models)
+
     UNLOADED --> LOADING --> LOADED <--> SLEEPING
        ^            |           |
        +---failed---+           |
@@ -14,14 +16,17 @@ the model UNLOADED with its exit code, and a non-zero code is what GET /models r
 `"failed": true` (server_model_meta::is_failed). `--models-max` bounds the running children:
 a request for a model that is not running waits in a queue (server_lru_sched) while the least
 recently used idle model is stopped for it. Every state change is broadcast to /models/sse.
+A POST /models download runs in a child of its own (DOWNLOADING, outside --models-max) whose
+result makes the entry DOWNLOADED; the next listing re-scans the sources (load_models), which
+replaces it with the cache's model. `remove` stops a cache model and deletes its files.
 
 Each child has a reader thread (upstream's server_monitor watches them all from one): it
 forwards the child's log lines, prefixed with its port, handles its state lines, and reaps
 it. A stop writes the exit command to the child's stdin and force-kills it (its whole process
 group: gunicorn's arbiter and worker) after the model's `stop-timeout` (default 10 s).
 Thread-safe: one lock (and its condition) guards the mapping, as server_models::mutex.
-Imports: `errors`, `settings`, router/preset.py, router/sched.py, router/child.py (the line
-protocol), stdlib.
+Imports: `errors`, `settings`, router/preset.py, router/sched.py, router/conversations.py,
+router/child.py (the line protocol), stdlib.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from pyllama.errors import EngineError, InvalidRequestError
 from pyllama.server.router import preset as presets
 from pyllama.server.router.child import (CHILD_MODE_ENV, CMD_CHILD_TO_ROUTER_STATE, CMD_ROUTER_TO_CHILD_EXIT,
                                          ROUTER_PORT_ENV)
+from pyllama.server.router.conversations import ConvModelTracker
 from pyllama.server.router.sched import LruScheduler
 from pyllama.settings import Settings
 
@@ -149,48 +155,6 @@ class Instance:
             self.proc.stdin.flush()
         except (OSError, ValueError):
             pass
-
-
-class ConvModelTracker:
-    """conv_model_tracker: which model serves each conversation's resumable stream.
-
-    Filled when a POST carrying X-Conversation-Id is relayed, so that /v1/stream and
-    /v1/streams/lookup go straight to the child that holds the session. Best effort: a stale
-    entry only makes that child answer "not found". Each registration gets a ticket; a stop
-    (DELETE /v1/stream) or a newer request on the same conversation invalidates it, which is
-    how a request still waiting for its model to load is cancelled. Thread-safe: a lock of its own.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._next_ticket = 1
-        self._map: dict = {}  # conv_id -> (model, ticket)
-
-    def remember(self, conv_id: str, model: str) -> int:
-        """Register; the ticket, or 0 when nothing was registered."""
-        if not conv_id or not model:
-            return 0
-        with self._lock:
-            ticket, self._next_ticket = self._next_ticket, self._next_ticket + 1
-            self._map[conv_id] = (model, ticket)
-            return ticket
-
-    def alive(self, conv_id: str, ticket: int) -> bool:
-        """False once a stop erased the entry or a newer request replaced it."""
-        with self._lock:
-            entry = self._map.get(conv_id)
-            return entry is not None and entry[1] == ticket
-
-    def lookup(self, conv_id: str) -> str | None:
-        if not conv_id:
-            return None
-        with self._lock:
-            entry = self._map.get(conv_id)
-            return None if entry is None else entry[0]
-
-    def forget(self, conv_id: str) -> None:
-        with self._lock:
-            self._map.pop(conv_id, None)
 
 
 class Broadcaster:
@@ -354,8 +318,8 @@ class ServerModels:
             meta.preset = final[name]
             meta.aliases = set()
             for alias in _split_names(meta.preset.get_option("LLAMA_ARG_ALIAS")):
-                other = next((k for k, i in self.mapping.items() if k != name and (k == alias or alias in i.meta.aliases)),
-                             None)
+                other = next((k for k, i in self.mapping.items()
+                              if k != name and (k == alias or alias in i.meta.aliases)), None)
                 if other is not None:
                     logger.warning("(reload) alias '%s' for model '%s' conflicts with model '%s', skipping",
                                    alias, name, other)
@@ -452,6 +416,11 @@ class ServerModels:
         with self.lock:
             inst = self._resolve(name)
             return None if inst is None else replace(inst.meta)
+
+    def max_stop_timeout(self) -> int:
+        """The longest stop-timeout of any model (no re-scan: for the shutdown)."""
+        with self.lock:
+            return max((inst.meta.stop_timeout for inst in self.mapping.values()), default=0)
 
     def get_all_meta(self) -> list:
         self._reload_if_needed()
