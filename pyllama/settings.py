@@ -253,12 +253,12 @@ class Settings:
     cors_credentials: bool = _flag(True, ["--cors-credentials"], "allow credentials (echo the Origin for *)",
                                    env="LLAMA_ARG_CORS_CREDENTIALS", neg=["--no-cors-credentials"])
     api_prefix: str = _flag("", ["--api-prefix"], "prefix for every route", env="LLAMA_ARG_API_PREFIX")
-    webui: bool = _flag(True, ["--ui", "--webui"], "built-in web UI (pyllama has none: --no-webui is implied)",
+    webui: bool = _flag(True, ["--ui", "--webui"], "llama-server's web UI at / (built by vendor/fetch.py --ui)",
                         env="LLAMA_ARG_UI", neg=["--no-ui", "--no-webui"])
     ui_config: str = _flag("", ["--ui-config", "--webui-config"], "UI defaults (JSON object), echoed in /props ui_settings",
                            env="LLAMA_ARG_UI_CONFIG")
     ui_config_file: str = _flag("", ["--ui-config-file", "--webui-config-file"], "file with the UI defaults", env="LLAMA_ARG_UI_CONFIG_FILE")
-    path: str = _flag("", ["--path"], "folder to serve static files from, at / (while the UI is on)",
+    path: str = _flag("", ["--path"], "folder of static files served at / instead of the built-in UI (UI on)",
                       env="LLAMA_ARG_STATIC_PATH", metavar="PATH")
     media_path: str = _flag("", ["--media-path"], "folder for file:// media URLs (validated; pyllama takes "
                             "no media input yet)", metavar="PATH")

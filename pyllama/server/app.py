@@ -29,6 +29,7 @@ from pyllama.server.protocol.info import build_info
 from pyllama.server.protocol.params import Defaults
 from pyllama.server.routing import MethodRouting, RequestLine
 from pyllama.server.sleep import SleepGuard
+from pyllama.server import ui
 from pyllama.server.static import ServiceWorkerResource, StaticFiles
 from pyllama.server.stream_store import StreamStore
 from pyllama.server.streaming import respond
@@ -408,5 +409,11 @@ def create_app(state: ServerState) -> falcon.App:
     disabled = features.DisabledFeatureResource()  # no --ui-mcp-proxy, --tools, MCP servers: 403
     app.add_route(prefix + "/cors-proxy", disabled)
     app.add_route(prefix + "/tools", disabled)
-    app.add_route(prefix + "/sw.js", ServiceWorkerResource())  # no built-in UI
+    # The built-in UI (server/ui.py); while it is off or replaced by --path, a browser that used
+    # it gets a service worker that removes itself (a sw.js in --path's folder is served first).
+    ui.log_startup(s)
+    if ui.serves_builtin(s):
+        ui.add_routes(app, prefix, ui.bundle())
+    if not s.webui or s.path:
+        app.add_route(prefix + "/sw.js", ServiceWorkerResource())
     return app

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import threading
 
 import gunicorn.http.wsgi
 from gunicorn.app.base import BaseApplication
@@ -42,6 +44,34 @@ def bind_addresses(settings: Settings) -> list[str]:
         else:
             out.append(f"[{host}]:{settings.port}" if ":" in host else f"{host}:{settings.port}")
     return out
+
+
+def listen_url(sock, ssl: bool = False) -> str:
+    """A bound socket's address as server_http_context::start lists it (http://host:port,
+    IPv6 in brackets, unix://path): the URL to open the web UI at."""
+    addr = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        return f"unix://{addr}"
+    host, port = addr[0], addr[1]
+    scheme = "https" if ssl else "http"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+def _announce_when_ready(worker) -> None:
+    """Worker process, post_worker_init: once the model is loaded, log upstream's
+    "listening on URL" line per address (server.cpp logs it after "model loaded")."""
+    state = _worker_state
+    if state is None:
+        return
+    ssl = bool(state.settings.ssl_key_file and state.settings.ssl_cert_file)
+    urls = [listen_url(s, ssl) for s in worker.sockets]
+
+    def announce():
+        state.ready.wait()
+        for url in urls:
+            logger.info("listening on %s", url)
+
+    threading.Thread(target=announce, name="pyllama-announce", daemon=True).start()
 
 
 def gunicorn_options(settings: Settings) -> dict:
@@ -110,6 +140,7 @@ class PyllamaApplication(BaseApplication):
                 continue  # gunicorn < 25.1 has no control socket
             self.cfg.set(key, value)
         self.cfg.set("worker_exit", _worker_exit)
+        self.cfg.set("post_worker_init", _announce_when_ready)
 
     def load(self):
         return build_app(self.settings)

@@ -1,7 +1,8 @@
 """Before any resource runs: CORS, the loading check and API keys; then the JSON body, once.
 
 Mirrors llama-server: OPTIONS always passes (200, empty body); /health is public; the loading
-check (503) comes before the key check; keys come from `Authorization` (a leading "Bearer "
+check (503) comes before the key check; the web UI's files (`/` and each built asset, upstream's
+frontend_paths) are public and served while the model loads; keys come from `Authorization` (a leading "Bearer "
 removed) or, when that is empty, `X-Api-Key`, and are compared in constant time.
 """
 
@@ -14,8 +15,9 @@ import falcon
 import orjson
 
 from pyllama.errors import AuthenticationError, InvalidRequestError, PyllamaError, UnavailableError
+from pyllama.server import ui
 
-PUBLIC = {"/health", "/v1/health", "/"}
+HEALTH = {"/health", "/v1/health"}
 
 
 class CorsAndAuth:
@@ -23,6 +25,7 @@ class CorsAndAuth:
         self.state = state
         self.keys = [k.encode() for k in state.settings.api_key]
         self.prefix = state.settings.api_prefix.rstrip("/")
+        self.frontend = ui.frontend_paths(ui.bundle())
 
     def _allow_origin(self, origin: str | None) -> str | None:
         # server-http.cpp's CORS rule: * echoes the Origin (with credentials; an empty value when
@@ -54,11 +57,11 @@ class CorsAndAuth:
             resp.complete = True
             return
         path = req.path[len(self.prefix):] if self.prefix and req.path.startswith(self.prefix) else req.path
-        if path in ("/health", "/v1/health"):
+        if path in HEALTH:
             return
-        if not self.state.ready.is_set():
+        if not self.state.ready.is_set() and path not in self.frontend:
             raise UnavailableError("Loading model")
-        if self.keys and path not in PUBLIC:
+        if self.keys and path not in self.frontend:
             key = req.get_header("Authorization") or ""
             if key.startswith("Bearer "):
                 key = key[len("Bearer "):]

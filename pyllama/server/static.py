@@ -12,8 +12,9 @@ a bare 416. Anything else falls through to the routes (and so to 404).
 The middleware runs after CORS, the loading check and the API key, as upstream's pre-routing
 handler does.
 
-With no built-in UI (pyllama has none) `/sw.js` answers a service worker that removes itself,
-as upstream does when the UI is off or replaced by --path; a sw.js in DIR is served first.
+The folder replaces the built-in UI (server/ui.py). While the UI is off or replaced by --path,
+`/sw.js` answers a service worker that removes itself, as upstream does, so a browser that used
+the built-in UI stops showing it; a sw.js in DIR is served first.
 Imports: falcon, stdlib.
 """
 

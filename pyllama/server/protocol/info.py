@@ -101,7 +101,7 @@ def props(ctx: ProtocolContext, settings, model_path: str) -> dict:
         "endpoint_slots": settings.slots,
         "endpoint_props": settings.props,
         "endpoint_metrics": settings.metrics,
-        "ui": False,
+        "ui": settings.webui,  # params.ui, as get_res_props (true with --path too)
         "ui_settings": orjson.loads(settings.ui_config) if settings.ui_config else {},
         "chat_template": chat.info["source"] if chat else "",
         "chat_template_caps": chat.caps if chat else {},
