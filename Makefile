@@ -38,8 +38,10 @@ $(VENV)/.deps: pyproject.toml | $(PY)
 
 setup: $(VENV)/.deps
 
+# llama.cpp's sources, then llama-server's web UI (npm; skipped with a note where npm is missing:
+# the server then serves the API only). The portable wheel (wheels/build.sh) requires the UI.
 vendor: | $(PY)
-	$(PY) vendor/fetch.py
+	nice $(PY) vendor/fetch.py --ui
 
 build: build-$(BUILD)
 
