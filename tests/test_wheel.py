@@ -83,3 +83,19 @@ def test_a_missing_cpu_level_license_or_the_amx_level_is_caught(tmp_path):
     assert out.returncode == 1
     assert f"CPU module {dropped} is missing" in out.stdout
     assert "llama.cpp's license" in out.stdout and "AMX CPU module" in out.stdout
+
+
+def test_a_wheel_without_its_web_ui_is_caught(tmp_path):
+    with zipfile.ZipFile(WHEEL) as zf:
+        assert "pyllama/server/webui/assets.json" in zf.namelist(), "the wheel carries the web UI"
+    bad = _rewrite(Path(WHEEL), tmp_path / Path(WHEEL).name, lambda name, data: None
+                   if name == "pyllama/server/webui/index.html.gz"
+                   or name.endswith("webui/THIRD_PARTY_LICENSES.txt") else data)
+    out = _check(bad)
+    assert out.returncode == 1
+    assert "index.html.gz is missing" in out.stdout and "licence file" in out.stdout
+    (tmp_path / "bare").mkdir()
+    bare = _rewrite(Path(WHEEL), tmp_path / "bare" / Path(WHEEL).name, lambda name, data: None
+                    if name.startswith("pyllama/server/webui/") else data)
+    out = _check(bare)
+    assert out.returncode == 1 and "the web UI (pyllama/server/webui/assets.json) is missing" in out.stdout

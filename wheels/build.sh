@@ -2,7 +2,8 @@
 # The wheel build, one script for .ci/run (`make test` with CI=true), `make wheel` and the
 # release workflow (.github/workflows/wheels.yml, through cibuildwheel's hooks).
 #
-#   wheels/build.sh sdist                  vendor/fetch.py, then the sdist into dist/
+#   wheels/build.sh sdist                  vendor/fetch.py with the web UI (npm; required: the
+#                                          sdist and every wheel carry it), then the sdist into dist/
 #   wheels/build.sh wheel [SDIST]          a wheel built FROM the sdist (as cibuildwheel does)
 #                                          into dist/, with build isolation
 #   wheels/build.sh repair WHEEL DEST      auditwheel (Linux) / delocate (macOS), then check
@@ -21,10 +22,25 @@ cd "$ROOT"
 version() { "$PYTHON" -c 'import tomllib; print(tomllib.load(open("pyproject.toml","rb"))["project"]["version"])'; }
 
 cmd_sdist() {
-  "$PYTHON" vendor/fetch.py
+  # the web UI is built here, once, from the pinned sources (npm ci + upstream's build): the
+  # sdist carries it (pyproject.toml's sdist.include), so no wheel build or install runs npm
+  "$PYTHON" vendor/fetch.py --ui-required
   "$PYTHON" -c 'import build' 2>/dev/null || "$PYTHON" -m pip install -q build
   rm -f dist/pyllama_serve-*.tar.gz
   "$PYTHON" -m build --sdist --outdir dist .
+  "$PYTHON" - dist/pyllama_serve-*.tar.gz <<'PY'
+import json, sys, tarfile
+with tarfile.open(sys.argv[1]) as tar:
+    names = {m.name.split("/", 1)[1] for m in tar.getmembers() if "/" in m.name}
+    found = [m for m in tar.getmembers() if m.name.endswith("/pyllama/server/webui/assets.json")]
+    if not found:
+        sys.exit("sdist: the web UI (pyllama/server/webui/assets.json) is missing")
+    manifest = json.load(tar.extractfile(found[0]))
+missing = [a["name"] for a in manifest["assets"] if f"pyllama/server/webui/{a['name']}.gz" not in names]
+if missing or "pyllama/server/webui/THIRD_PARTY_LICENSES.txt" not in names:
+    sys.exit(f"sdist: the web UI is incomplete: {missing[:5]} (or its licence file) missing")
+print(f"sdist: web UI {len(manifest['assets'])} files, {manifest['gzip_bytes'] / 1e6:.1f} MB gzipped")
+PY
   ls -l dist/pyllama_serve-*.tar.gz
 }
 

@@ -11,6 +11,9 @@ Checks, for the core wheel (pyllama_serve-*) and backend packages (pyllama_serve
   - every backend module the build is meant to ship is present (the CPU module of each CPU
     level on x86_64 and aarch64 Linux), and the AMX level is absent;
   - llama.cpp's license and ours are inside;
+  - the core wheel carries llama-server's web UI, as vendor/fetch.py --ui built it into the
+    sdist: pyllama/server/webui/assets.json, every file it lists (gzipped, index.html among
+    them) and the bundle's THIRD_PARTY_LICENSES.txt;
   - sizes: compressed and installed, against PyPI's default 100 MB file limit.
 Exits 1 with one line per problem. Needs pyelftools for ELF wheels (auditwheel brings it).
 """
@@ -18,6 +21,7 @@ Exits 1 with one line per problem. Needs pyelftools for ELF wheels (auditwheel b
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import sys
@@ -71,6 +75,28 @@ def _elf_info(data: bytes):
                 elif tag.entry.d_tag in ("DT_RPATH", "DT_RUNPATH"):
                     rpaths += (tag.rpath if tag.entry.d_tag == "DT_RPATH" else tag.runpath).split(":")
     return needed, rpaths
+
+
+UI_DIR = "pyllama/server/webui/"
+
+
+def _check_ui(path: str, names: list[str]) -> list[str]:
+    """The web UI in the core wheel: its manifest, every file it lists, its licence file."""
+    if UI_DIR + "assets.json" not in names:
+        return [f"the web UI ({UI_DIR}assets.json) is missing: build the sdist with "
+                "`wheels/build.sh sdist` (vendor/fetch.py --ui-required)"]
+    with zipfile.ZipFile(path) as zf:
+        manifest = json.loads(zf.read(UI_DIR + "assets.json"))
+    listed = [a["name"] for a in manifest.get("assets", [])]
+    problems = [f"web UI file {UI_DIR}{n}.gz is missing" for n in listed if f"{UI_DIR}{n}.gz" not in names]
+    if "index.html" not in listed:
+        problems.append("the web UI has no index.html")
+    if UI_DIR + "THIRD_PARTY_LICENSES.txt" not in names:
+        problems.append(f"the web UI's licence file ({UI_DIR}THIRD_PARTY_LICENSES.txt) is missing")
+    if not problems:
+        print(f"{PurePosixPath(path).name}: web UI {len(listed)} files, "
+              f"{manifest.get('gzip_bytes', 0) / 1e6:.1f} MB gzipped")
+    return problems
 
 
 def check(path: str) -> list[str]:
@@ -135,6 +161,7 @@ def check(path: str) -> list[str]:
             problems.append("no CPU backend module (pyllama/lib/libggml-cpu*.so)")
         if any(n.endswith((".pyx", ".cxx")) for n in names):
             problems.append("sources (.pyx/.cxx) are in the wheel")
+        problems += _check_ui(path, names)
     else:
         modules = [n for n in names if re.search(r"/lib/libggml-[a-z0-9]+\.so$", n)]
         if not modules:

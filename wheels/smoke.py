@@ -12,7 +12,8 @@
 
 Checks: import; `pyllama-server --list-devices` and `llama-server --version`; a tiny synthetic
 model written with gguf, loaded and generating; `pyllama-server` started on 127.0.0.1 with it,
-/health, then one chat request. --ngl 99 offloads to a GPU (on a machine with one and a GPU
+/health, one chat request, then the web UI as a browser loads it (no node on PATH): `/` gzipped,
+the bundle it names, /props' ui, and the "listening on http://..." line. --ngl 99 offloads to a GPU (on a machine with one and a GPU
 backend package installed). Standard library only, apart from what the checks install.
 """
 
@@ -50,6 +51,31 @@ def _http(method: str, url: str, body: dict | None = None, timeout: float = 60.0
             return resp.status, json.loads(resp.read() or b"null")
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read() or b"null")
+
+
+def _get_gzip(url: str) -> tuple[int, dict, bytes]:
+    req = urllib.request.Request(url, headers={"Accept-Encoding": "gzip"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return resp.status, dict(resp.headers), resp.read()
+
+
+def _check_ui(base: str) -> None:
+    """The page at / and the hashed bundle it loads, gzipped as llama-server sends them."""
+    import gzip
+    import re
+
+    status, headers, body = _get_gzip(base + "/")
+    assert status == 200 and headers.get("Content-Encoding") == "gzip", (status, headers)
+    page = gzip.decompress(body).decode()
+    assert "<html" in page, page[:200]
+    scripts = re.findall(r'(_app/immutable/bundle\.[A-Za-z0-9_-]+\.js)', page)
+    assert scripts, "index.html names no _app/immutable/bundle.*.js"
+    status, headers, body = _get_gzip(f"{base}/{scripts[0]}")
+    assert status == 200 and "immutable" in headers.get("Cache-Control", ""), (status, headers)
+    size = len(gzip.decompress(body))
+    status, props = _http("GET", f"{base}/props")
+    assert status == 200 and props["ui"] is True, props
+    print(f"smoke: web UI / and {scripts[0]} ({size / 1e6:.1f} MB) served gzipped")
 
 
 def _bin(name: str) -> str:
@@ -115,6 +141,9 @@ def run_checks(ngl: int) -> None:
             assert choice["message"]["role"] == "assistant" and reply["usage"]["completion_tokens"] > 0
             print(f"smoke: chat reply finish_reason={choice['finish_reason']} "
                   f"usage={reply['usage']}")
+            _check_ui(base)
+            log.seek(0)
+            assert f"listening on {base}" in log.read(), "no 'listening on URL' line in the log"
         finally:
             server.terminate()
             try:
