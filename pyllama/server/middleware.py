@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import falcon
 import orjson
 
-from pyllama.errors import AuthenticationError, InvalidRequestError, PyllamaError, UnavailableError
+from pyllama.errors import AuthenticationError, InvalidRequestError, UnavailableError
 from pyllama.server import ui
 
 HEALTH = {"/health", "/v1/health"}
@@ -73,11 +73,14 @@ class CorsAndAuth:
                 raise AuthenticationError("Invalid API Key")
 
 
-class BadJSONError(PyllamaError):
-    """An unparseable body: upstream answers 500 server_error (its parser throws)."""
+class BadJSONError(InvalidRequestError):
+    """An unparseable body (bad syntax or escapes, lone surrogates, invalid UTF-8, a number
+    beyond a double, nesting past the parser's depth): a 400 in upstream's words.
 
-    status = 500
-    type = "server_error"
+    NOTE(pyllama): upstream's handlers let json::parse throw, which its exception wrapper
+    answers as a 500 server_error; the body is the client's mistake, so this is a 400
+    invalid_request_error with nlohmann's prefix and what the parser found.
+    """
 
 
 class JSONBody:

@@ -162,8 +162,9 @@ def test_tokenize_detokenize_apply_template(http):
 
 
 def test_errors(http):
+    # an unparseable body is the client's mistake: a 400 (upstream's parser throws, a 500)
     r = http.post("/completion", content=b"{not json")
-    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     r = http.get("/nope")
     assert r.status_code == 404 and r.json() == {"error": {"code": 404, "message": "File Not Found",
                                                            "type": "not_found_error"}}

@@ -16,6 +16,7 @@ from pyllama.engine import FinishEvent, FinishReason, TokenEvent
 from pyllama.errors import InvalidRequestError, error_json
 from pyllama.server.protocol.base import ProtocolContext, Task, random_id
 from pyllama.server.protocol.chat import ChatCall, ChatStream, chat_tasks, count_tokens, render
+from pyllama.server.protocol.params import parses_body
 
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,23 @@ def to_chat(body: dict) -> dict:
         raise InvalidRequestError("'messages' is required", param="messages")
     if not isinstance(body["messages"], list) or not all(isinstance(m, dict) for m in body["messages"]):
         raise InvalidRequestError("'messages' must be an array of objects", param="messages")
+    system = body.get("system")
+    if system is not None and not isinstance(system, (str, list)):
+        raise InvalidRequestError("'system' must be a string or an array of content blocks", param="system")
+    for msg in body["messages"]:
+        content = msg.get("content")
+        if content is not None and not isinstance(content, str) and (
+                not isinstance(content, list) or not all(isinstance(b, dict) for b in content)):
+            raise InvalidRequestError("message content must be a string or an array of content blocks",
+                                      param="messages")
+    stops = body.get("stop_sequences")
+    if stops is not None and (not isinstance(stops, list) or not all(isinstance(s, str) for s in stops)):
+        raise InvalidRequestError("Field 'stop_sequences': expected an array of strings", param="stop_sequences")
+    tools = body.get("tools")
+    if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools)):
+        raise InvalidRequestError("'tools' must be an array of objects", param="tools")
+    if body.get("tool_choice") is not None and not isinstance(body["tool_choice"], dict):
+        raise InvalidRequestError("'tool_choice' must be an object", param="tool_choice")
     messages = []
     if body.get("system"):
         messages.append({"role": "system", "content": _system_text(body["system"])})
@@ -247,16 +265,19 @@ class MessagesCall(ChatCall):
                                                                         "partial_json": fn["arguments"]}}))
 
 
+@parses_body
 def parse(body: dict, ctx: ProtocolContext) -> MessagesCall:
     """A /v1/messages body -> its Call."""
     return MessagesCall(chat_tasks(render(to_chat(body), ctx), ctx), body, ctx)
 
 
+@parses_body
 def count_message_tokens(body: dict, ctx: ProtocolContext) -> dict:
     """/v1/messages/count_tokens: {"input_tokens": N}."""
     return {"input_tokens": count_tokens(to_chat({**body, "max_tokens": body.get("max_tokens", 1)}), ctx)}
 
 
+@parses_body
 def count_chat_tokens(body: dict, ctx: ProtocolContext) -> dict:
     """/v1/chat/completions/input_tokens."""
     return {"input_tokens": count_tokens(body, ctx), "object": "response.input_tokens"}

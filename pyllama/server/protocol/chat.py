@@ -18,7 +18,7 @@ from pyllama.engine import FinishEvent, FinishReason, ProgressEvent, TokenEvent
 from pyllama.errors import InvalidRequestError
 from pyllama.server import sse
 from pyllama.server.protocol.base import Call, ProtocolContext, Task
-from pyllama.server.protocol.params import generation_prompt_tokens
+from pyllama.server.protocol.params import generation_prompt_tokens, parses_body
 from pyllama.server.protocol.completions import (
     completion_id,
     completion_tasks,
@@ -94,6 +94,8 @@ def render(body: dict, ctx: ProtocolContext) -> ChatPrompt:
     params = ctx.chat.apply(body)
     native = {k: v for k, v in body.items() if k not in ("messages", "tools", "response_format")}
     stop = body.get("stop")
+    if stop is not None and not isinstance(stop, (str, list)):
+        raise InvalidRequestError("Field 'stop': expected a string or an array of strings", param="stop")
     stop = [stop] if isinstance(stop, str) else list(stop or [])
     native["stop"] = stop + list(params.get("additional_stops") or [])
     native["generation_prompt"] = params.get("generation_prompt", "")
@@ -290,11 +292,13 @@ class ChatCall(Call):
         return out
 
 
+@parses_body
 def parse(body: dict, ctx: ProtocolContext) -> ChatCall:
     """A /v1/chat/completions body -> its Call."""
     return ChatCall(chat_tasks(render(body, ctx), ctx), body, ctx)
 
 
+@parses_body
 def parse_control(body: dict) -> str:
     """The completion id of a /v1/chat/completions/control body (its only action:
     reasoning_end)."""
@@ -317,11 +321,13 @@ def control_result(answer: str) -> dict:
     return {"success": False, "message": _CONTROL_MESSAGES.get(answer, "unknown control action")}
 
 
+@parses_body
 def apply_template(body: dict, ctx: ProtocolContext) -> dict:
     """/apply-template: the rendered prompt, no inference."""
     return {"prompt": render(body, ctx).prompt}
 
 
+@parses_body
 def count_tokens(body: dict, ctx: ProtocolContext) -> int:
     """Tokens of the rendered chat prompt, as the completion would tokenize it."""
     return len(ctx.model.tokenize(render(body, ctx).prompt, add_special=True, parse_special=True))

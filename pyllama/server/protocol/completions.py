@@ -23,6 +23,7 @@ from pyllama.server.protocol.params import (
     get_int,
     parse_sampling,
     parse_stop,
+    parses_body,
     split_prompts,
     tokenize_prompt,
     user_message_starts,
@@ -379,6 +380,7 @@ class OAICompletionCall(Call):
         return []
 
 
+@parses_body
 def parse_native(body: dict, ctx: ProtocolContext) -> NativeCompletionCall:
     """A /completion body -> its Call (`logprobs` stands for n_probs when that is absent)."""
     if body.get("n_probs") is None and body.get("logprobs") is not None:
@@ -389,6 +391,7 @@ def parse_native(body: dict, ctx: ProtocolContext) -> NativeCompletionCall:
     return NativeCompletionCall(completion_tasks(body, ctx), body, ctx)
 
 
+@parses_body
 def parse_oai(body: dict, ctx: ProtocolContext) -> OAICompletionCall:
     """A /v1/completions body -> its Call (`logprobs: N` is n_probs)."""
     if body.get("logprobs") is not None and not isinstance(body["logprobs"], bool):

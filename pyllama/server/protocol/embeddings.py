@@ -15,7 +15,7 @@ from typing import Callable
 from pyllama.engine import EmbeddingResult
 from pyllama.errors import InvalidRequestError, NotSupportedError
 from pyllama.server.protocol.base import ProtocolContext
-from pyllama.server.protocol.params import get_int, tokenize_prompt
+from pyllama.server.protocol.params import get_int, parses_body, tokenize_prompt
 
 
 @dataclass
@@ -62,6 +62,7 @@ def _native_data(result: EmbeddingResult) -> list:
     return [{"index": i, "embedding": [e]} for i, e in enumerate(result.embeddings)]
 
 
+@parses_body
 def parse_native(body: dict, ctx: ProtocolContext) -> EmbeddingJob:
     """POST /embedding, /embeddings: [{index, embedding}] (native format)."""
     _require_embeddings(ctx)
@@ -72,6 +73,7 @@ def parse_native(body: dict, ctx: ProtocolContext) -> EmbeddingJob:
     return EmbeddingJob(_inputs(ctx.model, value), -1 if ctx.pooling == "none" else normalize, _native_data)
 
 
+@parses_body
 def parse_oai(body: dict, ctx: ProtocolContext) -> EmbeddingJob:
     """POST /v1/embeddings: the OpenAI list format (a `content` body answers natively)."""
     if "input" not in body and "content" in body:
@@ -125,6 +127,7 @@ def rerank_tokens(model, query: str, doc: str) -> list[int]:
     return tokens
 
 
+@parses_body
 def parse_rerank(body: dict, ctx: ProtocolContext) -> EmbeddingJob:
     """POST /rerank, /reranking, /v1/rerank, /v1/reranking (needs --reranking)."""
     if not ctx.embeddings or ctx.pooling != "rank":

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pyllama.errors import InvalidRequestError, NotSupportedError
 from pyllama.server.protocol.base import ProtocolContext
 from pyllama.server.protocol.completions import NativeCompletionCall, completion_tasks
+from pyllama.server.protocol.params import parses_body
 
 _SNIPPET = "\n\n--- snippet ---\n\n"
 
@@ -62,6 +63,7 @@ def infill_tokens(model, body: dict, n_batch: int, n_predict: int, n_ctx: int, s
     return extra[len(extra) - n_extra:] + head + tail + [fim["mid"]]
 
 
+@parses_body
 def parse(body: dict, ctx: ProtocolContext) -> NativeCompletionCall:
     """An /infill body -> its Call (a native completion of the FIM prompt)."""
     model = ctx.model

@@ -6,6 +6,8 @@ Field errors are 400s worded as upstream's: `Field '<name>': ...`.
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -14,6 +16,31 @@ from pyllama.engine.types import DEFAULT_DRY_BREAKERS, parse_samplers
 from pyllama.errors import InvalidRequestError
 
 INT32_MAX = 2**31 - 1
+
+logger = logging.getLogger(__name__)
+
+# what reading a body of an unexpected shape raises (a field of the wrong JSON type, an array
+# where an object was expected, a number beyond a C integer)
+SHAPE_ERRORS = (TypeError, AttributeError, KeyError, IndexError, ValueError, OverflowError)
+
+
+def parses_body(fn):
+    """Make a protocol entry point answer a body of the wrong shape with a 400, never a 500.
+
+    The fields each family checks say what is wrong in upstream's words; this is the net under
+    them: any other TypeError, AttributeError, ... raised while the body is read (nothing in a
+    family's parse() calls the engine) becomes an InvalidRequestError naming what failed.
+    """
+
+    @functools.wraps(fn)
+    def parse(body, *args, **kwargs):
+        try:
+            return fn(body, *args, **kwargs)
+        except SHAPE_ERRORS as exc:
+            logger.debug("request body rejected by %s", fn.__qualname__, exc_info=True)
+            raise InvalidRequestError(f"Invalid request body: {exc}") from None
+
+    return parse
 
 
 def _err(name: str, what: str) -> InvalidRequestError:
@@ -356,5 +383,5 @@ def _request_lora(body: dict):
     return tuple(scales)
 
 
-__all__ = ["DEFAULT_DRY_BREAKERS", "Defaults", "build_request", "get_bool", "get_float", "get_int",
+__all__ = ["DEFAULT_DRY_BREAKERS", "Defaults", "parses_body", "build_request", "get_bool", "get_float", "get_int",
            "get_str", "n_predict_of", "parse_sampling", "parse_stop", "split_prompts", "tokenize_prompt"]

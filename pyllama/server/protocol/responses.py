@@ -21,6 +21,7 @@ from pyllama.errors import InvalidRequestError
 from pyllama.server.protocol.base import ProtocolContext, Task, random_id
 from pyllama.server.protocol.chat import ChatCall, ChatStream, chat_tasks, count_tokens, render
 from pyllama.server.protocol.completions import progress_fields, timings_dict
+from pyllama.server.protocol.params import parses_body
 
 
 def _is_str(obj, key: str) -> bool:
@@ -373,12 +374,14 @@ class ResponsesCall(ChatCall):
         return out
 
 
+@parses_body
 def parse(body: dict, ctx: ProtocolContext) -> ResponsesCall:
     """A /v1/responses body -> its Call."""
     chat = to_chat(body)
     return ResponsesCall(chat_tasks(render(chat, ctx), ctx), chat, ctx)
 
 
+@parses_body
 def count_input_tokens(body: dict, ctx: ProtocolContext) -> dict:
     """/v1/responses/input_tokens (handle_count_tokens)."""
     return {"input_tokens": count_tokens(to_chat(body), ctx), "object": "response.input_tokens"}

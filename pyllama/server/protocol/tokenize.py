@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pyllama.errors import InvalidRequestError
 from pyllama.server.protocol.base import ProtocolContext
-from pyllama.server.protocol.params import get_bool
+from pyllama.server.protocol.params import get_bool, parses_body
 
 
+@parses_body
 def tokenize(body: dict, ctx: ProtocolContext) -> dict:
     """{"tokens": [...]}, with pieces when `with_pieces` is set."""
     model = ctx.model
@@ -38,6 +39,7 @@ def tokenize(body: dict, ctx: ProtocolContext) -> dict:
     return {"tokens": out}
 
 
+@parses_body
 def detokenize(body: dict, ctx: ProtocolContext) -> dict:
     """{"content": text}."""
     tokens = body.get("tokens")
