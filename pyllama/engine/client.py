@@ -51,6 +51,23 @@ def _name_os_thread(name: str) -> None:
             pass
 
 
+def _test_fault():
+    # Tests only (tests/server/test_liveness.py): PYLLAMA_TEST_FAULT=hang makes the engine
+    # thread block for good inside its first step, =die makes that step raise. Read once per
+    # engine start; unset, the loop pays one `is not None` test per step.
+    fault = os.environ.get("PYLLAMA_TEST_FAULT", "")
+    if not fault:
+        return None
+    logger.warning("PYLLAMA_TEST_FAULT=%s: the engine thread will fail on its first step (tests only)", fault)
+    if fault == "hang":
+        return threading.Event().wait
+    if fault == "die":
+        def die():
+            raise RuntimeError("PYLLAMA_TEST_FAULT=die")
+        return die
+    raise ValueError(f"PYLLAMA_TEST_FAULT: expected hang or die, not {fault!r}")
+
+
 class Retry(Exception):
     """Raised by an Engine.call function to run again after the next step."""
 
@@ -71,6 +88,10 @@ class RequestHandle:
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self.result: FinishEvent | None = None
         self.sampler: SamplerChain | None = None  # built by submit(), owned by the engine once admitted
+        # time.monotonic() when the engine queued it and when a slot took it (0.0 until then):
+        # the server's queue-time histogram, and the oldest queued request for liveness()
+        self.t_queued = 0.0
+        self.t_admitted = 0.0
 
     def put(self, event) -> None:  # engine thread
         if self._sink is not None:
@@ -115,6 +136,7 @@ class _EmbeddingJob:
         self.inputs = inputs
         self.normalize = normalize
         self.done: queue.SimpleQueue = queue.SimpleQueue()
+        self.t_queued = 0.0  # time.monotonic() when queued (liveness())
 
 
 class Engine:
@@ -150,6 +172,7 @@ class Engine:
         self._running = True
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
+        self.failure: BaseException | None = None  # what stopped the engine thread, if anything did
         self.embeddings = self.config.embeddings
         self.lora_paths: list[str] = []
         self.model: Model | None = None
@@ -198,6 +221,7 @@ class Engine:
             with self._lock:
                 if not self._running:
                     raise UnavailableError("the engine is shutting down")
+                handle.t_queued = time.monotonic()
                 self._pending.append(handle)
                 self._lock.notify()
         return handle
@@ -219,6 +243,7 @@ class Engine:
         with self.using(), self._lock:  # a sleeping engine reloads its model first
             if not self._running:
                 raise UnavailableError("the engine is shutting down")
+            job.t_queued = time.monotonic()
             self._pending.append(job)
             self._lock.notify()
         event = job.done.get()
@@ -450,6 +475,30 @@ class Engine:
         stats["t_busy"] = self.t_busy + (time.perf_counter() - since if since else 0.0)
         return stats
 
+    def liveness(self) -> tuple[bool, float]:
+        """Whether the engine thread runs, and how long it has made no progress with work waiting.
+
+        Thread-safe, and safe while the engine is wedged: it reads a few attributes the engine
+        thread sets, takes no lock and calls nothing in libllama (the server's /health).
+
+        Returns:
+            (alive, stalled_s): `alive` is False once the engine thread has ended (closed, or
+            failed: see `failure`). `stalled_s` is the age of the running step (one
+            llama_decode batch, with the admissions and calls before it) or of the oldest
+            request the engine thread has not picked up yet, whichever is older; 0.0 while idle,
+            between steps and while asleep.
+        """
+        alive = self._thread.is_alive()
+        since = self._busy_since
+        stalled = time.perf_counter() - since if since else 0.0
+        try:
+            t_queued = self._pending[0].t_queued if self._pending else 0.0
+        except IndexError:  # the engine thread took it meanwhile
+            t_queued = 0.0
+        if t_queued:
+            stalled = max(stalled, time.monotonic() - t_queued)
+        return alive, stalled
+
     # --- engine thread -----------------------------------------------------------------------
     def _run(self) -> None:
         _name_os_thread("pyllama-engine")  # before the context: its compute threads inherit it
@@ -466,6 +515,7 @@ class Engine:
             return
         deferred: collections.deque = collections.deque()
         clock = time.perf_counter
+        fault = _test_fault()  # None unless PYLLAMA_TEST_FAULT is set (tests only)
         try:
             while True:
                 with self._lock:
@@ -483,12 +533,15 @@ class Engine:
                     self._cancel_now(request_id, deferred)
                 self._run_calls(calls)
                 self._admit(deferred)
+                if fault is not None:
+                    fault()
                 self.core.step()
                 self.t_busy += clock() - t0
                 self._busy_since = 0.0
                 self._t_last_task = time.monotonic()  # a step is work: the idle period starts after it
         except BaseException as exc:  # never leave callers waiting
             logger.exception("engine thread failed")
+            self.failure = exc
             self._fail_all(EngineError(f"engine thread failed: {exc}"), deferred)
             return
         self._fail_all(UnavailableError("the engine is shutting down"), deferred)
@@ -616,6 +669,7 @@ class Engine:
                     break
                 jobs = list(self._pending)
                 self._pending.clear()
+                t0 = self._busy_since = time.perf_counter()
             valid = []
             for job in jobs:
                 try:
@@ -639,6 +693,8 @@ class Engine:
                     job.done.put(EmbeddingResult(vectors[i:i + n], [len(t) for t in job.inputs],
                                                  self.embedder.pooling_name))
                     i += n
+            self.t_busy += time.perf_counter() - t0
+            self._busy_since = 0.0
             self._t_last_task = time.monotonic()
         with self._lock:
             jobs = list(self._pending)
@@ -680,6 +736,7 @@ class Engine:
             if slot is None:
                 continue
             deferred.remove(handle)
+            handle.t_admitted = time.monotonic()
             try:
                 self.core.admit(slot, handle.request, handle.sampler, handle)
             except PyllamaError as exc:
@@ -698,4 +755,7 @@ class Engine:
         if self.core is not None:
             for slot in self.core.slots:
                 if slot.busy:
+                    # the error first: the cancel's FinishEvent would read as a normal end
+                    if slot.channel is not None:
+                        slot.channel.put(ErrorEvent(error))
                     self.core.cancel(slot.request.id)
