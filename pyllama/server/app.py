@@ -21,7 +21,9 @@ from pyllama.engine.types import DEFAULT_DRY_BREAKERS, parse_samplers
 from pyllama.errors import UnavailableError
 from pyllama.server import errors as server_errors
 from pyllama.server.connection import ConnectionWatch
+from pyllama.server import health
 from pyllama.server.hooks import GenerationHooks
+from pyllama.server.metrics import HttpMetrics, RequestMetrics
 from pyllama.server.middleware import CorsAndAuth, JSONBody
 from pyllama.server.protocol.base import ProtocolContext
 from pyllama.server.protocol import info as info_json
@@ -55,6 +57,7 @@ class Metrics:
         self.window_prompt_seconds = 0.0
         self.window_predicted_tokens = 0
         self.window_predicted_seconds = 0.0
+        self.requests: RequestMetrics | None = None  # the pyllama:* histograms, with --metrics
 
     def record(self, event) -> None:
         t = event.timings
@@ -174,6 +177,9 @@ class ServerState:
                                  reasoning_budget_message=settings.reasoning_budget_message)
         self.defaults.verbose = settings.verbose or settings.verbosity > 9  # -v is every level
         self.metrics = Metrics()
+        if settings.metrics:
+            self.metrics.requests = RequestMetrics()
+        self.liveness_timeout = health.liveness_timeout()  # /health's stall bound (server/health.py)
         self.live_calls: dict = {}  # completion id -> the Call, while it runs (control)
         self.ready = threading.Event()
         self.start_us = time.monotonic_ns() // 1000
@@ -269,6 +275,8 @@ class ServerState:
 
             numa_init(s.numa)
         self.engine = Engine(self.model_path, engine_config(s))
+        if self.metrics.requests is not None:
+            self.metrics.requests.bind(self.model_name, self.engine.n_ctx_slot)
         # /metrics' Process-Start-Time-Unix: ggml_time_us() (CLOCK_MONOTONIC) when the model is
         # loaded, as server_context's metrics.init() in load_model
         self.start_us = time.monotonic_ns() // 1000
@@ -340,8 +348,10 @@ def create_app(state: ServerState) -> falcon.App:
 
     s = state.settings
     static = [StaticFiles(s.path, s.api_prefix)] if s.path and s.webui else []  # --path, UI on
-    app = falcon.App(middleware=[RequestLine(), CorsAndAuth(state), MethodRouting(), *static, SleepGuard(state),
-                                 JSONBody(state.settings.max_body_mb << 20), GenerationHooks(state),
+    requests = state.metrics.requests
+    counted = [HttpMetrics(requests)] if requests is not None else []  # first: sees every answer
+    app = falcon.App(middleware=[*counted, RequestLine(), CorsAndAuth(state), MethodRouting(), *static,
+                                 SleepGuard(state), JSONBody(state.settings.max_body_mb << 20), GenerationHooks(state),
                                  ConnectionWatch()],
                      cors_enable=False)
     app.req_options.strip_url_path_trailing_slash = True

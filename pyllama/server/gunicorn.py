@@ -3,6 +3,8 @@
 `run(settings)` starts gunicorn programmatically (BaseApplication). The model is loaded in the
 worker, after the fork, by a background thread, so /health answers 503 while it loads.
 `gunicorn_options(settings)` is also what wsgi.py's config uses for direct gunicorn deployments.
+Each worker runs server/health.py's watchdog: a dead or wedged engine stops the worker, and
+gunicorn's master starts a new one; under systemd it also sends the WatchdogSec pings.
 """
 
 from __future__ import annotations
@@ -120,6 +122,9 @@ def build_app(settings: Settings):
         os._exit(3)  # gunicorn's WORKER_BOOT_ERROR: the arbiter stops instead of respawning
 
     start_loading(state, on_failure=fail)
+    from pyllama.server.health import start_watchdog
+
+    start_watchdog(state)  # in the worker, as build_app runs here for both deployments
     from pyllama.server.router.child import is_child, notify_when_ready
 
     if is_child():  # started by a router: tell it when the model is ready
@@ -150,8 +155,17 @@ _worker_state = None  # the ServerState of this worker process
 
 
 def _worker_exit(server, worker):
-    if _worker_state is not None:
-        _worker_state.close()
+    state = _worker_state
+    if state is None:
+        return
+    if state.ready.is_set():
+        from pyllama.server.health import EXIT_UNHEALTHY, trouble
+
+        problem = trouble(state.engine, state.liveness_timeout)
+        if problem is not None:  # nothing to drain: a wedged engine would hold the exit for good
+            logger.critical("%s: the worker exits without closing the engine", problem)
+            os._exit(EXIT_UNHEALTHY)
+    state.close()
 
 
 def run(settings: Settings) -> int:

@@ -46,7 +46,9 @@ def respond(resp: falcon.Response, engine, call: Call, metrics=None, ping_interv
             else:
                 resp.stream = tee.tee(resp.stream)
             return
-    run = Run(engine, call, metrics)
+    requests = getattr(metrics, "requests", None)  # --metrics: the pyllama:* histograms
+    run = Run(engine, call, metrics) if requests is None else \
+        requests.run(engine, call, metrics, resp.context.get("t_arrival"))
     client_gone = getattr(resp.context, "client_gone", None)  # server.connection
     if not call.stream:
         if gather(run, client_gone):

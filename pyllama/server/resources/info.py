@@ -5,6 +5,7 @@ from __future__ import annotations
 import falcon
 
 from pyllama.errors import NotSupportedError, UnavailableError
+from pyllama.server import health
 from pyllama.server.protocol import info
 from pyllama.server.streaming import write_json
 
@@ -16,7 +17,7 @@ class HealthResource:
         self.state = state
 
     def on_get(self, req, resp):
-        self.state.require_ready()
+        health.check(self.state)  # loading, or a dead or wedged engine thread: 503
         write_json(resp, {"status": "ok"})
 
 
@@ -73,7 +74,8 @@ class SlotActionResource:
 
 
 class MetricsResource:
-    """GET /metrics: Prometheus text with llama-server's llamacpp:* names (only with --metrics)."""
+    """GET /metrics: Prometheus text with llama-server's llamacpp:* names, then our pyllama:*
+    histograms and counters (server/metrics.py); only with --metrics."""
 
     sleep_bypass = ("GET",)  # the engine's stats are those kept when it went to sleep
 
@@ -86,7 +88,8 @@ class MetricsResource:
         resp.status = falcon.HTTP_200
         resp.content_type = "text/plain; version=0.0.4"
         resp.set_header("Process-Start-Time-Unix", str(self.state.start_us))
-        resp.text = info.metrics_text(self.state.metrics, self.state.engine.stats())
+        metrics = self.state.metrics
+        resp.text = info.metrics_text(metrics, self.state.engine.stats()) + metrics.requests.text()
 
 
 class LoraAdaptersResource:
