@@ -40,6 +40,9 @@ cdef extern from "ggml.h" nogil:
 
     ctypedef void (*ggml_log_callback)(ggml_log_level level, const char * text, void * user_data) noexcept
     ctypedef bint (*ggml_abort_callback)(void * data) noexcept
+    # GGML_ABORT's hook (ggml_abort): called with the message, then the process aborts
+    ctypedef void (*ggml_abort_callback_t)(const char * error_message) noexcept
+    ggml_abort_callback_t ggml_set_abort_callback(ggml_abort_callback_t callback)
 
     const char * ggml_type_name(ggml_type type)
 
@@ -73,10 +76,14 @@ cdef extern from "ggml-backend.h" nogil:
     # --- Backend (reg) -------------------------------------------------------------------
     const char * ggml_backend_reg_name(ggml_backend_reg_t reg)
     size_t ggml_backend_reg_dev_count(ggml_backend_reg_t reg)
+    ggml_backend_dev_t ggml_backend_reg_dev_get(ggml_backend_reg_t reg, size_t index)
+    void * ggml_backend_reg_get_proc_address(ggml_backend_reg_t reg, const char * name)
 
     # --- Backend registry ----------------------------------------------------------------
+    void ggml_backend_register(ggml_backend_reg_t reg)
     size_t ggml_backend_reg_count()
     ggml_backend_reg_t ggml_backend_reg_get(size_t index)
+    ggml_backend_reg_t ggml_backend_reg_by_name(const char * name)
     size_t ggml_backend_dev_count()
     ggml_backend_dev_t ggml_backend_dev_get(size_t index)
     ggml_backend_dev_t ggml_backend_dev_by_name(const char * name)
@@ -288,6 +295,7 @@ cdef extern from "llama.h" nogil:
     bint llama_supports_mmap()
     bint llama_supports_mlock()
     bint llama_supports_gpu_offload()
+    bint llama_supports_rpc()
 
     uint32_t llama_n_ctx(const llama_context * ctx)
     uint32_t llama_n_ctx_seq(const llama_context * ctx)

@@ -272,6 +272,179 @@ def format_device_list():
     return "\n".join(lines) + "\n"
 
 
+# --- ggml RPC ------------------------------------------------------------------------------------
+# Remote devices (llama-server's --rpc: common/arg.cpp add_rpc_devices) and the worker side
+# (tools/rpc/rpc-server.cpp). Both go through the "RPC" backend's proc addresses, as upstream's
+# tools do, so they work whether ggml-rpc is linked in or a module loaded from pyllama/lib.
+cdef extern from "ggml-rpc.h":
+    int RPC_PROTO_MAJOR_VERSION
+    int RPC_PROTO_MINOR_VERSION
+    int RPC_PROTO_PATCH_VERSION
+
+cdef extern from *:
+    """
+    #include <poll.h>
+    #include <stdio.h>
+    #include <string.h>
+    #include <unistd.h>
+    #include "ggml-backend.h"
+    typedef ggml_backend_reg_t (*pyllama_rpc_add_server_t)(const char * endpoint);
+    typedef void (*pyllama_rpc_start_server_t)(const char * endpoint, const char * cache_dir,
+                                               size_t n_threads, size_t n_devices,
+                                               ggml_backend_dev_t * devices);
+
+    /* GGML_ABORT's hook (ggml_abort calls it, then abort()). Any thread, GIL not taken: the
+       thread that holds the GIL may be the one waiting on the aborting one (a device-memory
+       query), so the message goes down a pipe to a Python thread, and this waits for it at
+       most wait_ms before the process aborts. */
+    static int pyllama_abort_wake_fd = -1;
+    static int pyllama_abort_done_fd = -1;
+    static int pyllama_abort_wait_ms = 0;
+    static void pyllama_on_ggml_abort(const char * message) {
+        fprintf(stderr, "%s\\n", message);
+        fflush(stderr);
+        if (pyllama_abort_wake_fd < 0) {
+            return;
+        }
+        size_t n = strlen(message);
+        if (n > 2048) {
+            n = 2048;  /* below PIPE_BUF: one atomic write */
+        }
+        if (write(pyllama_abort_wake_fd, message, n) < 0) {
+            return;
+        }
+        struct pollfd done = {pyllama_abort_done_fd, POLLIN, 0};
+        poll(&done, 1, pyllama_abort_wait_ms);
+    }
+    static void pyllama_line_buffer_stdout(void) {
+        setvbuf(stdout, NULL, _IOLBF, 0);  /* the server's banner and client lines, as printed */
+    }
+    static void pyllama_install_abort_hook(int wake_fd, int done_fd, int wait_ms) {
+        pyllama_abort_wake_fd = wake_fd;
+        pyllama_abort_done_fd = done_fd;
+        pyllama_abort_wait_ms = wait_ms;
+        ggml_set_abort_callback(pyllama_on_ggml_abort);
+    }
+    """
+    ctypedef L.ggml_backend_reg_t (*pyllama_rpc_add_server_t)(const char * endpoint) nogil
+    ctypedef void (*pyllama_rpc_start_server_t)(const char * endpoint, const char * cache_dir,
+                                                size_t n_threads, size_t n_devices,
+                                                L.ggml_backend_dev_t * devices) nogil
+    void pyllama_install_abort_hook(int wake_fd, int done_fd, int wait_ms)
+    void pyllama_line_buffer_stdout()
+
+RPC_PROTO_VERSION = (RPC_PROTO_MAJOR_VERSION, RPC_PROTO_MINOR_VERSION, RPC_PROTO_PATCH_VERSION)
+_rpc_endpoints = {}  # endpoint -> its device names, registered once per process
+
+
+def supports_rpc():
+    """Say whether this build has ggml's RPC backend (llama_supports_rpc)."""
+    return bool(L.llama_supports_rpc())
+
+
+cdef void * _rpc_proc(const char * name) except NULL:
+    cdef L.ggml_backend_reg_t reg = L.ggml_backend_reg_by_name(b"RPC")
+    if reg == NULL:
+        raise ModelLoadError("RPC not supported in this build")
+    cdef void * fn = L.ggml_backend_reg_get_proc_address(reg, name)
+    if fn == NULL:
+        raise ModelLoadError(f"failed to find the RPC backend's {name.decode()}")
+    return fn
+
+
+def add_rpc_server(str endpoint):
+    """Register the devices of the RPC server at `endpoint` (host:port); return their names.
+
+    Upstream's add_rpc_devices for one server: ggml_backend_rpc_add_server connects to it (and
+    keeps the connection for the process's life), then its backend is registered, so its
+    devices (RPC0, RPC1, ... across servers) are listed and used like local ones. A second call
+    for the same endpoint returns the same names. Not thread-safe: call before loading a model.
+    Check the peer first (pyllama.engine.rpc.probe): ggml aborts the process on an endpoint
+    that refuses, or on a failed handshake.
+
+    Raises:
+        ModelLoadError: no RPC backend, or the server has no devices.
+    """
+    if endpoint in _rpc_endpoints:
+        return list(_rpc_endpoints[endpoint])
+    cdef pyllama_rpc_add_server_t add = <pyllama_rpc_add_server_t> _rpc_proc(b"ggml_backend_rpc_add_server")
+    cdef bytes cendpoint = endpoint.encode()
+    cdef const char * c_endpoint = cendpoint
+    cdef L.ggml_backend_reg_t reg
+    with nogil:
+        reg = add(c_endpoint)
+    if reg == NULL:
+        raise ModelLoadError(f"RPC server {endpoint} has no devices")
+    L.ggml_backend_register(reg)
+    cdef size_t i
+    names = [(<bytes>L.ggml_backend_dev_name(L.ggml_backend_reg_dev_get(reg, i))).decode()
+             for i in range(L.ggml_backend_reg_dev_count(reg))]
+    _rpc_endpoints[endpoint] = tuple(names)
+    return names
+
+
+def rpc_start_server(str endpoint, cache_dir, int n_threads, devices):
+    """Serve `devices` (names) over ggml RPC at `endpoint`; return only if it fails to start.
+
+    ggml_backend_rpc_start_server (tools/rpc/rpc-server.cpp's main): prints its banner, binds,
+    then serves one client at a time, forever. Runs with the GIL released, so only signals
+    stop it: restore SIGINT/SIGTERM's default actions before calling.
+
+    Raises:
+        InvalidRequestError: an unknown device name.
+    """
+    cdef pyllama_rpc_start_server_t start = <pyllama_rpc_start_server_t> _rpc_proc(b"ggml_backend_rpc_start_server")
+    cdef vector[L.ggml_backend_dev_t] devs
+    cdef L.ggml_backend_dev_t dev
+    for name in devices:
+        dev = L.ggml_backend_dev_by_name(name.encode())
+        if dev == NULL:
+            raise InvalidRequestError(f"unknown device: {name}")
+        devs.push_back(dev)
+    cdef bytes cendpoint = endpoint.encode()
+    cdef bytes ccache = os.fsencode(cache_dir) if cache_dir else b""
+    cdef const char * c_endpoint = cendpoint
+    cdef const char * c_cache = <const char *> ccache if cache_dir else NULL
+    cdef size_t threads = n_threads
+    pyllama_line_buffer_stdout()
+    with nogil:
+        start(c_endpoint, c_cache, threads, devs.size(), devs.data())
+
+
+_abort_hook = None
+
+
+def set_abort_hook(hook, double wait_s=5.0):
+    """Call `hook(message)` on a Python thread when ggml aborts the process (GGML_ABORT).
+
+    ggml-rpc aborts when an RPC server dies or answers garbage mid-computation; the hook gets up
+    to `wait_s` seconds (e.g. to fail the requests in flight with a clear error) before the
+    process aborts all the same. The last hook set wins; None removes it.
+    """
+    global _abort_hook
+    first = _abort_hook is None and hook is not None
+    _abort_hook = hook
+    if not first:
+        return
+    import threading
+
+    wake_r, wake_w = os.pipe()
+    done_r, done_w = os.pipe()
+
+    def watch():
+        message = os.read(wake_r, 4096).decode("utf-8", "replace").strip()
+        try:
+            if _abort_hook is not None:
+                _abort_hook(message)
+        except BaseException:
+            llama_logger.exception("the ggml abort hook failed")
+        finally:
+            os.write(done_w, b"x")
+
+    threading.Thread(target=watch, name="pyllama-ggml-abort", daemon=True).start()
+    pyllama_install_abort_hook(wake_w, done_r, int(wait_s * 1000))
+
+
 def llama_version():
     """Return libllama's version string."""
     return (<bytes>L.llama_version()).decode()
