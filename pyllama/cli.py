@@ -32,6 +32,20 @@ def _pinned_commit() -> str:
     return llama_build_commit()
 
 
+def _register_rpc(argv: list[str]) -> None:
+    """Register the devices of LLAMA_ARG_RPC's and then each --rpc's servers (add_rpc_devices)."""
+    import os
+
+    values = [os.environ["LLAMA_ARG_RPC"]] if os.environ.get("LLAMA_ARG_RPC") else []
+    values += [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--rpc"]
+    if not values:
+        return
+    from pyllama.engine import parse_servers, register_servers
+
+    for value in values:
+        register_servers(parse_servers(value))
+
+
 def server_main(argv: list[str] | None = None) -> int:
     """Entry point of `pyllama-server`."""
     argv = sys.argv[1:] if argv is None else argv
@@ -47,6 +61,11 @@ def server_main(argv: list[str] | None = None) -> int:
     if "--list-devices" in argv:  # upstream prints the list and exits while parsing
         from pyllama.engine import format_device_list
 
+        try:  # with the devices of the --rpc servers given before it (LLAMA_ARG_RPC first)
+            _register_rpc(argv[:argv.index("--list-devices")])
+        except (ValueError, PyllamaError) as exc:
+            print(f"pyllama-server: error: {exc}", file=sys.stderr)
+            return 1
         print(format_device_list(), end="")
         return 0
     if "-cl" in argv or "--cache-list" in argv:  # upstream prints the cached models and exits

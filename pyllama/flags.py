@@ -58,7 +58,6 @@ REFUSED_FEATURES = {
     "agent and MCP tools": "--tools --mcp-servers-config --agent -ag --ui-mcp-proxy "
                            "--webui-mcp-proxy --no-ui-mcp-proxy --no-webui-mcp-proxy "
                            "--tools-runtime --mcp-servers-json",
-    "ggml RPC": "--rpc",
 }
 UNSUPPORTED = {name: feature for feature, names in REFUSED_FEATURES.items() for name in names.split()}
 
@@ -328,6 +327,15 @@ def _finish(s: Settings) -> Settings:
             [float(x) for x in s.tensor_split.replace("/", ",").split(",")]
         except ValueError:
             raise FlagError(f"invalid value for --tensor-split: {s.tensor_split!r}") from None
+    if s.rpc:  # arg.cpp's --rpc; the servers themselves are reached where the model loads
+        servers = [x for x in s.rpc.split(",") if x]
+        if not servers:
+            raise FlagError("error while handling argument \"--rpc\": no RPC servers specified")
+        for server in servers:  # what ggml-rpc's parse_endpoint would abort on
+            host, _, port = server.partition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise FlagError(f"error while handling argument \"--rpc\": invalid RPC server "
+                                f"'{server}' (expected HOST:PORT)")
     if s.device and not [d for d in s.device.split(",") if d]:
         raise FlagError("error while handling argument \"--device\": no devices specified")
     if s.n_gpu_layers not in ("auto", "all"):

@@ -147,6 +147,8 @@ class Settings:
     device: str = _flag("", ["-dev", "--device"], "comma-separated list of devices to use for offloading (none = don't offload); "
                         "use --list-devices to see a list of available devices",
                         env="LLAMA_ARG_DEVICE")
+    rpc: str = _flag("", ["--rpc"], "comma-separated list of RPC servers (host:port)", env="LLAMA_ARG_RPC",
+                     metavar="SERVERS")
     kv_offload: bool = _flag(True, ["-kvo", "--kv-offload"], "keep the KV cache on the GPU",
                              env="LLAMA_ARG_KV_OFFLOAD", neg=["-nkvo", "--no-kv-offload"])
     op_offload: bool = _flag(True, ["--op-offload"], "offload host tensor operations", neg=["--no-op-offload"])

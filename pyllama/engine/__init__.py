@@ -7,6 +7,7 @@ from pyllama.engine._context import Context, ContextParams, default_threads, fit
 from pyllama.engine.client import Engine, RequestHandle, Retry
 from pyllama.engine.config import CpuPlacement, EngineConfig
 from pyllama.engine._model import (
+    RPC_PROTO_VERSION,
     LoraAdapter,
     Model,
     ModelParams,
@@ -16,10 +17,13 @@ from pyllama.engine._model import (
     llama_build_commit,
     llama_version,
     numa_init,
+    rpc_start_server,
     set_log_level,
     supports_gpu_offload,
+    supports_rpc,
     system_info,
 )
+from pyllama.engine.rpc import RpcPeerError, parse_servers, probe, register_servers
 from pyllama.engine._sampling import SamplerChain, json_schema_to_grammar
 from pyllama.engine.types import (
     DEFAULT_SEED,
@@ -67,7 +71,14 @@ __all__ = [
     "json_schema_to_grammar",
     "llama_version",
     "numa_init",
+    "parse_servers",
+    "probe",
+    "register_servers",
+    "rpc_start_server",
+    "RPC_PROTO_VERSION",
+    "RpcPeerError",
     "set_log_level",
     "supports_gpu_offload",
+    "supports_rpc",
     "system_info",
 ]

@@ -24,7 +24,8 @@ from typing import Iterator
 from pyllama.engine._context import Context, ContextParams, fit_params
 from pyllama.engine._core import EngineCore
 from pyllama.engine._embed import EmbeddingCore
-from pyllama.engine._model import Model, ModelParams
+from pyllama.engine._model import Model, ModelParams, set_abort_hook
+from pyllama.engine import rpc
 from pyllama.engine._sampling import SamplerChain, json_schema_to_grammar
 from pyllama.engine.config import EngineConfig
 from pyllama.engine.types import (
@@ -514,6 +515,7 @@ class Engine:
             self._run_embeddings()
             return
         deferred: collections.deque = collections.deque()
+        self._deferred = deferred  # for _on_backend_abort only
         clock = time.perf_counter
         fault = _test_fault()  # None unless PYLLAMA_TEST_FAULT is set (tests only)
         try:
@@ -551,6 +553,9 @@ class Engine:
         # config; at start-up and when waking from sleep (load_model, also "to resume from
         # sleeping state"). Raises what Model/Context raise.
         cfg = self.config
+        if cfg.rpc_servers:  # remote devices first, as --rpc registers them while parsing
+            rpc.register_servers(cfg.rpc_servers)
+            set_abort_hook(self._on_backend_abort)
         # the one place where a config becomes libllama objects
         model_params = ModelParams(**cfg.model_options())
         context_params = ContextParams(**cfg.context_options())
@@ -576,6 +581,28 @@ class Engine:
         self.core.lora_scales = tuple(0.0 if cfg.lora_init_without_apply else scale
                                       for _, scale in cfg.lora)
         self.lora_paths = [path for path, _ in cfg.lora]
+
+    def _on_backend_abort(self, message: str) -> None:
+        # The ggml-abort thread (_model.set_abort_hook), the process about to abort: an RPC
+        # server died or answered garbage mid-computation (ggml-rpc's RPC_STATUS_ASSERT). The
+        # engine thread is blocked inside the backend for good, so its requests are failed from
+        # here, and their HTTP threads get a moment to send the error before the process ends.
+        where, _, what = message.partition(": ")
+        error = EngineError(f"the model's backend failed: {what or message} "
+                            f"({os.path.basename(where)}); the server restarts its worker")
+        logger.critical("ggml aborted: %s", message)
+        if self.config.rpc_servers:
+            rpc.note_lost_peer()
+        handles = [slot.channel for slot in self.core.slots if slot.channel is not None] \
+            if self.core is not None else []
+        handles += list(getattr(self, "_deferred", ())) + list(self._pending)
+        for handle in handles:
+            handle.put(ErrorEvent(error))
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline and not all(
+                (h._sink if h._sink is not None else h._events).empty() for h in handles):
+            time.sleep(0.02)
+        time.sleep(0.3 if handles else 0)  # the last error frame on its way out
 
     def _unload(self) -> None:
         # Engine thread: free the core (slots, samplers, prompt cache), the context (KV cache),

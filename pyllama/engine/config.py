@@ -80,6 +80,8 @@ class EngineConfig:
         lazy_mode: on, off or auto.
         split_mode, main_gpu, tensor_split, no_host: multi-GPU placement.
         devices: device names to offload to; None every device, ("none",) none.
+        rpc_servers: ("host:port", ...) ggml RPC servers whose devices are registered before
+            the load (--rpc): remote devices RPC0, RPC1, ... for devices / tensor_split.
         tensor_overrides: ((regex, buffer type), ...) placement of matching tensors (-ot).
 
     Context (see `Context`):
@@ -136,6 +138,7 @@ class EngineConfig:
     tensor_split: tuple | None = _to(_MODEL, None)
     no_host: bool = _to(_MODEL, False)
     devices: tuple | None = _to(_MODEL, None)
+    rpc_servers: tuple = _to(_ENGINE, ())
     tensor_overrides: tuple = _to(_MODEL, ())
     # --- the context ---
     n_ctx: int = _to(_CONTEXT, 4096)
@@ -171,6 +174,7 @@ class EngineConfig:
         set_ = object.__setattr__
         set_(self, "lora", tuple((str(path), float(scale)) for path, scale in self.lora))
         set_(self, "tensor_overrides", tuple(tuple(o) for o in self.tensor_overrides))
+        set_(self, "rpc_servers", tuple(self.rpc_servers))
         set_(self, "fit_target_mib", tuple(self.fit_target_mib))
         set_(self, "control_vectors", tuple((str(p), float(s)) for p, s in self.control_vectors))
         set_(self, "control_vector_layers", tuple(self.control_vector_layers))

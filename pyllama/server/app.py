@@ -147,6 +147,7 @@ def engine_config(s: Settings) -> EngineConfig:
         tensor_split=tuple(float(x) for x in s.tensor_split.replace("/", ",").split(","))
         if s.tensor_split else None,
         no_host=s.no_host, devices=tuple(s.device.split(",")) if s.device else None,
+        rpc_servers=tuple(x for x in s.rpc.split(",") if x),
         lora=tuple(s.lora_list()), lora_init_without_apply=s.lora_init_without_apply,
         rope_scaling=s.rope_scaling or None, rope_freq_base=s.rope_freq_base,
         rope_freq_scale=1.0 / s.rope_scale if s.rope_scale else s.rope_freq_scale,
