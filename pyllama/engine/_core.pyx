@@ -20,6 +20,8 @@ from cython.parallel cimport prange
 from libc.math cimport exp
 from libc.stdint cimport int32_t, int64_t
 from libc.stdlib cimport free, malloc
+from libcpp.algorithm cimport partial_sort
+from libcpp.utility cimport pair
 from libcpp.vector cimport vector
 
 from pyllama cimport _llama as L
@@ -1312,23 +1314,19 @@ cdef int _common_prefix(vector[L.llama_token] & cached, prompt):
     return i
 
 
-cdef void _push_top(vector[L.llama_token] & ids, vector[float] & ps, int k, L.llama_token tok,
-                    float p) noexcept nogil:
-    # Keeps (ids, ps) as the k largest so far, sorted descending.
-    cdef int n = ps.size(), i
-    if n == k and p <= ps[n - 1]:
-        return
-    if n < k:
-        ids.push_back(tok)
-        ps.push_back(p)
-        n += 1
-    i = n - 1
-    while i > 0 and ps[i - 1] < p:
-        ids[i] = ids[i - 1]
-        ps[i] = ps[i - 1]
-        i -= 1
-    ids[i] = tok
-    ps[i] = p
+cdef void _take_top(vector[pair[float, L.llama_token]] & cand, int k, vector[L.llama_token] & ids,
+                    vector[float] & ps) noexcept nogil:
+    # The k most probable of `cand` ((-p, id) pairs) into (ids, ps), descending; ties by lower
+    # id first. A partial sort, O(n log k), as get_token_probabilities (server-common.cpp):
+    # n_probs may ask for the whole vocabulary. Any thread, no GIL needed.
+    cdef size_t n = cand.size() if <size_t>k > cand.size() else <size_t>k
+    cdef size_t i
+    partial_sort(cand.begin(), cand.begin() + n, cand.end())
+    ids.resize(n)
+    ps.resize(n)
+    for i in range(n):
+        ids[i] = cand[i].second
+        ps[i] = -cand[i].first
 
 
 cdef void _top_from_logits(const float * logits, int n_vocab, int k, L.llama_token chosen,
@@ -1338,28 +1336,34 @@ cdef void _top_from_logits(const float * logits, int n_vocab, int k, L.llama_tok
     cdef float mx = logits[0]
     cdef double total = 0.0
     cdef int i
+    cdef vector[pair[float, L.llama_token]] cand
     for i in range(1, n_vocab):
         if logits[i] > mx:
             mx = logits[i]
     for i in range(n_vocab):
         total += exp(logits[i] - mx)
+    cand.resize(n_vocab)
     for i in range(n_vocab):
-        _push_top(ids, ps, k, i, <float>(exp(logits[i] - mx) / total))
+        cand[i].first = -<float>(exp(logits[i] - mx) / total)
+        cand[i].second = i
+    _take_top(cand, k, ids, ps)
     chosen_p[0] = <float>(exp(logits[chosen] - mx) / total)
 
 
 cdef void _top_from_candidates(L.llama_token_data_array * cur_p, int k, L.llama_token chosen,
                                vector[L.llama_token] & ids, vector[float] & ps,
                                float * chosen_p) noexcept nogil:
-    # The candidates left by the chain, with the probabilities it computed (post-sampling).
-    # Any thread, no GIL needed; fills the caller's vectors.
+    # The candidates left by the chain, with the probabilities it computed (post-sampling);
+    # zero probabilities left out, as populate_token_probs. Any thread, no GIL needed.
     cdef size_t i
+    cdef vector[pair[float, L.llama_token]] cand
     chosen_p[0] = 0.0
     for i in range(cur_p.size):
         if cur_p.data[i].id == chosen:
             chosen_p[0] = cur_p.data[i].p
         if cur_p.data[i].p > 0.0:
-            _push_top(ids, ps, k, cur_p.data[i].id, cur_p.data[i].p)
+            cand.push_back(pair[float, L.llama_token](-cur_p.data[i].p, cur_p.data[i].id))
+    _take_top(cand, k, ids, ps)
 
 
 cdef inline void _batch_put(L.llama_batch * batch, int i, L.llama_token token, L.llama_pos pos,
