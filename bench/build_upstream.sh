@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build upstream llama.cpp's yardstick tools (llama-server, llama-batched-bench, llama-bench,
-# llama-quantize) from the vendored pin, for the benchmarks in bench/. Nothing of it is committed.
+# llama-quantize, ggml-rpc-server) from the vendored pin, for the benchmarks in bench/. Nothing of it is committed.
 #
 #   bench/build_upstream.sh [--cuda | --dl] [SRC_DIR] [BUILD_DIR]
 #
@@ -35,7 +35,7 @@ src=${1:-../upstream-llama.cpp}
 build=${2:-../upstream-build}
 jobs=${JOBS:-$(nproc)}
 cpu=${UPSTREAM_CPU:-none}
-targets=(llama-server llama-batched-bench llama-bench llama-quantize)
+targets=(llama-server llama-batched-bench llama-bench llama-quantize ggml-rpc-server)
 
 stamp_sha() {  # the pinned sdist's sha256 recorded by vendor/fetch.py in $1
     python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["sha256"])' "$1"
@@ -55,7 +55,9 @@ fi
 args=(-G Ninja -DCMAKE_BUILD_TYPE=Release
       -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_OPENSSL=OFF
       # no Web UI assets: they would be downloaded at build time
-      -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF)
+      -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF
+      # rpc-server and --rpc, as pyllama's builds (bench/rpc_bench.py)
+      -DGGML_RPC=ON)
 if grep -q 'option(LLAMA_CURL' "$src/CMakeLists.txt"; then
     args+=(-DLLAMA_CURL=OFF)
 fi
