@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -18,10 +17,10 @@ import httpx
 import pytest
 
 from .conftest import ServerProcess
+from .router_client import WAIT, ModelEvents, child_port as _port, models as _models, \
+    wait_for_models as _wait_for
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds children in /proc")
-
-WAIT = 90  # seconds: a generous bound for a child to come up or go down on a busy machine
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -63,69 +62,14 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _models(srv) -> dict:
-    r = httpx.get(srv.base + "/models", timeout=30)
-    assert r.status_code == 200, r.text
-    return {m["id"]: m for m in r.json()["data"]}
-
-
-def _wait_for(srv, predicate, what: str) -> dict:
-    deadline = time.time() + WAIT
-    while time.time() < deadline:
-        models = _models(srv)
-        if predicate(models):
-            return models
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}: {json.dumps(_models(srv))[:2000]}")
-
-
 def _status(models: dict, name: str) -> str:
     return models[name]["status"]["value"]
-
-
-def _port(model: dict) -> int:
-    args = model["status"]["args"]
-    return int(args[args.index("--port") + 1])
 
 
 def _chat(srv, model: str, **extra):
     body = {"model": model, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4,
             "temperature": 0, **extra}
     return httpx.post(srv.base + "/v1/chat/completions", json=body, timeout=WAIT)
-
-
-class EventsReader:
-    """A /models/sse client on a thread of its own, keeping every event."""
-
-    def __init__(self, srv) -> None:
-        self.events: list = []
-        self.client = httpx.Client(timeout=httpx.Timeout(WAIT, read=None))
-        self.connected = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(srv.base + "/models/sse",), daemon=True)
-        self.thread.start()
-        assert self.connected.wait(30)
-
-    def _run(self, url: str) -> None:
-        try:
-            with self.client.stream("GET", url) as r:
-                assert r.headers["content-type"].startswith("text/event-stream")
-                self.connected.set()
-                for line in r.iter_lines():
-                    if line.startswith("data: "):
-                        self.events.append(json.loads(line[6:]))
-        except (httpx.HTTPError, RuntimeError):
-            pass
-
-    def wait_for(self, predicate, what: str) -> list:
-        deadline = time.time() + WAIT
-        while time.time() < deadline:
-            if any(predicate(e) for e in list(self.events)):
-                return list(self.events)
-            time.sleep(0.05)
-        raise AssertionError(f"no SSE event {what}: {self.events}")
-
-    def close(self) -> None:
-        self.client.close()
 
 
 # --- fixtures -----------------------------------------------------------------------------
@@ -237,7 +181,7 @@ def test_streamed_chat_passes_through_event_by_event(router):
 
 
 def test_unload_load_and_their_events(router):
-    sse = EventsReader(router)
+    sse = ModelEvents(router)
     try:
         _chat(router, "beta")  # running
         r = httpx.post(router.base + "/models/unload", json={"model": "beta"})

@@ -8,7 +8,6 @@ Hugging Face hub played by tests/hub_standin.py (HF_ENDPOINT), every check over 
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 import time
 from pathlib import Path
@@ -18,68 +17,15 @@ import pytest
 from hub_standin import HubStandIn
 
 from .conftest import ServerProcess
+from .router_client import WAIT, ModelEvents as Events, child_port as _port, models as _models, \
+    wait_for_models as _wait_for
 
-WAIT = 90  # seconds: a bound for a child to come up or go down on a busy machine
 HEADER = "X-Conversation-Id"
 
 
 # --- helpers ------------------------------------------------------------------------------
-def _models(srv, **params) -> dict:
-    r = httpx.get(srv.base + "/models", params=params, timeout=WAIT)
-    assert r.status_code == 200, r.text
-    return {m["id"]: m for m in r.json()["data"]}
-
-
-def _wait_for(srv, predicate, what: str) -> dict:
-    deadline = time.time() + WAIT
-    while time.time() < deadline:
-        models = _models(srv)
-        if predicate(models):
-            return models
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}: {json.dumps(_models(srv))[:2000]}")
-
-
-def _port(model: dict) -> int:
-    args = model["status"]["args"]
-    return int(args[args.index("--port") + 1])
-
-
 def _error(r) -> tuple:
     return r.status_code, r.json()["error"]["message"]
-
-
-class Events:
-    """A /models/sse client on a thread of its own, keeping every event."""
-
-    def __init__(self, srv) -> None:
-        self.events: list = []
-        self.client = httpx.Client(timeout=httpx.Timeout(WAIT, read=None))
-        self.connected = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(srv.base + "/models/sse",), daemon=True)
-        self.thread.start()
-        assert self.connected.wait(30)
-
-    def _run(self, url: str) -> None:
-        try:
-            with self.client.stream("GET", url) as r:
-                self.connected.set()
-                for line in r.iter_lines():
-                    if line.startswith("data: "):
-                        self.events.append(json.loads(line[6:]))
-        except (httpx.HTTPError, RuntimeError):
-            pass
-
-    def wait_for(self, event: dict) -> None:
-        deadline = time.time() + WAIT
-        while time.time() < deadline:
-            if event in list(self.events):
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"no SSE event {event}: {self.events}")
-
-    def close(self) -> None:
-        self.client.close()
 
 
 # --- fixtures -----------------------------------------------------------------------------
