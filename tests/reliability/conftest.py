@@ -1,95 +1,14 @@
-"""The fault suite's servers: real pyllama-server processes on 127.0.0.1, the synthetic model.
+"""The fault suite's servers: real pyllama-server processes on 127.0.0.1, synthetic models.
 
-Its own copy of tests/server's ServerProcess (CI runs the suite from outside the source tree,
-and the sibling conftest is not importable from here), with what faults need besides: the
-gunicorn worker's pid (the master is the process started here) and resident memory read
-from /proc.
+ServerProcess (tests/server_process.py, shared with tests/server) gives what faults need
+besides: the gunicorn worker's pid (the master is the process started here) and resident
+memory read from /proc.
 """
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
-
-import httpx
 import pytest
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rss_kib(pid: int) -> int:
-    """A process's resident set (VmRSS) in KiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
-def children(pid: int) -> list[int]:
-    """The pids whose parent is `pid` (from /proc; no psutil needed)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        # pid (comm) state ppid ...: comm may hold spaces, so split after its closing paren
-        if int(stat.rpartition(")")[2].split()[1]) == pid:
-            out.append(int(entry))
-    return out
-
-
-class ServerProcess:
-    def __init__(self, args: list[str], env: dict | None = None) -> None:
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        script = Path(sys.executable).parent / "pyllama-server"
-        # output to a file: a pipe nobody drains would stall a chatty server at 64 KiB
-        self.log = tempfile.NamedTemporaryFile(prefix="pyllama-reliability-", suffix=".log")
-        self.proc = subprocess.Popen([str(script), "--port", str(self.port), *args],
-                                     stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})})
-
-    def output(self) -> str:
-        return Path(self.log.name).read_bytes().decode(errors="replace")
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("server exited: " + self.output()[-3000:])
-            try:
-                if httpx.get(self.base + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError("server did not become ready: " + self.output()[-3000:])
-
-    def worker_pid(self) -> int:
-        """The gunicorn worker (the master's one child), which owns the model."""
-        pids = children(self.proc.pid)
-        assert len(pids) == 1, pids
-        return pids[0]
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+from server_process import ServerProcess, children, free_port, rss_kib  # noqa: F401
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import server_process
 from hub_standin import HubStandIn
 
 from . import conftest as server_conftest
@@ -183,7 +184,7 @@ def test_a_model_url_downloads_to_the_llama_cache(hub, ggufs):
 def test_a_preset_downloads_its_model_and_says_what_it_cannot_apply(hub, ggufs, monkeypatch):
     hub.add_repo("ggml-org/Qwen2.5-Coder-7B-Q8_0-GGUF", {"qwen2.5-coder-7b-q8_0.gguf": ggufs["Q8_0"]})
     port = server_conftest.free_port()
-    monkeypatch.setattr(server_conftest, "free_port", lambda: port)
+    monkeypatch.setattr(server_process, "free_port", lambda: port)  # ServerProcess's own
     # the preset sets --port 8012 where it stands: a --port after it wins, as upstream
     props, _, _, out = serve(["--fim-qwen-7b-spec", "--port", str(port)])
     assert props["model_alias"] == "ggml-org/Qwen2.5-Coder-7B-Q8_0-GGUF"
