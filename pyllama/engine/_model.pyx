@@ -11,7 +11,7 @@ import os
 from collections import deque
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
-from libc.stdint cimport int32_t, uint64_t
+from libc.stdint cimport INT32_MIN, int32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 from libcpp.vector cimport vector
@@ -917,6 +917,32 @@ cdef class Model:
         if n < 0:
             raise InvalidTokenError("tokenization failed: the text is too long")
         return [out[i] for i in range(n)]
+
+    def count_tokens(self, text, *, bint add_special=True, bint parse_special=False):
+        """Count the tokens `text` makes, without building their list.
+
+        For a text that may be far longer than any context: tokenize() would hold a Python int
+        per token (36 bytes each: 750 MB for a 20 MB prompt), this holds none.
+
+        Args:
+            text: str or UTF-8 bytes.
+            add_special: add BOS/EOS as the vocabulary asks.
+            parse_special: recognise special-token text.
+
+        Returns:
+            The number of tokens tokenize() would return. Thread-safe.
+        """
+        self._require_open()
+        cdef bytes data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        cdef const char * c_text = data
+        cdef int32_t n_text = len(data)
+        cdef int32_t n
+        with nogil:
+            # n_tokens_max 0: llama_tokenize answers minus the count, writing nothing
+            n = L.llama_tokenize(self.vocab, c_text, n_text, NULL, 0, add_special, parse_special)
+        if n == INT32_MIN:
+            raise InvalidTokenError("tokenization failed: the text is too long")
+        return -n if n < 0 else n
 
     cdef bytes piece_c(self, L.llama_token token, bint special):
         cdef char buf[128]

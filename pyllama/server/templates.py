@@ -12,6 +12,7 @@ import orjson
 
 from pyllama._chat import ChatParser, ChatTemplates
 from pyllama.errors import InvalidRequestError
+from pyllama.server.protocol import schema
 
 
 class _PureContent:
@@ -111,7 +112,8 @@ class ChatFormatter:
         json_schema = body.get("json_schema")
         inputs = {
             "messages": messages, "tools": tools or None, "tool_choice": tool_choice,
-            "json_schema": orjson.dumps(json_schema).decode() if json_schema is not None else "",
+            # (deeper than orjson.dumps writes: a body parses to 1024 levels)
+            "json_schema": schema.dumps(json_schema) if json_schema is not None else "",
             "grammar": body.get("grammar") or "",
             "add_generation_prompt": bool(add_generation_prompt),
             "continue_final_message": continue_final if continue_final else None,

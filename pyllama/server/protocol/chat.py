@@ -18,7 +18,7 @@ from pyllama.engine import FinishEvent, FinishReason, ProgressEvent, TokenEvent
 from pyllama.errors import InvalidRequestError
 from pyllama.server import sse
 from pyllama.server.protocol.base import Call, ProtocolContext, Task
-from pyllama.server.protocol.params import generation_prompt_tokens, parses_body
+from pyllama.server.protocol.params import check_fits, generation_prompt_tokens, parses_body
 from pyllama.server.protocol.completions import (
     completion_id,
     completion_tasks,
@@ -28,6 +28,7 @@ from pyllama.server.protocol.completions import (
     usage,
     verbose_view,
 )
+from pyllama.server.protocol.schema import check_json_schema
 
 
 @dataclass
@@ -55,6 +56,19 @@ def reasoning_budget_fields(body: dict, params: dict, ctx: ProtocolContext) -> d
             "reasoning_budget_end_tags": params["thinking_end_tags"],
             "reasoning_budget_message": body.get("reasoning_budget_message", ctx.defaults.reasoning_budget_message),
             "reasoning_control": body.get("reasoning_control", False)}
+
+
+def check_schemas(body: dict, field: str) -> None:
+    """Bound the grammars the chat layer would build from the body's schemas (json_schema, from
+    `field`; each tool's parameters) before the template runs: see protocol/schema.py."""
+    if body.get("json_schema") is not None:
+        check_json_schema(body["json_schema"], field)
+    tools = body.get("tools")
+    if isinstance(tools, list) and body.get("tool_choice", "auto") != "none":
+        for tool in tools:
+            function = tool.get("function") if isinstance(tool, dict) else None
+            if isinstance(function, dict) and isinstance(function.get("parameters"), (dict, bool)):
+                check_json_schema(function["parameters"], "tools")
 
 
 def render(body: dict, ctx: ProtocolContext) -> ChatPrompt:
@@ -91,6 +105,7 @@ def render(body: dict, ctx: ProtocolContext) -> ChatPrompt:
     elif body.get("top_logprobs") is not None:
         raise InvalidRequestError("top_logprobs requires logprobs to be set to true", param="top_logprobs")
 
+    check_schemas(body, "json_schema" if response_format is None else "response_format")
     params = ctx.chat.apply(body)
     native = {k: v for k, v in body.items() if k not in ("messages", "tools", "response_format")}
     stop = body.get("stop")
@@ -120,6 +135,7 @@ def render(body: dict, ctx: ProtocolContext) -> ChatPrompt:
 
 def chat_tasks(chat: ChatPrompt, ctx: ProtocolContext) -> list[Task]:
     """The engine requests of a rendered chat, each with its own output parser."""
+    check_fits(ctx.model, chat.prompt, ctx.n_ctx_slot, add_special=True)
     tokens = ctx.model.tokenize(chat.prompt, add_special=True, parse_special=True)
     tasks = completion_tasks(chat.native, ctx, prompt=tokens, grammar_prefill=chat.prefill)
     for task in tasks:

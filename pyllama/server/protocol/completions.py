@@ -266,7 +266,7 @@ def completion_tasks(body: dict, ctx: ProtocolContext, prompt=None, grammar_pref
     n_vocab = model.n_vocab
     source = body["prompt"] if prompt is None else prompt
     for p in prompts:
-        tokens = p if prompt is not None and isinstance(p, list) else tokenize_prompt(model, p)
+        tokens = p if prompt is not None and isinstance(p, list) else tokenize_prompt(model, p, ctx.n_ctx_slot)
         if any(t < 0 or t >= n_vocab for t in tokens):
             raise InvalidRequestError("Prompt contains invalid tokens", param="prompt")
         user_starts = user_message_starts(model, body.get("message_delimiters"), tokens)

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 from pyllama.engine import Request, SamplingParams
 from pyllama.engine.types import DEFAULT_DRY_BREAKERS, parse_samplers
-from pyllama.errors import InvalidRequestError
+from pyllama.errors import ContextLengthExceededError, InvalidRequestError
+from pyllama.server.protocol.schema import check_json_schema
 
 INT32_MAX = 2**31 - 1
 
@@ -110,9 +111,34 @@ class Defaults:
     reasoning_budget_message: str = ""  # --reasoning-budget-message (the budget is in sampling)
 
 
-def tokenize_prompt(model, prompt) -> list[int]:
-    """One prompt: text (BOS as the model asks), ids, or a mixed list (BOS if it starts with text)."""
+# a text longer than this is counted before it is tokenized: one beyond the context never
+# becomes a list of Python ints (36 bytes a token: 750 MB of them for a 20 MB prompt)
+COUNT_FIRST = 1 << 20
+
+
+def check_fits(model, text: str, n_ctx: int | None, add_special: bool, parse_special: bool = True) -> None:
+    """Refuse a text of megabytes that makes n_ctx tokens or more, before its tokens are listed.
+
+    Raises:
+        ContextLengthExceededError: in the engine's words (its _admit check, upstream's
+            "exceeds the available context size").
+    """
+    if not n_ctx or len(text) <= COUNT_FIRST:
+        return
+    n = model.count_tokens(text, add_special=add_special, parse_special=parse_special)
+    if n >= n_ctx:
+        raise ContextLengthExceededError(
+            f"request ({n} tokens) exceeds the available context size ({n_ctx} tokens), try increasing it",
+            n_prompt_tokens=n, n_ctx=n_ctx)
+
+
+def tokenize_prompt(model, prompt, n_ctx: int | None = None) -> list[int]:
+    """One prompt: text (BOS as the model asks), ids, or a mixed list (BOS if it starts with text).
+
+    With `n_ctx` (a slot's context), a text of megabytes that cannot fit is refused first.
+    """
     if isinstance(prompt, str):
+        check_fits(model, prompt, n_ctx, add_special=True)
         return model.tokenize(prompt, add_special=True, parse_special=True)
     if isinstance(prompt, list):
         tokens: list[int] = []
@@ -122,6 +148,7 @@ def tokenize_prompt(model, prompt) -> list[int]:
             if isinstance(part, int):
                 tokens.append(part)
             elif isinstance(part, str):
+                check_fits(model, part, n_ctx, add_special=(i == 0))
                 tokens += model.tokenize(part, add_special=(i == 0), parse_special=True)
             else:
                 raise InvalidRequestError("\"prompt\" must be a string, a list of tokens, or a list of prompts")
@@ -129,7 +156,7 @@ def tokenize_prompt(model, prompt) -> list[int]:
     if isinstance(prompt, dict) and "prompt_string" in prompt:
         if prompt.get("multimodal_data"):
             raise InvalidRequestError("multimodal input is not supported: the server has no mmproj")
-        return tokenize_prompt(model, prompt["prompt_string"])
+        return tokenize_prompt(model, prompt["prompt_string"], n_ctx)
     raise InvalidRequestError("\"prompt\" must be a string, a list of tokens, or a list of prompts")
 
 
@@ -247,6 +274,7 @@ def parse_sampling(body: dict, defaults: Defaults, model, grammar_prefill: tuple
             raise _err("json_schema", "expected an object")
         if json_schema == {}:
             json_schema = {"type": "object"}
+        json_schema = check_json_schema(json_schema)  # its text, within the grammar's bounds
     elif grammar:
         json_schema = None
     triggers = body.get("grammar_triggers") or []
@@ -384,4 +412,5 @@ def _request_lora(body: dict):
 
 
 __all__ = ["DEFAULT_DRY_BREAKERS", "Defaults", "parses_body", "build_request", "get_bool", "get_float", "get_int",
-           "get_str", "n_predict_of", "parse_sampling", "parse_stop", "split_prompts", "tokenize_prompt"]
+           "check_fits", "get_str", "n_predict_of", "parse_sampling", "parse_stop", "split_prompts",
+           "tokenize_prompt"]
