@@ -4,7 +4,7 @@
 from libcpp cimport bool as cbool
 from libcpp.string cimport string
 
-from libc.stdint cimport int32_t, int64_t, uint32_t
+from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t
 from libcpp.vector cimport vector
 from libcpp.string cimport string as cstring
 
@@ -98,3 +98,20 @@ cdef extern from "common.h" nogil:
         void update_pos(int64_t n_tokens, llama_pos pos_min, llama_pos pos_max)
         void update_tgt(llama_context * ctx, llama_seq_id seq_id, uint32_t flags)
         void load_tgt(llama_context * ctx, llama_seq_id seq_id, uint32_t flags)
+
+
+cdef extern from "pyllama_spec.h" nogil:
+    # speculative decoding over common/speculative.h, one state per EngineCore (csrc/pyllama_spec.h)
+    struct pyllama_spec
+    pyllama_spec * pyllama_spec_init(const string & params_json, llama_context * ctx_tgt, llama_context * ctx_dft,
+                                     uint32_t n_seq) except +
+    void pyllama_spec_free(pyllama_spec * spec)
+    int32_t pyllama_spec_n_max(const pyllama_spec * spec)
+    cbool pyllama_spec_has_synth(const pyllama_spec * spec)
+    double pyllama_spec_synth_prob(const pyllama_spec * spec, int32_t i)
+    void pyllama_spec_begin(pyllama_spec * spec, llama_seq_id seq_id, const llama_token * prompt, size_t n_prompt)
+    void pyllama_spec_request(pyllama_spec * spec, llama_seq_id seq_id, const vector[llama_token] * prompt,
+                              llama_token id_last, int32_t n_max, vector[llama_token] * result)
+    cbool pyllama_spec_draft(pyllama_spec * spec)
+    void pyllama_spec_accept(pyllama_spec * spec, llama_seq_id seq_id, uint16_t n_accepted)
+    void pyllama_spec_clear(pyllama_spec * spec, llama_seq_id seq_id)

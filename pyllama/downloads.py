@@ -698,6 +698,12 @@ def prepare_model(settings: Settings) -> Settings:
         ModelDownloadError: the model cannot be found, downloaded, or (offline) is not cached.
     """
     log_unapplied_presets(settings)
+    if settings.spec_draft_hf:  # -hfd: the draft model (-md names its file, as upstream's hf_file)
+        _route_library_logs()
+        draft = resolve_hf(settings.spec_draft_hf, settings.spec_draft_model, token=settings.hf_token,
+                           offline=settings.offline)
+        logger.info("draft model %s: %s", settings.spec_draft_hf, draft)
+        settings = replace(settings, spec_draft_model=draft, spec_draft_hf="")
     if not needs_download(settings):
         return settings
     _route_library_logs()

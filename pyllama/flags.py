@@ -29,32 +29,6 @@ REFUSED_FEATURES = {
                         "--no-mmproj-offload -mmdev --mmproj-device --image-min-tokens "
                         "--image-max-tokens --mtmd-batch-max-tokens --video-fps "
                         "--video-timestamp-interval --video-ffmpeg-dir",
-    "speculative decoding": "--spec-type -md --model-draft -hfd --draft --draft-max --draft-min "
-                            "-lcs --lookup-cache-static -lcd --lookup-cache-dynamic "
-                            "--spec-draft-threads -td --threads-draft --spec-draft-threads-batch "
-                            "-tbd --threads-batch-draft --spec-draft-cpu-mask -Cd --cpu-mask-draft "
-                            "--spec-draft-cpu-range -Crd --cpu-range-draft --spec-draft-cpu-strict "
-                            "--cpu-strict-draft --spec-draft-prio --prio-draft --spec-draft-poll "
-                            "--poll-draft --spec-draft-cpu-mask-batch -Cbd --cpu-mask-batch-draft "
-                            "--spec-draft-cpu-strict-batch --cpu-strict-batch-draft "
-                            "--spec-draft-prio-batch --prio-batch-draft --spec-draft-poll-batch "
-                            "--poll-batch-draft --spec-draft-type-k -ctkd --cache-type-k-draft "
-                            "--spec-draft-type-v -ctvd --cache-type-v-draft "
-                            "--spec-draft-override-tensor -otd --override-tensor-draft "
-                            "--spec-draft-cpu-moe -cmoed --cpu-moe-draft --spec-draft-n-cpu-moe "
-                            "--spec-draft-ncmoe -ncmoed --n-cpu-moe-draft --spec-draft-n-max "
-                            "--spec-draft-n-min --spec-synth-len --spec-synth-rates "
-                            "--spec-draft-p-split --draft-p-split --spec-draft-p-min --draft-p-min "
-                            "--spec-draft-backend-sampling --no-spec-draft-backend-sampling "
-                            "--spec-draft-device -devd --device-draft --spec-draft-ngl -ngld "
-                            "--gpu-layers-draft --n-gpu-layers-draft --spec-ngram-mod-n-min "
-                            "--spec-ngram-mod-n-max --spec-ngram-mod-n-match "
-                            "--spec-ngram-simple-size-n --spec-ngram-simple-size-m "
-                            "--spec-ngram-simple-min-hits --spec-ngram-map-k-size-n "
-                            "--spec-ngram-map-k-size-m --spec-ngram-map-k-min-hits "
-                            "--spec-ngram-map-k4v-size-n --spec-ngram-map-k4v-size-m "
-                            "--spec-ngram-map-k4v-min-hits --spec-ngram-size-n --spec-ngram-size-m "
-                            "--spec-ngram-min-hits",
     "agent and MCP tools": "--tools --mcp-servers-config --agent -ag --ui-mcp-proxy "
                            "--webui-mcp-proxy --no-ui-mcp-proxy --no-webui-mcp-proxy "
                            "--tools-runtime --mcp-servers-json",
@@ -130,6 +104,9 @@ def parse_server_args(argv: list[str], environ: dict | None = None) -> Settings:
             raise FlagError(f"invalid argument: {token}")
         f, positive = table[name]
         kind = f.metadata.get("kind")
+        if kind == "removed":  # arg_removed
+            raise FlagError(f'error while handling argument "{name}": the argument has been removed. '
+                            f'{f.metadata["help"]}')
         takes_value = positive and kind not in ("flag",) and f.type not in ("bool", "bool | None")
         if not takes_value:
             if eq:
@@ -165,6 +142,9 @@ def parse_server_args(argv: list[str], environ: dict | None = None) -> Settings:
             continue
         raw = environ[env]
         kind = f.metadata.get("kind")
+        if kind == "removed":
+            raise FlagError(f'error while handling environment variable "{env}": the argument has been '
+                            f'removed. {f.metadata["help"]}')
         if kind == "flag":
             if raw.lower() in TRUTHY:
                 values[f.name] = True
@@ -248,9 +228,70 @@ def _check_placement(s: Settings) -> None:
                         'checkpoint-min-step must be non-negative')
 
 
+SPEC_TYPES = ("none", "draft-simple", "draft-eagle3", "draft-mtp", "draft-dflash", "draft-dspark", "ngram-simple",
+              "ngram-map-k", "ngram-map-k4v", "ngram-mod", "ngram-cache")
+
+
+def _check_speculative(s: Settings) -> None:
+    """arg.cpp's checks of the --spec-* flags, with its messages."""
+    def bad(flag, msg="invalid value"):
+        return FlagError(f'error while handling argument "{flag}": {msg}')
+    for name in s.spec_type:
+        if name not in SPEC_TYPES:
+            raise bad("--spec-type", f"unknown speculative type: {name}")
+    if s.spec_draft_n_max < 0:
+        raise bad("--spec-draft-n-max")
+    for flag, n, lo in (("--spec-ngram-mod-n-min", s.spec_ngram_mod_n_min, 0),
+                        ("--spec-ngram-mod-n-max", s.spec_ngram_mod_n_max, 0)):
+        if not lo <= n <= 1024:
+            raise bad(flag, f"ngram {flag.rsplit('-', 2)[-2]}-{flag.rsplit('-', 1)[-1]} must be between 0 and "
+                            "1024 inclusive")
+    if not 1 <= s.spec_ngram_mod_n_match <= 1024:
+        raise bad("--spec-ngram-mod-n-match", "ngram size N must be between 1 and 1024 inclusive")
+    for kind in ("simple", "map_k", "map_k4v"):
+        flag = "--spec-ngram-" + kind.replace("_", "-")
+        for part in ("n", "m"):
+            if not 1 <= getattr(s, f"spec_ngram_{kind}_size_{part}") <= 1024:
+                raise bad(f"{flag}-size-{part}", f"ngram size {part.upper()} must be between 1 and 1024 inclusive")
+        if getattr(s, f"spec_ngram_{kind}_min_hits") < 1:
+            raise bad(f"{flag}-min-hits", "ngram min hits must be at least 1")
+    for flag, mask in (("--spec-draft-cpu-mask", s.spec_draft_cpu_mask),
+                       ("--spec-draft-cpu-mask-batch", s.spec_draft_cpu_mask_batch)):
+        digits = mask[2:] if mask.startswith("0x") else mask
+        if mask and any(c not in "0123456789abcdefABCDEF" for c in digits[:128]):
+            raise bad(flag, "invalid cpumask")
+    if s.spec_draft_cpu_range:
+        lo, dash, hi = s.spec_draft_cpu_range.partition("-")
+        try:
+            if not dash or any(int(v) >= GGML_MAX_N_THREADS for v in (lo, hi) if v):
+                raise ValueError
+        except ValueError:
+            raise bad("--spec-draft-cpu-range", "invalid range") from None
+    for flag, prio in (("--spec-draft-prio", s.spec_draft_prio), ("--spec-draft-prio-batch", s.spec_draft_prio_batch)):
+        if not 0 <= prio <= 3:
+            raise bad(flag)
+    if s.spec_draft_n_cpu_moe < 0:
+        raise bad("--spec-draft-n-cpu-moe")
+    for item in s.spec_draft_override_tensor:
+        if "=" not in item:
+            raise bad("--spec-draft-override-tensor")
+    if s.spec_synth_len:
+        try:
+            if float(s.spec_synth_len.strip()) == -1.0:
+                raise ValueError
+        except ValueError:
+            raise bad("--spec-synth-len") from None
+    if s.spec_synth_rates:
+        try:
+            [float(v.strip()) for v in s.spec_synth_rates.split(",")]
+        except ValueError:
+            raise bad("--spec-synth-rates") from None
+
+
 def _finish(s: Settings) -> Settings:
     _check_cpu(s)
     _check_placement(s)
+    _check_speculative(s)
     if s.reasoning_budget < -1:
         raise FlagError('error while handling argument "--reasoning-budget": invalid value')
     for item in s.control_vector_scaled:

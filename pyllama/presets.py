@@ -22,14 +22,15 @@ class Preset:
     unapplied: tuple = ()
 
 
-_DRAFT = ("the draft model ggml-org/Qwen2.5-Coder-0.5B-Q8_0-GGUF (qwen2.5-coder-0.5b-q8_0.gguf; pyllama "
-          "has no speculative decoding, so it is not downloaded)")
+# the Qwen 2.5 Coder 0.5B draft of the *-spec presets (-hfd with -md as its file, as upstream sets
+# draft.mparams); upstream sets no --spec-type, so it drafts only with --spec-type draft-simple
+_DRAFT = dict(spec_draft_hf="ggml-org/Qwen2.5-Coder-0.5B-Q8_0-GGUF", spec_draft_model="qwen2.5-coder-0.5b-q8_0.gguf")
 _VISION = "vision input through the repository's mmproj (pyllama has no multimodal input)"
 
 
-def _fim(repo: str, file: str, *unapplied: str) -> Preset:
+def _fim(repo: str, file: str, draft: dict | None = None) -> Preset:
     return Preset(dict(hf_repo=repo, hf_file=file, port=8012, ubatch_size=1024, batch_size=1024, ctx_size=0,
-                       cache_reuse=256), unapplied)
+                       cache_reuse=256, **(draft or {})))
 
 
 def _gpt_oss(repo: str, file: str = "") -> Preset:
@@ -61,6 +62,6 @@ PRESETS = {
     "--gpt-oss-120b-default": _gpt_oss("ggml-org/gpt-oss-120b-GGUF"),
     "--vision-gemma-4b-default": _vision("ggml-org/gemma-3-4b-it-qat-GGUF"),
     "--vision-gemma-12b-default": _vision("ggml-org/gemma-3-12b-it-qat-GGUF"),
-    "--spec-default": Preset({}, ("ngram-mod speculative decoding, n_match 24, n_min 48, n_max 64 "
-                                  "(pyllama has no speculative decoding)",)),
+    "--spec-default": Preset(dict(spec_type=("ngram-mod",), spec_ngram_mod_n_match=24, spec_ngram_mod_n_min=48,
+                                  spec_ngram_mod_n_max=64)),
 }

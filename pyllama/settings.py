@@ -219,6 +219,103 @@ class Settings:
     backend_sampling: bool = _flag(False, ["-bs", "--backend-sampling"],
                                    "sample inside the decode graph (on the GPU with GPU builds)",
                                    env="LLAMA_ARG_BACKEND_SAMPLING", kind="flag")
+    # --- speculative decoding (common_params_speculative; engine.SpecConfig) -----------------
+    spec_type: tuple = _flag((), ["--spec-type"], "comma-separated speculative decoding types: none, draft-simple, "
+                             "ngram-simple, ngram-map-k, ngram-map-k4v, ngram-mod, ngram-cache (draft-eagle3, "
+                             "draft-mtp, draft-dflash, draft-dspark: refused at load) (default: none)",
+                             env="LLAMA_ARG_SPEC_TYPE", kind="keys")
+    spec_draft_model: str = _flag("", ["--spec-draft-model", "-md", "--model-draft"],
+                                  "draft model for speculative decoding (with --spec-type draft-simple)",
+                                  env="LLAMA_ARG_SPEC_DRAFT_MODEL", metavar="FNAME")
+    spec_draft_hf: str = _flag("", ["--spec-draft-hf", "-hfd", "-hfrd", "--hf-repo-draft"],
+                               "same as --hf-repo, for the draft model", env="LLAMA_ARG_SPEC_DRAFT_HF_REPO")
+    spec_draft_n_max: int = _flag(3, ["--spec-draft-n-max"], "tokens to draft for speculative decoding",
+                                  env="LLAMA_ARG_SPEC_DRAFT_N_MAX")
+    spec_draft_n_min: int = _flag(0, ["--spec-draft-n-min"], "least draft tokens to use for speculative decoding",
+                                  env="LLAMA_ARG_SPEC_DRAFT_N_MIN")
+    spec_draft_p_split: float = _flag(0.1, ["--spec-draft-p-split", "--draft-p-split"],
+                                      "speculative decoding split probability", env="LLAMA_ARG_SPEC_DRAFT_P_SPLIT")
+    spec_draft_p_min: float = _flag(0.0, ["--spec-draft-p-min", "--draft-p-min"],
+                                    "minimum speculative decoding probability (greedy)",
+                                    env="LLAMA_ARG_SPEC_DRAFT_P_MIN")
+    spec_draft_backend_sampling: bool = _flag(True, ["--spec-draft-backend-sampling"],
+                                              "offload draft sampling to the backend",
+                                              env="LLAMA_ARG_SPEC_DRAFT_BACKEND_SAMPLING",
+                                              neg=["--no-spec-draft-backend-sampling"])
+    spec_synth_len: str = _flag("", ["--spec-synth-len"], "target mean synthetic acceptance length, including the "
+                                "target token (benchmarking only)", env="LLAMA_ARG_SPEC_SYNTH_LEN", metavar="L")
+    spec_synth_rates: str = _flag("", ["--spec-synth-rates"], "comma-separated per-position synthetic acceptance "
+                                  "probabilities (benchmarking only)", env="LLAMA_ARG_SPEC_SYNTH_RATES",
+                                  metavar="P0,P1,...")
+    spec_draft_threads: int = _flag(0, ["--spec-draft-threads", "-td", "--threads-draft"],
+                                    "draft model threads for generation (default: --threads; <= 0 all CPUs when given)")
+    spec_draft_threads_batch: int = _flag(0, ["--spec-draft-threads-batch", "-tbd", "--threads-batch-draft"],
+                                          "draft model threads for prompts (default: --threads-draft)")
+    spec_draft_cpu_mask: str = _flag("", ["--spec-draft-cpu-mask", "-Cd", "--cpu-mask-draft"],
+                                     "draft CPU affinity mask (checked; upstream's server does not apply it)")
+    spec_draft_cpu_range: str = _flag("", ["--spec-draft-cpu-range", "-Crd", "--cpu-range-draft"],
+                                      "draft CPU range (checked; not applied, as upstream)")
+    spec_draft_cpu_strict: int = _flag(0, ["--spec-draft-cpu-strict", "--cpu-strict-draft"],
+                                       "draft strict CPU placement (not applied, as upstream)")
+    spec_draft_prio: int = _flag(0, ["--spec-draft-prio", "--prio-draft"], "draft thread priority 0-3 "
+                                 "(checked; not applied, as upstream)")
+    spec_draft_poll: int = _flag(50, ["--spec-draft-poll", "--poll-draft"], "draft polling (not applied, as upstream)")
+    spec_draft_cpu_mask_batch: str = _flag("", ["--spec-draft-cpu-mask-batch", "-Cbd", "--cpu-mask-batch-draft"],
+                                           "draft prompt CPU mask (checked; not applied, as upstream)")
+    spec_draft_cpu_strict_batch: int = _flag(0, ["--spec-draft-cpu-strict-batch", "--cpu-strict-batch-draft"],
+                                             "draft prompt strict placement (not applied, as upstream)")
+    spec_draft_prio_batch: int = _flag(0, ["--spec-draft-prio-batch", "--prio-batch-draft"],
+                                       "draft prompt thread priority 0-3 (checked; not applied, as upstream)")
+    spec_draft_poll_batch: int = _flag(50, ["--spec-draft-poll-batch", "--poll-batch-draft"],
+                                       "draft prompt polling (not applied, as upstream)")
+    spec_draft_type_k: str = _flag("f16", ["--spec-draft-type-k", "-ctkd", "--cache-type-k-draft"],
+                                   "KV cache type for K of the draft model", env="LLAMA_ARG_SPEC_DRAFT_CACHE_TYPE_K",
+                                   choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"])
+    spec_draft_type_v: str = _flag("f16", ["--spec-draft-type-v", "-ctvd", "--cache-type-v-draft"],
+                                   "KV cache type for V of the draft model", env="LLAMA_ARG_SPEC_DRAFT_CACHE_TYPE_V",
+                                   choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"])
+    spec_draft_override_tensor: tuple = _flag((), ["--spec-draft-override-tensor", "-otd", "--override-tensor-draft"],
+                                              "<tensor name pattern>=<buffer type>,... for the draft model",
+                                              kind="keys")
+    spec_draft_cpu_moe: bool = _flag(False, ["--spec-draft-cpu-moe", "-cmoed", "--cpu-moe-draft"],
+                                     "keep all MoE weights of the draft model in the CPU",
+                                     env="LLAMA_ARG_SPEC_DRAFT_CPU_MOE", kind="flag")
+    spec_draft_n_cpu_moe: int = _flag(0, ["--spec-draft-n-cpu-moe", "--spec-draft-ncmoe", "-ncmoed",
+                                          "--n-cpu-moe-draft"],
+                                      "keep the MoE weights of the draft's first N layers in the CPU",
+                                      env="LLAMA_ARG_SPEC_DRAFT_N_CPU_MOE")
+    spec_draft_device: str = _flag("", ["--spec-draft-device", "-devd", "--device-draft"],
+                                   "devices for the draft model (default: --device)")
+    spec_draft_ngl: str = _flag("auto", ["--spec-draft-ngl", "-ngld", "--gpu-layers-draft", "--n-gpu-layers-draft"],
+                                "draft model layers in VRAM: a number, auto or all",
+                                env="LLAMA_ARG_N_GPU_LAYERS_DRAFT")
+    spec_ngram_mod_n_min: int = _flag(48, ["--spec-ngram-mod-n-min"], "ngram-mod: least draft tokens (0-1024)")
+    spec_ngram_mod_n_max: int = _flag(64, ["--spec-ngram-mod-n-max"], "ngram-mod: most draft tokens (0-1024)")
+    spec_ngram_mod_n_match: int = _flag(24, ["--spec-ngram-mod-n-match"], "ngram-mod: lookup length (1-1024)")
+    spec_ngram_simple_size_n: int = _flag(12, ["--spec-ngram-simple-size-n"], "ngram-simple: lookup n-gram length")
+    spec_ngram_simple_size_m: int = _flag(48, ["--spec-ngram-simple-size-m"], "ngram-simple: draft m-gram length")
+    spec_ngram_simple_min_hits: int = _flag(1, ["--spec-ngram-simple-min-hits"], "ngram-simple: least hits")
+    spec_ngram_map_k_size_n: int = _flag(12, ["--spec-ngram-map-k-size-n"], "ngram-map-k: lookup n-gram length")
+    spec_ngram_map_k_size_m: int = _flag(48, ["--spec-ngram-map-k-size-m"], "ngram-map-k: draft m-gram length")
+    spec_ngram_map_k_min_hits: int = _flag(1, ["--spec-ngram-map-k-min-hits"], "ngram-map-k: least hits")
+    spec_ngram_map_k4v_size_n: int = _flag(12, ["--spec-ngram-map-k4v-size-n"], "ngram-map-k4v: lookup n-gram length")
+    spec_ngram_map_k4v_size_m: int = _flag(48, ["--spec-ngram-map-k4v-size-m"], "ngram-map-k4v: draft m-gram length")
+    spec_ngram_map_k4v_min_hits: int = _flag(1, ["--spec-ngram-map-k4v-min-hits"], "ngram-map-k4v: least hits")
+    lookup_cache_static: str = _flag("", ["-lcs", "--lookup-cache-static"],
+                                     "static lookup cache for ngram-cache (not updated by generation)", metavar="FNAME")
+    lookup_cache_dynamic: str = _flag("", ["-lcd", "--lookup-cache-dynamic"],
+                                      "dynamic lookup cache for ngram-cache", metavar="FNAME")
+    # removed upstream: refused with upstream's message (arg_removed)
+    draft_max: int = _flag(0, ["--draft", "--draft-n", "--draft-max"],
+                           "use --spec-draft-n-max or --spec-ngram-mod-n-max", env="LLAMA_ARG_DRAFT_MAX", kind="removed")
+    draft_min: int = _flag(0, ["--draft-min", "--draft-n-min"], "use --spec-draft-n-min or --spec-ngram-mod-n-min",
+                           env="LLAMA_ARG_DRAFT_MIN", kind="removed")
+    spec_ngram_size_n: int = _flag(0, ["--spec-ngram-size-n"], "use the respective --spec-ngram-*-size-n",
+                                   kind="removed")
+    spec_ngram_size_m: int = _flag(0, ["--spec-ngram-size-m"], "use the respective --spec-ngram-*-size-m",
+                                   kind="removed")
+    spec_ngram_min_hits: int = _flag(0, ["--spec-ngram-min-hits"], "use the respective --spec-ngram-*-min-hits",
+                                     kind="removed")
     # --- network, security ----------------------------------------------------------------
     host: str = _flag("127.0.0.1", ["--host"], "addresses to listen on, comma-separated (a path ending in .sock = UNIX socket)",
                       env="LLAMA_ARG_HOST")
@@ -354,10 +451,10 @@ class Settings:
                                       kind="preset")
     fim_qwen_7b_default: bool = _flag(False, ["--fim-qwen-7b-default"], "use Qwen 2.5 Coder 7B (downloads weights)",
                                       kind="preset")
-    fim_qwen_7b_spec: bool = _flag(False, ["--fim-qwen-7b-spec"], "use Qwen 2.5 Coder 7B; its 0.5B draft is not "
-                                   "applied (downloads weights)", kind="preset")
-    fim_qwen_14b_spec: bool = _flag(False, ["--fim-qwen-14b-spec"], "use Qwen 2.5 Coder 14B; its 0.5B draft is not "
-                                    "applied (downloads weights)", kind="preset")
+    fim_qwen_7b_spec: bool = _flag(False, ["--fim-qwen-7b-spec"], "use Qwen 2.5 Coder 7B + 0.5B draft for "
+                                   "speculative decoding (downloads weights)", kind="preset")
+    fim_qwen_14b_spec: bool = _flag(False, ["--fim-qwen-14b-spec"], "use Qwen 2.5 Coder 14B + 0.5B draft for "
+                                    "speculative decoding (downloads weights)", kind="preset")
     fim_qwen_30b_default: bool = _flag(False, ["--fim-qwen-30b-default"], "use Qwen 3 Coder 30B A3B Instruct "
                                        "(downloads weights)", kind="preset")
     gpt_oss_20b_default: bool = _flag(False, ["--gpt-oss-20b-default"], "use gpt-oss-20b (downloads weights)",
@@ -368,8 +465,8 @@ class Settings:
                                           "(downloads weights)", kind="preset")
     vision_gemma_12b_default: bool = _flag(False, ["--vision-gemma-12b-default"], "use Gemma 3 12B QAT, text only "
                                            "(downloads weights)", kind="preset")
-    spec_default: bool = _flag(False, ["--spec-default"], "upstream's default speculative decoding: accepted, "
-                               "not applied", kind="preset")
+    spec_default: bool = _flag(False, ["--spec-default"], "enable default speculative decoding config "
+                               "(ngram-mod)", kind="preset")
 
 
 def _kv_override_map(self) -> dict:

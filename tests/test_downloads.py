@@ -280,23 +280,29 @@ def test_a_preset_applies_where_it_stands():
         1.0, 1.0, 0, 0.01, True, 2, 262144, 32768)
     s = parse_server_args(["--embd-gemma-default"], environ={})
     assert (s.embedding, s.parallel, s.ctx_size, s.port) == (True, 32, 65536, 8011)
-    assert parse_server_args(["--spec-default"], environ={}).spec_default is True
+    s = parse_server_args(["--spec-default"], environ={})
+    assert s.spec_default is True and s.spec_type == ("ngram-mod",)
+    assert (s.spec_ngram_mod_n_match, s.spec_ngram_mod_n_min, s.spec_ngram_mod_n_max) == (24, 48, 64)
 
 
-def test_start_up_names_the_model_as_upstream_and_says_what_a_preset_lacks(hub, caplog):
+def test_start_up_names_the_model_as_upstream_and_fetches_a_presets_draft(hub, caplog):
     hub.add_repo("ggml-org/Qwen2.5-Coder-7B-Q8_0-GGUF", {"qwen2.5-coder-7b-q8_0.gguf": b"GGUF-ish",
                                                           "README.md": b"x"})
     hub.repos["ggml-org/Qwen2.5-Coder-7B-Q8_0-GGUF"].lfs.clear()  # a small non-LFS file: the git oid
+    hub.add_repo("ggml-org/Qwen2.5-Coder-0.5B-Q8_0-GGUF", {"qwen2.5-coder-0.5b-q8_0.gguf": b"GGUF-draft"})
+    hub.repos["ggml-org/Qwen2.5-Coder-0.5B-Q8_0-GGUF"].lfs.clear()
     caplog.set_level(logging.INFO, "pyllama.downloads")
     s = downloads.prepare_model(parse_server_args(["--fim-qwen-7b-spec"], environ={}))
     assert s.model.endswith("/qwen2.5-coder-7b-q8_0.gguf") and Path(s.model).read_bytes() == b"GGUF-ish"
     assert (s.alias, s.hf_repo) == ("ggml-org/Qwen2.5-Coder-7B-Q8_0-GGUF", "")  # /props model_alias
+    # -hfd with -md as its file, as the preset sets draft.mparams upstream
+    assert s.spec_draft_model.endswith("/qwen2.5-coder-0.5b-q8_0.gguf") and s.spec_draft_hf == ""
+    assert Path(s.spec_draft_model).read_bytes() == b"GGUF-draft"
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any(w.startswith("--fim-qwen-7b-spec: not applied: the draft model") for w in warned), warned
-    assert not any("--cache-reuse" in w for w in warned), warned  # applied: cache_reuse = 256
+    assert not any("not applied" in w for w in warned), warned
     assert downloads.prepare_model(s) == s  # once resolved, nothing more to do
     s = downloads.prepare_model(parse_server_args(["-hf", "user/tiny:Q8_0", "-a", "mine"], environ={}))
     assert s.alias == "mine" and s.model.endswith("tiny-Q8_0.gguf")
     caplog.clear()
     s = downloads.prepare_model(parse_server_args(["--spec-default", "-m", "x.gguf"], environ={}))
-    assert s.model == "x.gguf" and "speculative decoding" in caplog.text
+    assert s.model == "x.gguf" and s.spec_type == ("ngram-mod",) and "not applied" not in caplog.text

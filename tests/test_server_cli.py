@@ -122,7 +122,12 @@ def test_environment_variables_and_precedence():
     (["--lora", "/nonexistent/x.gguf"], "LoRA adapter not found"),
     (["--mmproj", "x.gguf"], "--mmproj is a llama-server flag that pyllama does not support yet "
                              "(multimodal input)"),
-    (["--spec-draft-n-max", "8"], "(speculative decoding)"),
+    (["--draft-max", "8"], 'error while handling argument "--draft-max": the argument has been removed. '
+                           "use --spec-draft-n-max or --spec-ngram-mod-n-max"),
+    (["--spec-type", "ngram-fancy"], 'error while handling argument "--spec-type": unknown speculative type: '
+                                     "ngram-fancy"),
+    (["--spec-ngram-simple-size-n", "0"], "ngram size N must be between 1 and 1024 inclusive"),
+    (["--spec-draft-prio", "4"], 'error while handling argument "--spec-draft-prio": invalid value'),
     (["-C", "0xzz"], 'error while handling argument "-C": invalid cpumask'),
     (["-Crb", "3"], 'error while handling argument "-Crb": invalid range'),
     (["-Cr", "0-999"], 'error while handling argument "-Cr": invalid range'),
@@ -138,7 +143,6 @@ def test_environment_variables_and_precedence():
     (["-fitt", "lots"], 'error while handling argument "-fitt"'),
     (["--host", "127.0.0.1,127.0.0.2", "--port", "0"], "--port 0 is not supported with multiple TCP addresses"),
     (["--prio-batch", "-1"], 'error while handling argument "--prio-batch": invalid value'),
-    (["-hfd", "org/model"], "-hfd is a llama-server flag that pyllama does not support yet (speculative decoding)"),
     (["-np", "0"], "--parallel"),
     (["-c", "lots"], "invalid value for -c"),
     (["-fa", "sometimes"], "invalid value for -fa"),

@@ -5,7 +5,7 @@ Imports: the compiled engine modules and `errors`; never falcon or the server.
 
 from pyllama.engine._context import Context, ContextParams, default_threads, fit_params
 from pyllama.engine.client import Engine, RequestHandle, Retry
-from pyllama.engine.config import CpuPlacement, EngineConfig
+from pyllama.engine.config import CpuPlacement, EngineConfig, SpecConfig
 from pyllama.engine._model import (
     RPC_PROTO_VERSION,
     LoraAdapter,
@@ -55,6 +55,7 @@ __all__ = [
     "RequestHandle",
     "Retry",
     "SamplingParams",
+    "SpecConfig",
     "Timings",
     "TokenEvent",
     "TokenProb",

@@ -16,18 +16,22 @@ import logging
 import os
 import time
 
+import orjson
+
 from cython.parallel cimport prange
 from libc.math cimport exp
-from libc.stdint cimport int32_t, int64_t
+from libc.stdint cimport int32_t, int64_t, uint16_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libcpp.algorithm cimport partial_sort
 from libcpp.utility cimport pair
 from libcpp.vector cimport vector
 
 from pyllama cimport _llama as L
+from pyllama cimport _bridge as B
 from pyllama._bridge cimport (
     COMMON_CONTEXT_SEQ_RM_TYPE_FULL,
     COMMON_CONTEXT_SEQ_RM_TYPE_PART,
+    COMMON_CONTEXT_SEQ_RM_TYPE_NO,
     COMMON_CONTEXT_SEQ_RM_TYPE_RS,
     common_context_can_seq_rm,
     common_context_seq_rm_type,
@@ -80,6 +84,17 @@ cdef struct SlotC:
     bint prefilled          # took prompt tokens in this step's batch
     int n_in_batch          # tokens _fill_batch put in the batch; committed after a decode
     int prefill_stop        # the prompt chunk of this step ends here (a checkpoint point)
+    # speculative decoding (server_slot's spec_* fields)
+    bint can_spec           # this request may draft
+    int spec_n_max          # the request's cap on a draft (-1: none)
+    int spec_n_min          # a shorter draft is dropped
+    vector[L.llama_token] * draft     # the Slot's draft: tokens after `sampled` in this batch
+    int n_draft             # draft tokens in this step's batch
+    bint verified           # `accepted` holds this step's tokens (sampled + accepted drafts)
+    vector[L.llama_token] * accepted  # the Slot's accepted tokens of this step
+    int n_draft_total       # draft tokens proposed for the request
+    int n_draft_accepted    # of those, accepted by the target
+    uint64_t rng            # synthetic acceptance (--spec-synth-*): the slot's xorshift state
 
 
 cdef int utf8_complete_len(bytes data):
@@ -144,6 +159,8 @@ cdef class Slot:
     cdef double t_prompt_done
     cdef bint has_new_line
     cdef int last_nl_pos
+    cdef vector[L.llama_token] draft
+    cdef vector[L.llama_token] accepted
 
     def __init__(self, int slot_id):
         self.id = slot_id
@@ -183,6 +200,10 @@ cdef class EngineCore:
         n_ctx_checkpoints: context checkpoints kept per slot (0 = none); made only where the
             memory cannot be cut back (sliding-window or recurrent layers).
         checkpoint_min_step: least tokens between two checkpoints of a prompt (0 = none).
+        speculative: speculative decoding's parameters (csrc/pyllama_spec.h's JSON object:
+            types, draft, ngram_*), or None for none.
+        draft_context: the draft model's Context (-md), with as many sequences as slots; the
+            caller keeps it open while the EngineCore lives.
     """
 
     cdef readonly Context context
@@ -220,12 +241,25 @@ cdef class EngineCore:
     cdef public tuple lora_scales    # the server-wide scales (POST /lora-adapters)
     cdef tuple lora_applied          # what the context has now
     cdef int lora_turn
+    # speculative decoding (server_context's spec): NULL when off
+    cdef B.pyllama_spec * spec
+    cdef readonly Context draft_context
+    cdef readonly bint speculative
+    cdef readonly tuple spec_types   # the --spec-type names in effect ("none" when off)
+    cdef readonly int64_t n_draft_tokens_total
+    cdef readonly int64_t n_draft_accepted_total
+    cdef readonly int64_t n_draft_verif_steps
+    cdef bint spec_synth
 
     def __cinit__(self, Context context, *, int n_predict=-1, bint ctx_shift=False,
                   double slot_prompt_similarity=0.1, int n_threads_sampling=1,
                   int cache_ram_mib=0, bint cache_idle_slots=False, int n_cache_reuse=0,
-                  int n_ctx_checkpoints=32, int checkpoint_min_step=8192):
+                  int n_ctx_checkpoints=32, int checkpoint_min_step=8192, speculative=None,
+                  Context draft_context=None):
         self.slots_c = NULL
+        self.spec = NULL
+        self.speculative = False
+        self.spec_types = ("none",)
         self.context = context
         self.model = context.model
         self.n_slots = L.llama_n_seq_max(context.ptr)
@@ -302,12 +336,71 @@ cdef class EngineCore:
             # the C loop reaches the Slot's vectors through these (the Slot lives as long)
             self.slots_c[i].cache = &slot.cache_tokens
             self.slots_c[i].prompt = &slot.prompt
+            self.slots_c[i].draft = &slot.draft
+            self.slots_c[i].accepted = &slot.accepted
+            self.slots_c[i].can_spec = False
+            self.slots_c[i].n_draft = 0
+            self.slots_c[i].verified = False
+            self.slots_c[i].n_draft_total = 0
+            self.slots_c[i].n_draft_accepted = 0
             self.slots.append(slot)
+        if speculative is not None:
+            self._init_speculative(dict(speculative), draft_context, seq_rm_type)
 
     def __dealloc__(self):
+        if self.spec != NULL:
+            B.pyllama_spec_free(self.spec)
+            self.spec = NULL
         free(self.slots_c)
         free(self.cpu_slots)
         self.slots_c = NULL
+
+    cdef void _init_speculative(self, dict params, Context draft_context,
+                                common_context_seq_rm_type seq_rm_type) except *:
+        # server_context::load_model / init: speculative decoding where the context can remove
+        # the rejected draft tokens; common_speculative_init refusing (an incompatible draft
+        # vocabulary, a draft type without a draft model) is logged and serving goes on
+        # without it, as upstream; with synthetic acceptance it is an error, as upstream.
+        types = [t for t in params.get("types", ()) if t]
+        synth = params.get("synth_len") not in (None, -1, -1.0) or bool(params.get("synth_rates"))
+        if seq_rm_type == COMMON_CONTEXT_SEQ_RM_TYPE_NO:
+            logger.warning("speculative decoding not supported by this context")
+            return
+        if seq_rm_type == COMMON_CONTEXT_SEQ_RM_TYPE_FULL or seq_rm_type == COMMON_CONTEXT_SEQ_RM_TYPE_RS:
+            # TODO(pyllama): upstream keeps a speculative checkpoint per slot for memories that
+            # cannot remove a suffix (recurrent/hybrid); issue 16.
+            logger.warning("speculative decoding needs checkpoints with this context (recurrent or hybrid "
+                           "memory), which pyllama does not make yet - it will be disabled")
+            if synth:
+                raise EngineError("synthetic acceptance requires an initialized speculative decoding context")
+            return
+        cdef bytes params_json = orjson.dumps(params)
+        cdef L.llama_context * ctx_dft = draft_context.ptr if draft_context is not None else NULL
+        try:
+            self.spec = B.pyllama_spec_init(params_json, self.context.ptr, ctx_dft, self.n_slots)
+        except Exception as exc:
+            logger.error("failed to initialize speculative decoding context: %s", exc)
+            if synth:
+                raise EngineError(f"failed to initialize speculative decoding context: {exc}") from None
+            self.spec = NULL
+        if self.spec == NULL:
+            if synth:
+                raise EngineError("synthetic acceptance requires an initialized speculative decoding context")
+            return
+        self.draft_context = draft_context
+        self.speculative = True
+        self.spec_types = tuple(types) if "none" not in types else ("none",)
+        self.spec_synth = B.pyllama_spec_has_synth(self.spec)
+        if self.spec_synth:
+            logger.warning("synthetic speculative acceptance is enabled for benchmarking; generated output is not valid")
+        logger.log(LOG_DEBUG_VERBOSE, "speculative decoding context initialized")
+        logger.info("speculative decoding: %s, at most %d draft tokens per step",
+                    ",".join(self.spec_types), B.pyllama_spec_n_max(self.spec))
+
+    @property
+    def spec_n_max(self):
+        """The most tokens one draft may hold (0 without speculative decoding)."""
+        return B.pyllama_spec_n_max(self.spec) if self.spec != NULL else 0
 
     # --- admission ---------------------------------------------------------------------------
     def free_slot_for(self, request):
@@ -431,7 +524,20 @@ cdef class EngineCore:
         slot.t_prompt_done = 0.0
         sampler.reset()
         sc.on_backend = False
-        if request.sampling.backend_sampling and not request.sampling.grammar \
+        # NOTE(pyllama): a request asking for token probabilities does not draft: upstream sends
+        # none for accepted draft tokens ("TODO: set result.probs"); we keep them exact.
+        sc.can_spec = self.spec != NULL and request.spec_n_max != 0 and request.sampling.n_probs == 0
+        sc.spec_n_max = request.spec_n_max
+        sc.spec_n_min = max(0, request.spec_n_min)
+        sc.n_draft = 0
+        sc.verified = False
+        sc.n_draft_total = 0
+        sc.n_draft_accepted = 0
+        slot.draft.clear()
+        if sc.can_spec and self.spec_synth:
+            sc.rng = <uint64_t>(request.sampling.seed if request.sampling.seed != 0xFFFFFFFF else time.perf_counter_ns()) \
+                * 0x9E3779B97F4A7C15 + 1
+        if request.sampling.backend_sampling and not sc.can_spec and not request.sampling.grammar \
                 and request.sampling.n_probs == 0 and not sampler.has_reasoning_budget:
             # upstream's --backend-sampling (server_context::launch_slot_with_task)
             sc.on_backend = L.llama_set_sampler(self.context.ptr, slot.id, sampler.state.chain)
@@ -749,6 +855,8 @@ cdef class EngineCore:
 
         if self.lora_adapters:
             self._choose_lora_group()
+        if self.spec != NULL:
+            self._draft_all()
 
         checkpointing = self.do_checkpoints and self.prefill_ids.size() > 0
         if checkpointing:
@@ -883,11 +991,20 @@ cdef class EngineCore:
             sc.i_batch = -1
             sc.n_in_batch = 0
             if sc.state != SLOT_GENERATING or sc.held or n >= n_max:
+                sc.n_draft = 0
                 continue
             _batch_put(batch, n, sc.sampled, sc.n_past, i, True)
             sc.i_batch = n
-            sc.n_in_batch = 1
             n += 1
+            # the draft follows the sampled token, each with its logits (handle_last_sampled_token);
+            # a draft the batch has no room for is cut
+            if <int>sc.draft.size() > n_max - n:
+                sc.draft.resize(n_max - n)
+            sc.n_draft = <int>sc.draft.size()
+            for k in range(sc.n_draft):
+                _batch_put(batch, n, sc.draft[0][k], sc.n_past + 1 + k, i, True)
+                n += 1
+            sc.n_in_batch = 1 + sc.n_draft
         for j in range(<int>self.prefill_ids.size()):
             if n >= n_max:
                 break
@@ -920,7 +1037,9 @@ cdef class EngineCore:
                 continue
             if sc.state == SLOT_GENERATING:
                 sc.cache.push_back(sc.sampled)
-                sc.n_past += 1
+                for k in range(sc.n_draft):
+                    sc.cache.push_back(sc.draft[0][k])
+                sc.n_past += 1 + sc.n_draft
                 continue
             for k in range(sc.n_prompt_done, sc.n_prompt_done + sc.n_in_batch):
                 sc.cache.push_back(sc.prompt[0][k])
@@ -930,6 +1049,8 @@ cdef class EngineCore:
             if sc.n_prompt_done == <int>sc.prompt.size():
                 sc.state = SLOT_GENERATING
                 self.n_prompt_tokens_total += <int>sc.prompt.size() - sc.n_cached
+                if sc.can_spec:
+                    B.pyllama_spec_begin(self.spec, i, sc.cache.data(), sc.cache.size())
         while j < <int>self.prefill_ids.size():
             if self.slots_c[self.prefill_ids[j]].state == SLOT_GENERATING:
                 self.prefill_ids.erase(self.prefill_ids.begin() + j)
@@ -967,13 +1088,125 @@ cdef class EngineCore:
         if nthreads > 1:
             # PERF: each slot's chain runs on its own logits row; upstream does this serially.
             for j in prange(n, num_threads=nthreads, schedule="static"):
-                slots_c[idx[j]].sampled = sampler_sample(slots_c[idx[j]].sampler, slots_c[idx[j]].logits)
-                sampler_accept(slots_c[idx[j]].sampler, slots_c[idx[j]].sampled)
+                self._sample_slot(&slots_c[idx[j]])
         else:
             for j in range(n):
-                i = idx[j]
-                slots_c[i].sampled = sampler_sample(slots_c[i].sampler, slots_c[i].logits)
-                sampler_accept(slots_c[i].sampler, slots_c[i].sampled)
+                self._sample_slot(&slots_c[idx[j]])
+        if self.spec != NULL:
+            self._finish_verification()
+
+    cdef void _sample_slot(self, SlotC * sc) noexcept nogil:
+        # The next token of one slot; with a draft in the batch, the draft is verified with the
+        # request's own chain (common_sampler_sample_and_accept_n): a token is sampled at each
+        # draft position in turn, accepted while it equals the draft token, and the one sampled
+        # at the first mismatch (or after the last draft token) is the next token. So the
+        # output is what the chain would have sampled without speculation. Any thread, no GIL;
+        # touches only this slot.
+        cdef int k, n_draft = sc.n_draft
+        cdef L.llama_token tok
+        cdef const float * row
+        cdef double u
+        if n_draft == 0:
+            sc.sampled = sampler_sample(sc.sampler, sc.logits)
+            sampler_accept(sc.sampler, sc.sampled)
+            return
+        cdef int n_vocab = self.model.n_vocab
+        cdef const L.llama_vocab * vocab = self.model.vocab
+        sc.accepted.clear()
+        for k in range(n_draft + 1):
+            # the draft's rows follow the sampled token's row in the batch, so in the outputs
+            row = sc.logits + <size_t>k * n_vocab
+            tok = sampler_sample(sc.sampler, row)
+            if k < n_draft and self.spec_synth:
+                # --spec-synth-*: accept at random instead of by match (server_sample_and_accept_synth);
+                # a drafted EOG is never accepted; synthetic tokens do not move the chain's state
+                sc.rng ^= sc.rng << 13
+                sc.rng ^= sc.rng >> 7
+                sc.rng ^= sc.rng << 17
+                u = (sc.rng >> 11) * (1.0 / 9007199254740992.0)
+                if u < B.pyllama_spec_synth_prob(self.spec, k) and not L.llama_vocab_is_eog(vocab, sc.draft[0][k]):
+                    sc.accepted.push_back(sc.draft[0][k])
+                    continue
+                sampler_accept(sc.sampler, tok)
+                sc.accepted.push_back(tok)
+                break
+            sampler_accept(sc.sampler, tok)
+            sc.accepted.push_back(tok)
+            # draft tokens after an EOG are not accepted: they would stay in the context
+            if k == n_draft or tok != sc.draft[0][k] or (L.llama_vocab_is_eog(vocab, tok) and k + 1 < n_draft):
+                break
+        sc.sampled = sc.accepted.back()
+        sc.verified = True
+
+    cdef void _finish_verification(self) noexcept nogil:
+        # After the verification of every slot's draft: the rejected draft tokens leave the KV
+        # cache and the slot's tokens, and the drafter learns how many were accepted
+        # (server_context::update_slots, "speculative decoding - main model sample and accept").
+        # Engine thread, no GIL.
+        cdef int i, n_acc
+        cdef SlotC * sc
+        cdef L.llama_memory_t mem = L.llama_get_memory(self.context.ptr)
+        for i in range(self.n_slots):
+            sc = &self.slots_c[i]
+            if not sc.verified:
+                continue
+            n_acc = <int>sc.accepted.size() - 1
+            sc.n_past -= sc.n_draft - n_acc
+            sc.cache.resize(sc.n_past)
+            L.llama_memory_seq_rm(mem, i, sc.n_past, -1)
+            sc.n_draft_accepted += n_acc
+            self.n_draft_accepted_total += n_acc
+            self.n_draft_verif_steps += 1
+            B.pyllama_spec_accept(self.spec, i, <uint16_t>n_acc)
+            sc.n_draft = 0
+            sc.draft.clear()
+
+    cdef void _draft_all(self) except *:
+        # server_context::update_slots, "determine which slots are generating and drafting":
+        # every generating slot in this step's batch asks for a draft of at most what its
+        # context and its n_predict leave (get_n_draft_max), then all are drafted at once
+        # (common_speculative_draft: the draft model decodes every drafting sequence in one
+        # batch per position), with the GIL released. Engine thread.
+        cdef int i, n_max, n_rem
+        cdef bint any_draft = False
+        cdef SlotC * sc
+        cdef Slot slot
+        for i in range(self.n_slots):
+            sc = &self.slots_c[i]
+            sc.draft.clear()
+            sc.n_draft = 0
+            if sc.state != SLOT_GENERATING or sc.held or not sc.can_spec:
+                continue
+            slot = <Slot>self.slots[i]
+            # leave room for the sampled token and one more (a context shift) in the context
+            n_max = self.n_ctx_slot - sc.n_past - 2
+            if slot.n_predict >= 0:
+                n_rem = slot.n_predict - slot.n_decoded
+                if n_rem > 0:
+                    n_max = min(n_max, n_rem - 1)
+            if sc.spec_n_max > 0:
+                n_max = min(n_max, sc.spec_n_max)
+            n_max = min(n_max, self.n_batch - 1)
+            if n_max <= 0:
+                continue
+            B.pyllama_spec_request(self.spec, i, sc.cache, sc.sampled, n_max, sc.draft)
+            any_draft = True
+        if not any_draft:
+            return
+        cdef bint ok
+        with nogil:
+            ok = B.pyllama_spec_draft(self.spec)
+        if not ok:
+            logger.warning("the draft context has no room for the slots' tokens; no drafts this step")
+        for i in range(self.n_slots):
+            sc = &self.slots_c[i]
+            if sc.draft.size() == 0:
+                continue
+            if <int>sc.draft.size() < sc.spec_n_min:
+                sc.draft.clear()
+                continue
+            sc.n_draft_total += <int>sc.draft.size()
+            self.n_draft_tokens_total += <int>sc.draft.size()
 
     cdef void _context_shift(self, Slot slot) except *:
         # server_context::update_slots, "context shift": drop half of what follows n_keep.
@@ -998,9 +1231,27 @@ cdef class EngineCore:
         logger.debug("slot %d: context shift, n_keep = %d, n_discard = %d", slot.id, n_keep, n_discard)
 
     cdef void _process_token(self, Slot slot) except *:
-        # server_context::process_token: text, stop strings, limits, EOG; one event per step.
+        # The step's tokens of one slot: the sampled one, or after a verified draft each
+        # accepted token in order, until one ends the request (server_context::update_slots).
         cdef SlotC * sc = &self.slots_c[slot.id]
-        cdef L.llama_token token = sc.sampled
+        cdef size_t k, n
+        cdef int n_past0
+        if not sc.verified:
+            self._process_one(slot, sc.sampled, sc.n_past)
+            return
+        sc.verified = False
+        n = sc.accepted.size()
+        # the KV cache held n_past0 tokens when the first of them was sampled
+        n_past0 = sc.n_past - <int>n + 1
+        for k in range(n):
+            self._process_one(slot, sc.accepted[0][k], n_past0 + <int>k)
+            if not slot.busy:
+                return
+
+    cdef void _process_one(self, Slot slot, L.llama_token token, int n_past) except *:
+        # server_context::process_token: text, stop strings, limits, EOG; one event per token.
+        # n_past: the tokens in the KV cache when `token` was sampled.
+        cdef SlotC * sc = &self.slots_c[slot.id]
         request = slot.request
         cdef double now = time.perf_counter()
         if slot.n_decoded == 0:
@@ -1039,7 +1290,7 @@ cdef class EngineCore:
             slot.n_sent += len(text)
 
         if reason is None:
-            if not self.ctx_shift and sc.n_past + 1 >= self.n_ctx_slot:
+            if not self.ctx_shift and n_past + 1 >= self.n_ctx_slot:
                 slot.truncated = True
                 reason = FinishReason.LIMIT
             elif slot.n_predict >= 0 and slot.n_decoded >= slot.n_predict:
@@ -1055,7 +1306,8 @@ cdef class EngineCore:
                 timings = Timings(prompt_n=sc.n_prompt_done - sc.n_cached,
                                   prompt_ms=(slot.t_prompt_done - slot.t_start) * 1e3,
                                   predicted_n=slot.n_decoded, predicted_ms=(now - slot.t_prompt_done) * 1e3,
-                                  cache_n=sc.n_cached)
+                                  cache_n=sc.n_cached, draft_n=sc.n_draft_total,
+                                  draft_n_accepted=sc.n_draft_accepted)
             slot.channel.put(TokenEvent(text, [token], [probs] if probs is not None else None, timings))
         if reason is not None:
             self._release(slot, reason, stopping_word)
@@ -1148,7 +1400,7 @@ cdef class EngineCore:
         timings = Timings(prompt_n=sc.n_prompt_done - sc.n_cached, prompt_ms=(t_prompt_done - slot.t_start) * 1e3,
                           predicted_n=slot.n_decoded,
                           predicted_ms=(now - t_prompt_done) * 1e3 if slot.t_prompt_done else 0.0,
-                          cache_n=sc.n_cached)
+                          cache_n=sc.n_cached, draft_n=sc.n_draft_total, draft_n_accepted=sc.n_draft_accepted)
         if slot.pending_bytes:
             slot.unsent += slot.pending_bytes.decode("utf-8", "replace")
             slot.pending_bytes = b""
@@ -1172,6 +1424,10 @@ cdef class EngineCore:
         sc.i_batch = -1
         sc.sampler = NULL
         sc.held = False
+        sc.can_spec = False
+        sc.verified = False
+        sc.n_draft = 0
+        slot.draft.clear()
         if sc.on_backend:
             L.llama_set_sampler(self.context.ptr, slot.id, NULL)
             sc.on_backend = False
@@ -1196,6 +1452,10 @@ cdef class EngineCore:
         sc.sampler = NULL
         sc.held = False
         sc.prefilled = False
+        sc.can_spec = False
+        sc.verified = False
+        sc.n_draft = 0
+        slot.draft.clear()
         if sc.on_backend:
             L.llama_set_sampler(self.context.ptr, slot.id, NULL)
             sc.on_backend = False
@@ -1226,14 +1486,16 @@ cdef class EngineCore:
         for s in self.slots:
             slot = <Slot>s
             info = dict(id=slot.id, n_ctx=self.n_ctx_slot, is_processing=slot.busy,
-                        n_tokens=<int>slot.cache_tokens.size())
+                        n_tokens=<int>slot.cache_tokens.size(), speculative=self.speculative)
             if slot.busy:
                 info.update(id_task=slot.request.id, request=slot.request,
                             n_prompt_tokens=<int>slot.prompt.size(),
                             n_prompt_tokens_processed=self.slots_c[slot.id].n_prompt_done - self.slots_c[slot.id].n_cached,
                             n_prompt_tokens_cache=self.slots_c[slot.id].n_cached, n_decoded=slot.n_decoded,
                             n_remain=-1 if slot.n_predict < 0 else slot.n_predict - slot.n_decoded,
-                            has_new_line=slot.has_new_line)
+                            has_new_line=slot.has_new_line,
+                            draft_n=self.slots_c[slot.id].n_draft_total,
+                            draft_n_accepted=self.slots_c[slot.id].n_draft_accepted)
             out.append(info)
         return out
 
@@ -1298,6 +1560,9 @@ cdef class EngineCore:
         return dict(n_steps=self.n_steps, n_decode_calls=self.n_decode_calls,
                     n_tokens_predicted=self.n_tokens_predicted_total,
                     n_prompt_tokens=self.n_prompt_tokens_total,
+                    n_draft_tokens=self.n_draft_tokens_total,
+                    n_draft_accepted=self.n_draft_accepted_total,
+                    n_draft_verif_steps=self.n_draft_verif_steps,
                     t_decode=self.t_decode_total, t_step=self.t_step_total,
                     n_busy=self.n_busy, n_backend_sampled=self.n_backend_sampled,
                     prompt_cache_states=len(pc.states) if pc is not None else 0,

@@ -191,6 +191,8 @@ class Engine:
         self._sleeping_callbacks: list = []
         self._asleep: dict = {}  # what stats(), n_slots and n_ctx_slot report while asleep
         self._context: Context | None = None
+        self._draft_model: Model | None = None  # -md: the draft model and its context
+        self._draft_context: Context | None = None
         self._thread = threading.Thread(target=self._run, name="pyllama-engine", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -569,18 +571,54 @@ class Engine:
         if cfg.embeddings:
             self.embedder = EmbeddingCore(context)
             return
+        spec = cfg.speculative if cfg.speculative is not None and cfg.speculative.enabled else None
+        if spec is not None and spec.needs_draft_model and spec.draft_model:
+            self._load_draft(spec, context)
         self.core = EngineCore(context, n_predict=cfg.n_predict, ctx_shift=cfg.ctx_shift,
                                slot_prompt_similarity=cfg.slot_prompt_similarity,
                                n_threads_sampling=cfg.n_threads_sampling or context.n_threads,
                                cache_ram_mib=cfg.cache_ram_mib, cache_idle_slots=cfg.cache_idle_slots,
                                n_cache_reuse=cfg.n_cache_reuse, n_ctx_checkpoints=cfg.n_ctx_checkpoints,
-                               checkpoint_min_step=cfg.checkpoint_min_step)
+                               checkpoint_min_step=cfg.checkpoint_min_step,
+                               speculative=spec.bridge_params() if spec is not None else None,
+                               draft_context=self._draft_context)
+        if self._draft_context is not None and not self.core.speculative:
+            self._close_draft()  # common_speculative_init refused it (server_context::init)
         if cfg.n_ctx_slot_max > 0:
             self.core.n_ctx_slot = min(self.core.n_ctx_slot, cfg.n_ctx_slot_max)
         self.core.lora_adapters = [self.model.load_lora(path) for path, _ in cfg.lora]
         self.core.lora_scales = tuple(0.0 if cfg.lora_init_without_apply else scale
                                       for _, scale in cfg.lora)
         self.lora_paths = [path for path, _ in cfg.lora]
+
+    def _load_draft(self, spec, context: Context) -> None:
+        # Engine thread: the draft model and a context with as many tokens and sequences as the
+        # target's (common_speculative_init_result: n_ctx = llama_n_ctx(ctx_tgt), the target's
+        # batch sizes, the draft's KV types and threads). Raises what Model/Context raise.
+        cfg = self.config
+        logger.info("loading draft model '%s'", spec.draft_model)
+        opts = dict(cfg.model_options(), n_gpu_layers=spec.draft_n_gpu_layers,
+                    tensor_overrides=spec.draft_tensor_overrides)
+        if spec.draft_devices is not None:
+            opts["devices"] = spec.draft_devices
+        self._draft_model = Model(spec.draft_model, params=ModelParams(**opts))
+        copts = dict(cfg.context_options(), n_ctx=context.n_ctx, type_k=spec.draft_type_k,
+                     type_v=spec.draft_type_v, control_vectors=(), embeddings=False, pooling=None)
+        if spec.draft_n_threads is not None:
+            copts["n_threads"] = spec.draft_n_threads
+            copts["n_threads_batch"] = spec.draft_n_threads_batch or spec.draft_n_threads
+            copts["cpu"], copts["cpu_batch"] = spec.draft_cpu, spec.draft_cpu_batch
+        elif spec.draft_n_threads_batch is not None:
+            copts["n_threads_batch"] = spec.draft_n_threads_batch
+        self._draft_context = Context(self._draft_model, params=ContextParams(**copts))
+
+    def _close_draft(self) -> None:
+        if self._draft_context is not None:
+            self._draft_context.close()
+            self._draft_context = None
+        if self._draft_model is not None:
+            self._draft_model.close()
+            self._draft_model = None
 
     def _on_backend_abort(self, message: str) -> None:
         # The ggml-abort thread (_model.set_abort_hook), the process about to abort: an RPC
@@ -614,6 +652,7 @@ class Engine:
             self._asleep["lora_scales"] = core.lora_scales
             core.lora_adapters = []
         del core
+        self._close_draft()
         if self._context is not None:
             self._context.close()
             self._context = None

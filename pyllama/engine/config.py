@@ -38,6 +38,87 @@ class CpuPlacement:
 
 
 @dataclass(frozen=True)
+class SpecConfig:
+    """Speculative decoding, as llama-server's --spec-* flags set it (common_params_speculative).
+
+    types: the --spec-type names ("draft-simple", "ngram-simple", "ngram-map-k",
+        "ngram-map-k4v", "ngram-mod", "ngram-cache"; "none" or none: off).
+    draft_model: the draft model's path (-md); draft-simple needs one.
+    draft_n_gpu_layers, draft_devices, draft_tensor_overrides: the draft model's placement
+        (-ngld, -devd, -otd / -cmoed / -ncmoed); None devices = the target's.
+    draft_type_k, draft_type_v: the draft context's KV cache types (-ctkd, -ctvd).
+    draft_n_threads, draft_n_threads_batch, draft_cpu, draft_cpu_batch: its threads
+        (-td, -tbd, -Cd/-Crd/..., -Cbd/...); None = the target's.
+    n_max, n_min, p_split, p_min, backend_sampling: the draft model's draft length bounds,
+        split and least probability (--spec-draft-*).
+    ngram_simple, ngram_map_k, ngram_map_k4v: (size_n, size_m, min_hits) of each n-gram type.
+    ngram_mod: (n_match, n_max, n_min) of ngram-mod.
+    lookup_cache_static, lookup_cache_dynamic: ngram-cache's files (-lcs, -lcd).
+    synth_len, synth_rates: synthetic acceptance for benchmarks (--spec-synth-*).
+    """
+
+    types: tuple = ()
+    draft_model: str = ""
+    draft_n_gpu_layers: int = -1
+    draft_devices: tuple | None = None
+    draft_tensor_overrides: tuple = ()
+    draft_type_k: str = "f16"
+    draft_type_v: str = "f16"
+    draft_n_threads: int | None = None
+    draft_n_threads_batch: int | None = None
+    draft_cpu: CpuPlacement | None = None
+    draft_cpu_batch: CpuPlacement | None = None
+    n_max: int = 3
+    n_min: int = 0
+    p_split: float = 0.1
+    p_min: float = 0.0
+    backend_sampling: bool = True
+    ngram_simple: tuple = (12, 48, 1)
+    ngram_map_k: tuple = (12, 48, 1)
+    ngram_map_k4v: tuple = (12, 48, 1)
+    ngram_mod: tuple = (24, 64, 48)
+    lookup_cache_static: str = ""
+    lookup_cache_dynamic: str = ""
+    synth_len: float = -1.0
+    synth_rates: tuple = ()
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        for name in ("types", "draft_tensor_overrides", "ngram_simple", "ngram_map_k", "ngram_map_k4v",
+                     "ngram_mod", "synth_rates"):
+            set_(self, name, tuple(tuple(v) if isinstance(v, list) else v for v in getattr(self, name)))
+        if self.draft_devices is not None:
+            set_(self, "draft_devices", tuple(self.draft_devices))
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any type is asked for ("none" anywhere turns every type off, as upstream)."""
+        return bool(self.types) and "none" not in self.types
+
+    @property
+    def needs_draft_model(self) -> bool:
+        return self.enabled and any(t.startswith("draft-") for t in self.types)
+
+    def bridge_params(self) -> dict:
+        """The JSON object of csrc/pyllama_spec.h's pyllama_spec_init."""
+        def ngram_map(v):
+            return {"size_n": int(v[0]), "size_m": int(v[1]), "min_hits": int(v[2])}
+        out = {
+            "types": list(self.types),
+            "draft": {"n_max": self.n_max, "n_min": self.n_min, "p_split": self.p_split, "p_min": self.p_min,
+                      "backend_sampling": self.backend_sampling},
+            "ngram_simple": ngram_map(self.ngram_simple), "ngram_map_k": ngram_map(self.ngram_map_k),
+            "ngram_map_k4v": ngram_map(self.ngram_map_k4v),
+            "ngram_mod": {"n_match": int(self.ngram_mod[0]), "n_max": int(self.ngram_mod[1]),
+                          "n_min": int(self.ngram_mod[2])},
+            "ngram_cache": {"static": self.lookup_cache_static, "dynamic": self.lookup_cache_dynamic},
+            "synth_len": self.synth_len,
+            "synth_rates": list(self.synth_rates),
+        }
+        return out
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """The options of one Engine; defaults equal Model's, Context's and llama-server's.
 
@@ -69,6 +150,7 @@ class EngineConfig:
         sleep_idle_seconds: unload the model, context, KV and prompt cache after that many
             seconds without work and load them again on the next use; -1 never
             (--sleep-idle-seconds; see Engine.acquire).
+        speculative: SpecConfig (--spec-type, -md, --spec-*), or None for none.
 
     Model (see `Model`):
         n_gpu_layers: layers to offload; -1 all.
@@ -124,6 +206,7 @@ class EngineConfig:
     fit_target_mib: tuple = _to(_ENGINE, (1024,))
     fit_ctx_min: int = _to(_ENGINE, 4096)
     sleep_idle_seconds: int = _to(_ENGINE, -1)
+    speculative: SpecConfig | None = _to(_ENGINE, None)
     # --- the model ---
     n_gpu_layers: int = _to(_MODEL, -1)
     use_mmap: bool = _to(_MODEL, True)

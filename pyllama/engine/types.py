@@ -175,6 +175,11 @@ class Request:
     timings_per_token: bool = False  # attach the running Timings to every TokenEvent
     return_progress: bool = False  # ProgressEvents while the prompt is processed
     user_starts: tuple[int, ...] = ()  # prompt positions where user messages start (checkpoints)
+    # speculative decoding (with a server-wide --spec-type): the most draft tokens per step
+    # (-1 = the server's; 0 = none for this request) and the least a draft must have to be used
+    spec_n_max: int = -1
+    spec_n_min: int = 0
+    spec_types: str = "none"  # the server's speculative types, as the request's params report them
     id: int = field(default_factory=lambda: next(_request_ids))
 
 
@@ -216,6 +221,8 @@ class Timings:
     predicted_n: int = 0
     predicted_ms: float = 0.0
     cache_n: int = 0
+    draft_n: int = 0  # speculative decoding: draft tokens proposed, and those the target accepted
+    draft_n_accepted: int = 0
 
     @property
     def prompt_per_token_ms(self) -> float:

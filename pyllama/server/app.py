@@ -16,7 +16,7 @@ import time
 
 import falcon
 
-from pyllama.engine import CpuPlacement, Engine, EngineConfig, SamplingParams
+from pyllama.engine import CpuPlacement, Engine, EngineConfig, SamplingParams, SpecConfig
 from pyllama.engine.types import DEFAULT_DRY_BREAKERS, parse_samplers
 from pyllama.errors import UnavailableError
 from pyllama.server import errors as server_errors
@@ -114,6 +114,43 @@ def tensor_overrides(s: Settings) -> tuple:
     return tuple(out)
 
 
+def spec_config(s: Settings) -> SpecConfig | None:
+    """--spec-type, -md and the --spec-* flags (common_params_speculative), or None without a type."""
+    if not s.spec_type:
+        return None
+    ngl = {"auto": -1, "all": -2}.get(s.spec_draft_ngl)
+    overrides = [tuple(item.split("=", 1)) for item in s.spec_draft_override_tensor]
+    if s.spec_draft_cpu_moe:
+        overrides.append((FFN_EXPS_REGEX, "CPU"))
+    overrides += [(rf"blk\.{i}{FFN_EXPS_REGEX}", "CPU") for i in range(s.spec_draft_n_cpu_moe)]
+    # common_base_params_to_speculative: only the draft's thread counts replace the target's
+    threads = s.spec_draft_threads if s.spec_draft_threads > 0 else None
+    threads_batch = s.spec_draft_threads_batch if s.spec_draft_threads_batch > 0 else None
+    rates = tuple(float(v) for v in s.spec_synth_rates.split(",")) if s.spec_synth_rates else ()
+    return SpecConfig(
+        types=tuple(s.spec_type), draft_model=s.spec_draft_model,
+        draft_n_gpu_layers=int(s.spec_draft_ngl) if ngl is None else ngl,
+        draft_devices=tuple(s.spec_draft_device.split(",")) if s.spec_draft_device else None,
+        draft_tensor_overrides=tuple(overrides), draft_type_k=s.spec_draft_type_k, draft_type_v=s.spec_draft_type_v,
+        draft_n_threads=threads, draft_n_threads_batch=threads_batch,
+        n_max=s.spec_draft_n_max, n_min=s.spec_draft_n_min, p_split=s.spec_draft_p_split, p_min=s.spec_draft_p_min,
+        backend_sampling=s.spec_draft_backend_sampling,
+        ngram_simple=(s.spec_ngram_simple_size_n, s.spec_ngram_simple_size_m, s.spec_ngram_simple_min_hits),
+        ngram_map_k=(s.spec_ngram_map_k_size_n, s.spec_ngram_map_k_size_m, s.spec_ngram_map_k_min_hits),
+        ngram_map_k4v=(s.spec_ngram_map_k4v_size_n, s.spec_ngram_map_k4v_size_m, s.spec_ngram_map_k4v_min_hits),
+        ngram_mod=(s.spec_ngram_mod_n_match, s.spec_ngram_mod_n_max, s.spec_ngram_mod_n_min),
+        lookup_cache_static=s.lookup_cache_static, lookup_cache_dynamic=s.lookup_cache_dynamic,
+        synth_len=float(s.spec_synth_len) if s.spec_synth_len else -1.0, synth_rates=rates)
+
+
+def spec_types_name(s: Settings) -> str:
+    """The "speculative.types" of a request's params: common_speculative_type_name_str of the
+    server's types, which --spec-type appends to the default {none} (e.g. "none,ngram-mod")."""
+    if not s.spec_type or "none" in s.spec_type:
+        return "none"
+    return ",".join(("none",) + tuple(s.spec_type))
+
+
 def engine_config(s: Settings) -> EngineConfig:
     """The engine options of a command line: the one place flags become engine fields."""
     ngl = {"auto": -1, "all": -2}.get(s.n_gpu_layers)  # -1 is what --fit may lower
@@ -153,7 +190,8 @@ def engine_config(s: Settings) -> EngineConfig:
         rope_freq_scale=1.0 / s.rope_scale if s.rope_scale else s.rope_freq_scale,
         yarn_orig_ctx=s.yarn_orig_ctx, yarn_ext_factor=s.yarn_ext_factor,
         yarn_attn_factor=s.yarn_attn_factor, yarn_beta_slow=s.yarn_beta_slow,
-        yarn_beta_fast=s.yarn_beta_fast, offload_kqv=s.kv_offload, op_offload=s.op_offload)
+        yarn_beta_fast=s.yarn_beta_fast, offload_kqv=s.kv_offload, op_offload=s.op_offload,
+        speculative=spec_config(s))
 
 
 class ServerState:
@@ -175,7 +213,8 @@ class ServerState:
         self.defaults = Defaults(sampling=sampling_defaults(settings), n_predict=settings.n_predict,
                                  n_keep=settings.keep, cache_prompt=settings.cache_prompt,
                                  stop=tuple(settings.reverse_prompt), special=settings.special,
-                                 reasoning_budget_message=settings.reasoning_budget_message)
+                                 reasoning_budget_message=settings.reasoning_budget_message,
+                                 spec_types=spec_types_name(settings))
         self.defaults.verbose = settings.verbose or settings.verbosity > 9  # -v is every level
         self.metrics = Metrics()
         if settings.metrics:

@@ -41,7 +41,7 @@ def finish_reason(event: FinishEvent) -> str:
 
 
 def timings_dict(t: Timings) -> dict:
-    return {
+    out = {
         "cache_n": t.cache_n,
         "prompt_n": t.prompt_n,
         "prompt_ms": t.prompt_ms,
@@ -52,6 +52,10 @@ def timings_dict(t: Timings) -> dict:
         "predicted_per_token_ms": t.predicted_per_token_ms,
         "predicted_per_second": t.predicted_per_second,
     }
+    if t.draft_n > 0:  # result_timings::to_json: only once something was drafted
+        out["draft_n"] = t.draft_n
+        out["draft_n_accepted"] = t.draft_n_accepted
+    return out
 
 
 def _token_text(piece: bytes) -> str:
@@ -116,7 +120,7 @@ def generation_settings(request: Request, stream: bool, full: bool = True, eog: 
         "n_discard": request.n_discard, "ignore_eos": s.ignore_eos, "stream": stream,
         "n_probs": s.n_probs, "min_keep": s.min_keep, "chat_format": "Content-only",
         "reasoning_format": "auto", "reasoning_in_content": False, "generation_prompt": "",
-        "samplers": list(s.samplers), "speculative.types": "none",  # common_speculative_type_name_str
+        "samplers": list(s.samplers), "speculative.types": request.spec_types,  # common_speculative_type_name_str
         "timings_per_token": request.timings_per_token,
         "post_sampling_probs": s.post_sampling_probs, "backend_sampling": s.backend_sampling, "lora": [],
     }

@@ -123,7 +123,7 @@ def slots(engine, ctx: ProtocolContext) -> list:
                 for i in range(ctx.n_slots)]
     out = []
     for info in engine.slot_info():
-        item = {"id": info["id"], "n_ctx": info["n_ctx"], "speculative": False,
+        item = {"id": info["id"], "n_ctx": info["n_ctx"], "speculative": info.get("speculative", False),
                 "is_processing": info["is_processing"]}
         if info["is_processing"]:
             item.update({
@@ -133,6 +133,8 @@ def slots(engine, ctx: ProtocolContext) -> list:
                 "params": generation_settings(info["request"], False, full=False),
                 "next_token": [{"has_next_token": True, "has_new_line": info["has_new_line"],
                                 "n_remain": info["n_remain"], "n_decoded": info["n_decoded"]}]})
+            if info.get("draft_n"):  # pyllama: the request's drafted / accepted tokens so far
+                item.update({"draft_n": info["draft_n"], "draft_n_accepted": info["draft_n_accepted"]})
         out.append(item)
     return out
 
@@ -189,9 +191,10 @@ def metrics_text(metrics, stats: dict) -> str:
             ("tokens_predicted_seconds_total", "Predict process time", m.tokens_predicted_seconds_total),
             ("n_decode_total", "Total number of llama_decode() calls", n_decode),
             ("n_tokens_max", "Largest observed n_tokens.", m.n_tokens_max),
-            ("spec_decode_num_draft_tokens_total", "Number of draft tokens.", 0),
-            ("spec_decode_num_accepted_tokens_total", "Number of accepted draft tokens.", 0),
-            ("spec_decode_num_drafts_total", "Number of drafts.", 0),
+            ("spec_decode_num_draft_tokens_total", "Number of draft tokens.", stats.get("n_draft_tokens", 0)),
+            ("spec_decode_num_accepted_tokens_total", "Number of accepted draft tokens.",
+             stats.get("n_draft_accepted", 0)),
+            ("spec_decode_num_drafts_total", "Number of drafts.", stats.get("n_draft_verif_steps", 0)),
         ]
         gauges = [
             ("prompt_tokens_seconds", "Average prompt throughput in tokens/s.", prompt_tps),

@@ -109,6 +109,7 @@ class Defaults:
     special: bool = False
     verbose: bool = False  # `verbose`'s default (params_base.verbosity > 9): __verbose blocks
     reasoning_budget_message: str = ""  # --reasoning-budget-message (the budget is in sampling)
+    spec_types: str = "none"  # the requests' "speculative.types" (server-wide --spec-type)
 
 
 # a text longer than this is counted before it is tokenized: one beyond the context never
@@ -374,6 +375,7 @@ def user_message_starts(model, delimiters, tokens: list[int]) -> tuple[int, ...]
 
 def build_request(body: dict, tokens: list[int], sampling: SamplingParams, defaults: Defaults,
                   stop: tuple, user_starts: tuple[int, ...] = ()) -> Request:
+    get_float(body, "speculative.p_min", 0.0, lo=0.0, hi=1.0)  # checked only (see spec_n_max)
     return Request(
         prompt=tokens,
         sampling=sampling,
@@ -392,6 +394,12 @@ def build_request(body: dict, tokens: list[int], sampling: SamplingParams, defau
         timings_per_token=get_bool(body, "timings_per_token", False),
         return_progress=get_bool(body, "return_progress", False) and get_bool(body, "stream", False),
         user_starts=user_starts,
+        spec_types=defaults.spec_types,
+        # NOTE(pyllama): upstream's params_from_json has its speculative.* fields disabled
+        # (server-schema.cpp, "#if 0"); we honour n_max (0 = no drafting for this request) and
+        # n_min as limits under the server's; p_min is checked but the drafter's is server-wide.
+        spec_n_max=get_int(body, "speculative.n_max", -1, lo=0, hi=INT32_MAX),
+        spec_n_min=get_int(body, "speculative.n_min", 0, lo=0, hi=INT32_MAX),
     )
 
 
