@@ -143,17 +143,17 @@ void pyllama_spec_clear(pyllama_spec * spec, llama_seq_id seq_id) {
 // The draft context's sequences are cut back to their common prefix with the target's tokens,
 // and the rest goes through common_speculative_process, in batches of n_batch for all
 // sequences at once. Returns false when a batch found no room.
-static bool spec_catch_up(pyllama_spec * s) {
+static bool spec_catch_up(pyllama_spec * s, const std::vector<const llama_tokens *> & targets) {
     llama_memory_t mem = llama_get_memory(s->ctx_dft);
     const int32_t n_batch = (int32_t) llama_n_batch(s->ctx_dft);
     const int n_seq = (int) s->dft_tokens.size();
     std::vector<size_t> next(n_seq, 0);
     bool pending = false;
     for (int i = 0; i < n_seq; ++i) {
-        if (!s->requested[i]) {
+        if (targets[i] == nullptr) {
             continue;
         }
-        const auto & tgt = *common_speculative_get_draft_params(s->spec, i).prompt;
+        const auto & tgt = *targets[i];
         auto & dft = s->dft_tokens[i];
         size_t lcp = 0;
         while (lcp < dft.size() && lcp < tgt.size() && dft[lcp] == tgt[lcp]) {
@@ -175,10 +175,10 @@ static bool spec_catch_up(pyllama_spec * s) {
         batch.clear();
         std::vector<size_t> took(n_seq, 0);
         for (int i = 0; i < n_seq && batch.size() < n_batch; ++i) {
-            if (!s->requested[i]) {
+            if (targets[i] == nullptr) {
                 continue;
             }
-            const auto & tgt = *common_speculative_get_draft_params(s->spec, i).prompt;
+            const auto & tgt = *targets[i];
             while (next[i] + took[i] < tgt.size() && batch.size() < n_batch) {
                 const size_t k = next[i] + took[i];
                 batch.add(tgt[k], (llama_pos) k, i, false);
@@ -192,7 +192,7 @@ static bool spec_catch_up(pyllama_spec * s) {
             }
             retried = true;
             for (int i = 0; i < n_seq; ++i) {
-                if (!s->requested[i]) {
+                if (targets[i] == nullptr) {
                     pyllama_spec_clear(s, i);
                 }
             }
@@ -200,10 +200,10 @@ static bool spec_catch_up(pyllama_spec * s) {
         }
         pending = false;
         for (int i = 0; i < n_seq; ++i) {
-            if (!s->requested[i]) {
+            if (targets[i] == nullptr) {
                 continue;
             }
-            const auto & tgt = *common_speculative_get_draft_params(s->spec, i).prompt;
+            const auto & tgt = *targets[i];
             s->dft_tokens[i].insert(s->dft_tokens[i].end(), tgt.begin() + next[i], tgt.begin() + next[i] + took[i]);
             next[i] += took[i];
             pending |= next[i] < tgt.size();
@@ -215,7 +215,13 @@ static bool spec_catch_up(pyllama_spec * s) {
 bool pyllama_spec_draft(pyllama_spec * s) {
     bool ok = true;
     const int n_seq = (int) s->dft_tokens.size();
-    if (s->ctx_dft != nullptr && !spec_catch_up(s)) {
+    std::vector<const llama_tokens *> targets(n_seq, nullptr);
+    for (int i = 0; i < n_seq; ++i) {
+        if (s->requested[i]) {
+            targets[i] = common_speculative_get_draft_params(s->spec, i).prompt;
+        }
+    }
+    if (s->ctx_dft != nullptr && !spec_catch_up(s, targets)) {
         ok = false;
         for (int i = 0; i < n_seq; ++i) {
             if (s->requested[i]) {
@@ -260,6 +266,15 @@ bool pyllama_spec_draft(pyllama_spec * s) {
         s->requested[i] = false;
     }
     return ok;
+}
+
+bool pyllama_spec_prefill(pyllama_spec * s, llama_seq_id seq_id, const std::vector<llama_token> * tokens) {
+    if (s->ctx_dft == nullptr) {
+        return true;
+    }
+    std::vector<const llama_tokens *> targets(s->dft_tokens.size(), nullptr);
+    targets[seq_id] = tokens;
+    return spec_catch_up(s, targets);
 }
 
 void pyllama_spec_accept(pyllama_spec * spec, llama_seq_id seq_id, uint16_t n_accepted) {

@@ -42,6 +42,12 @@ double pyllama_spec_synth_prob(const pyllama_spec * spec, int32_t i);
 // A new generation starts on `seq_id` with `prompt` evaluated (common_speculative_begin).
 void pyllama_spec_begin(pyllama_spec * spec, llama_seq_id seq_id, const llama_token * prompt, size_t n_prompt);
 
+// A prompt was evaluated on `seq_id`: the draft context (if any) evaluates what it lacks of
+// `tokens` now, so that the draft model's prompt costs fall in the prompt's time, as upstream's
+// common_speculative_process after each prompt batch. Returns false when it had no room (the
+// next draft retries).
+bool pyllama_spec_prefill(pyllama_spec * spec, llama_seq_id seq_id, const std::vector<llama_token> * tokens);
+
 // Ask for a draft of `seq_id` in the next pyllama_spec_draft: `prompt` is what the target's KV
 // holds for it (borrowed until then), `id_last` the token sampled after it, at most `n_max`
 // tokens into `result` (cleared here).

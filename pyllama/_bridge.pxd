@@ -113,5 +113,6 @@ cdef extern from "pyllama_spec.h" nogil:
     void pyllama_spec_request(pyllama_spec * spec, llama_seq_id seq_id, const vector[llama_token] * prompt,
                               llama_token id_last, int32_t n_max, vector[llama_token] * result)
     cbool pyllama_spec_draft(pyllama_spec * spec)
+    cbool pyllama_spec_prefill(pyllama_spec * spec, llama_seq_id seq_id, const vector[llama_token] * tokens)
     void pyllama_spec_accept(pyllama_spec * spec, llama_seq_id seq_id, uint16_t n_accepted)
     void pyllama_spec_clear(pyllama_spec * spec, llama_seq_id seq_id)

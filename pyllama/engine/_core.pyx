@@ -1051,6 +1051,7 @@ cdef class EngineCore:
                 self.n_prompt_tokens_total += <int>sc.prompt.size() - sc.n_cached
                 if sc.can_spec:
                     B.pyllama_spec_begin(self.spec, i, sc.cache.data(), sc.cache.size())
+                    B.pyllama_spec_prefill(self.spec, i, sc.cache)
         while j < <int>self.prefill_ids.size():
             if self.slots_c[self.prefill_ids[j]].state == SLOT_GENERATING:
                 self.prefill_ids.erase(self.prefill_ids.begin() + j)

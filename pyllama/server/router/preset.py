@@ -303,9 +303,9 @@ def _listdir(path: str) -> list:
 def load_from_models_dir(models_dir: str) -> dict:
     """One preset per model of a --models-dir folder (load_from_models_dir).
 
-    NOTE(router): pyllama has no multimodal input nor speculative decoding, so a subfolder's
-    mmproj or draft sidecar is logged and not passed to the child (upstream sets --mmproj /
-    --spec-draft-model from it).
+    A subfolder's draft sidecar becomes the child's --spec-draft-model, as upstream.
+    NOTE(router): pyllama has no multimodal input, so a subfolder's mmproj is logged and not
+    passed to the child (upstream sets --mmproj from it).
     Raises:
         PresetError: the folder does not exist.
     """
@@ -337,10 +337,11 @@ def load_from_models_dir(models_dir: str) -> dict:
     for name, path, mmproj, draft in models:
         preset = Preset(name)
         preset.set_option("LLAMA_ARG_MODEL", path)
-        for sidecar, what in ((mmproj, "multimodal projector"), (draft, "draft model")):
-            if sidecar:
-                logger.warning("model %s: %s %s not applied (pyllama does not support it yet)",
-                               name, what, sidecar)
+        if draft:  # as upstream, the draft drafts once --spec-type draft-simple asks for it
+            preset.set_option("LLAMA_ARG_SPEC_DRAFT_MODEL", draft)
+        if mmproj:
+            logger.warning("model %s: multimodal projector %s not applied (pyllama does not support it yet)",
+                           name, mmproj)
         out[name] = preset
     return out
 
