@@ -362,6 +362,16 @@ cdef class EngineCore:
         # vocabulary, a draft type without a draft model) is logged and serving goes on
         # without it, as upstream; with synthetic acceptance it is an error, as upstream.
         types = [t for t in params.get("types", ()) if t]
+        # TODO(pyllama): EAGLE3 / MTP / DFlash / DSpark drafts need the target's hidden states
+        # and a draft context made for them (ctx_other, LLAMA_CONTEXT_TYPE_MTP); issue 16.
+        unsupported = [t for t in types if t in ("draft-eagle3", "draft-mtp", "draft-dflash", "draft-dspark")]
+        if unsupported:
+            logger.error("speculative decoding type(s) %s not supported by pyllama yet - ignored",
+                         ",".join(unsupported))
+            types = [t for t in types if t not in unsupported]
+            params["types"] = types
+            if not types:
+                return
         synth = params.get("synth_len") not in (None, -1, -1.0) or bool(params.get("synth_rates"))
         if seq_rm_type == COMMON_CONTEXT_SEQ_RM_TYPE_NO:
             logger.warning("speculative decoding not supported by this context")

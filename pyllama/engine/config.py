@@ -97,7 +97,7 @@ class SpecConfig:
 
     @property
     def needs_draft_model(self) -> bool:
-        return self.enabled and any(t.startswith("draft-") for t in self.types)
+        return self.enabled and "draft-simple" in self.types
 
     def bridge_params(self) -> dict:
         """The JSON object of csrc/pyllama_spec.h's pyllama_spec_init."""

@@ -240,3 +240,13 @@ def test_default_model_as_its_own_draft_and_with_ngrams(gemma_path):
                 if spec.draft_model:
                     assert got.timings.draft_n_accepted >= 0.5 * got.timings.draft_n
             _same_up_to_ties(plain, prompt, want, got.tokens)
+
+
+def test_ngram_cache_and_unsupported_types(synthetic_path, baseline, caplog):
+    caplog.set_level(logging.ERROR, "pyllama.engine")
+    spec = SpecConfig(types=("ngram-cache", "draft-mtp"))
+    with Engine(synthetic_path, n_parallel=4, n_ctx=2048, n_batch=64, speculative=spec) as eng:
+        assert eng.core.speculative and eng.core.spec_types == ("ngram-cache",)
+        got = [_gen(eng, p) for p in PROMPTS]
+    assert [g.tokens for g, _ in got] == [w.tokens for w, _ in baseline]
+    assert "draft-mtp not supported by pyllama yet" in caplog.text
