@@ -544,9 +544,12 @@ cdef class EngineCore:
         sc.n_draft_total = 0
         sc.n_draft_accepted = 0
         slot.draft.clear()
+        cdef uint64_t rng_seed
         if sc.can_spec and self.spec_synth:
-            sc.rng = <uint64_t>(request.sampling.seed if request.sampling.seed != 0xFFFFFFFF else time.perf_counter_ns()) \
-                * 0x9E3779B97F4A7C15 + 1
+            # the request's seed (a random one without), as upstream seeds spec_synth_rng
+            rng_seed = <uint64_t>((request.sampling.seed if request.sampling.seed != 0xFFFFFFFF
+                                   else time.perf_counter_ns()) & 0xFFFFFFFFFFFFFFFF)
+            sc.rng = rng_seed * <uint64_t>0x9E3779B97F4A7C15 + 1
         if request.sampling.backend_sampling and not sc.can_spec and not request.sampling.grammar \
                 and request.sampling.n_probs == 0 and not sampler.has_reasoning_budget:
             # upstream's --backend-sampling (server_context::launch_slot_with_task)

@@ -250,3 +250,15 @@ def test_ngram_cache_and_unsupported_types(synthetic_path, baseline, caplog):
         got = [_gen(eng, p) for p in PROMPTS]
     assert [g.tokens for g, _ in got] == [w.tokens for w, _ in baseline]
     assert "draft-mtp not supported by pyllama yet" in caplog.text
+
+
+def test_synthetic_acceptance_for_benchmarks(synthetic_path):
+    # --spec-synth-rates: drafts accepted at random (server_sample_and_accept_synth); output not valid
+    spec = SpecConfig(types=("draft-simple",), draft_model=str(synthetic_path), n_max=4, synth_rates=(0.9, 0.5, 0.3, 0.1))
+    with Engine(synthetic_path, n_parallel=1, n_ctx=1024, n_batch=64, speculative=spec) as eng:
+        result, _ = _gen(eng, REPEAT, sampling=SamplingParams(temperature=0.0, ignore_eos=True, seed=7), n=40)
+    assert len(result.tokens) == 40 and 0 < result.timings.draft_n_accepted < result.timings.draft_n
+    with pytest.raises(Exception, match="synthetic acceptance rates must contain 4 values"):
+        Engine(synthetic_path, n_parallel=1, n_ctx=1024,
+               speculative=SpecConfig(types=("draft-simple",), draft_model=str(synthetic_path), n_max=4,
+                                      synth_rates=(0.5,)))
