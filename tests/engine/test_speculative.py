@@ -262,3 +262,18 @@ def test_synthetic_acceptance_for_benchmarks(synthetic_path):
         Engine(synthetic_path, n_parallel=1, n_ctx=1024,
                speculative=SpecConfig(types=("draft-simple",), draft_model=str(synthetic_path), n_max=4,
                                       synth_rates=(0.5,)))
+
+
+def test_grammar_and_seeded_sampling_with_drafts(synthetic_path):
+    # the chain's grammar advances with each accepted draft token, as it would token by token
+    grammar = SamplingParams(temperature=0.0, ignore_eos=True, grammar='root ::= ("the" | " world" | " a")+')
+    seeded = SamplingParams(temperature=1.0, top_k=5, seed=3, ignore_eos=True)
+    spec = SpecConfig(types=("draft-simple", "ngram-simple"), draft_model=str(synthetic_path), n_max=4,
+                      ngram_simple=(2, 8, 1))
+    runs, drafted = [], 0
+    for s in (None, spec):
+        with Engine(synthetic_path, n_parallel=2, n_ctx=1024, n_batch=64, speculative=s) as eng:
+            runs.append([_gen(eng, REPEAT, sampling=p, n=40)[1] for p in (grammar, seeded)])
+            drafted = eng.core.stats()["n_draft_tokens"]
+    assert runs[0] == runs[1] and drafted > 0
+    assert set(runs[0][0].replace("the", " ").replace("world", " ").replace("a", " ")) <= {" "}
