@@ -39,12 +39,15 @@ def client_gone_check(environ: dict) -> Callable[[], bool] | None:
         return None
 
     def gone() -> bool:
-        # cpp-httplib's !is_socket_alive(sock)
+        # cpp-httplib's !is_socket_alive(sock), with poll() as it (select() refuses a descriptor
+        # past 1023: with a thousand connections open, every request looked abandoned)
+        poller = select.poll()
         try:
-            readable, _, _ = select.select([fd], [], [], 0)
+            poller.register(fd, select.POLLIN)
+            events = poller.poll(0)
         except (OSError, ValueError):
             return True
-        if not readable:
+        if not events:
             return False
         try:
             # the plain socket's recv, also under TLS: peek at the TCP stream as upstream does

@@ -26,7 +26,8 @@ server fails with "Address already in use". This worker closes its listeners as 
 is told to stop; requests already accepted still run to their end, and connections still
 sending their header are closed.
 
-Written against gunicorn 27's gthread (TConn, method_queue, keepalived_conns, murder_pending).
+Written against gthread as gunicorn 24-27 have it (TConn.initialized, method_queue,
+keepalived_conns, murder_keepalived; tested on 27).
 Imports: gunicorn only. Runs on the worker's main thread (signal handlers, poller callbacks).
 """
 
@@ -228,10 +229,11 @@ class PyllamaWorker(ThreadWorker):
             return True
         return False
 
-    def murder_pending(self):
-        """Main loop, once a second: close the connections past their header deadline (all of
-        them once the worker is stopping)."""
-        super().murder_pending()
+    def murder_keepalived(self, *args, **kwargs):
+        """Main loop, once a second (and at the end): close the kept-alive connections past
+        their timeout, as gthread does, and those past their header deadline (all of them once
+        the worker is stopping)."""
+        super().murder_keepalived(*args, **kwargs)
         now = time.monotonic()
         for conns in (self.silent_conns, self.head_conns):
             while conns:

@@ -83,7 +83,10 @@ def normal_requests(base: str) -> None:
     with httpx.Client(base_url=base, timeout=CLIENT_TIMEOUT) as client:
         assert client.get("/health").status_code == 200
         done = client.post("/completion", json={"prompt": "Hello", "n_predict": 4})
-        assert done.status_code == 200 and done.json()["tokens_predicted"] == 4
+        assert done.status_code == 200, done.text
+        assert done.headers.get("content-type", "").startswith("application/json"), (done.headers, done.content[:300])
+        assert done.content.startswith(b"{"), (done.headers, done.content[:300])
+        assert done.json()["tokens_predicted"] == 4
         with client.stream("POST", "/completion", json={"prompt": "Hi", "n_predict": 4, "stream": True}) as r:
             assert r.status_code == 200
             assert any('"stop":true' in line for line in r.iter_lines())
