@@ -452,6 +452,30 @@ def _link(blob: Path, final: Path) -> None:
 
 
 # --- -hf ---------------------------------------------------------------------------------------
+def _quant_bits(path: str) -> int:
+    # extract_quant_bits: the first number of the quant tag (Q4_K_M -> 4, F16 -> 16)
+    m = re.search(r"[0-9]+", gguf_name(path).tag)
+    return int(m.group(0)) if m else 0
+
+
+def find_best_mmproj(files: list[HubFile], model: str) -> HubFile | None:
+    """The projector shipped beside a model (download.cpp find_best_sibling with "mmproj"): a
+    GGUF named *mmproj* in the model's folder or above it, the deepest first, then the one
+    whose quant bits are closest to the model's."""
+    model_dir = model.split("/")[:-1]
+    best, best_key = None, None
+    for f in files:
+        if not f.path.endswith(".gguf") or "mmproj" not in f.path:
+            continue
+        sib_dir = f.path.split("/")[:-1]
+        if model_dir[:len(sib_dir)] != sib_dir:
+            continue
+        key = (-len(sib_dir), abs(_quant_bits(f.path) - _quant_bits(model)))
+        if best_key is None or key < best_key:
+            best, best_key = f, key
+    return best
+
+
 def resolve_hf(spec: str, hf_file: str = "", *, token: str = "", offline: bool = False) -> str:
     """The local path of the model `-hf spec [-hff hf_file]` names, downloaded if needed.
 
@@ -461,6 +485,13 @@ def resolve_hf(spec: str, hf_file: str = "", *, token: str = "", offline: bool =
     Raises:
         ModelDownloadError: a bad name, nothing on the hub or in the cache, a failed download.
     """
+    return resolve_hf_files(spec, hf_file, token=token, offline=offline)[0]
+
+
+def resolve_hf_files(spec: str, hf_file: str = "", *, token: str = "", offline: bool = False,
+                     mmproj: bool = False) -> tuple[str, str]:
+    """resolve_hf, and with `mmproj` the repository's multimodal projector too (--mmproj-auto):
+    (model path, projector path or "")."""
     from huggingface_hub.utils import WeakFileLock, build_hf_headers
 
     repo, tag = split_repo_tag(spec)
@@ -495,12 +526,12 @@ def resolve_hf(spec: str, hf_file: str = "", *, token: str = "", offline: bool =
         if primary is None:
             raise ModelDownloadError(f"no GGUF file{f' for quant {tag}' if tag else ''} found in repository "
                                      f"{repo} (available GGUF files: {ggufs})")
-    mmproj = [f.path for f in files if f.path.endswith(".gguf") and "mmproj" in f.path]
-    if mmproj:
-        logger.warning("%s ships a multimodal projector (%s): not downloaded, pyllama has no multimodal input",
-                       repo, mmproj[0])
+    projector = find_best_mmproj(files, primary.path)
+    if projector is not None and not mmproj:
+        logger.info("%s ships a multimodal projector (%s): not downloaded (--no-mmproj, or --mmproj given)",
+                    repo, projector.path)
     parts = split_files(files, primary)
-    for f in parts:
+    for f in parts + ([projector] if projector is not None and mmproj else []):
         if f.final_path.exists():
             continue
         if offline or not f.url:
@@ -521,7 +552,7 @@ def resolve_hf(spec: str, hf_file: str = "", *, token: str = "", offline: bool =
     if len(parts) < gguf_name(primary.path).count:
         raise ModelDownloadError(f"{repo}: {primary.path} is split in {gguf_name(primary.path).count} files, "
                                  f"only {len(parts)} are there")
-    return str(primary.final_path)
+    return str(primary.final_path), str(projector.final_path) if projector is not None and mmproj else ""
 
 
 # --- -mu and -dr -------------------------------------------------------------------------------
@@ -661,7 +692,7 @@ def resolve_docker(spec: str, *, offline: bool = False) -> str:
 # --- start-up ----------------------------------------------------------------------------------
 def needs_download(settings: Settings) -> bool:
     """Whether the flags name a model by repo or URL rather than by file."""
-    return bool(settings.hf_repo or settings.docker_repo or settings.model_url)
+    return bool(settings.hf_repo or settings.docker_repo or settings.model_url or settings.mmproj_url)
 
 
 def _route_library_logs() -> None:
@@ -707,9 +738,23 @@ def prepare_model(settings: Settings) -> Settings:
     if not needs_download(settings):
         return settings
     _route_library_logs()
+    changes = {}
+    if settings.mmproj_url:  # -mmu: to --mmproj's path when given, else the cache (handle_url)
+        mmproj = settings.mmproj or str(default_local_path(settings.mmproj_url))
+        fetch_url(settings.mmproj_url, Path(mmproj), offline=settings.offline, bearer=settings.hf_token)
+        logger.info("multimodal projector %s: %s", settings.mmproj_url, mmproj)
+        changes = {"mmproj": mmproj, "mmproj_url": ""}
+        if not (settings.hf_repo or settings.docker_repo or settings.model_url):
+            return replace(settings, **changes)
     if settings.hf_repo:  # as upstream, -hf wins over -dr, and -dr over -mu
         name = settings.hf_repo
-        path = resolve_hf(settings.hf_repo, settings.hf_file, token=settings.hf_token, offline=settings.offline)
+        # --mmproj-auto: the repo's projector too, unless one is named (download_mmproj)
+        want = settings.mmproj_auto and not settings.mmproj and not changes
+        path, mmproj = resolve_hf_files(settings.hf_repo, settings.hf_file, token=settings.hf_token,
+                                        offline=settings.offline, mmproj=want)
+        if mmproj:
+            logger.info("multimodal projector of %s: %s", name, mmproj)
+            changes["mmproj"] = mmproj
     elif settings.docker_repo:
         name = settings.docker_repo
         path = resolve_docker(settings.docker_repo, offline=settings.offline)
@@ -718,4 +763,4 @@ def prepare_model(settings: Settings) -> Settings:
         path = resolve_url(settings.model_url, settings.model, offline=settings.offline, bearer=settings.hf_token)
     logger.info("model %s: %s", name or settings.model_url, path)
     return replace(settings, model=path, alias=settings.alias or name, hf_repo="", hf_file="",
-                   docker_repo="", model_url="")
+                   docker_repo="", model_url="", **changes)

@@ -25,10 +25,6 @@ TRISTATE = {**{v: "on" for v in ("on", "enabled", "true", "1")},
 # llama-server flags whose feature pyllama does not have yet, by feature: refused by name, so a
 # launch line written for llama-server says what is missing instead of "invalid argument".
 REFUSED_FEATURES = {
-    "multimodal input": "-mm --mmproj -mmu --mmproj-url --no-mmproj --mmproj-auto --mmproj-offload "
-                        "--no-mmproj-offload -mmdev --mmproj-device --image-min-tokens "
-                        "--image-max-tokens --mtmd-batch-max-tokens --video-fps "
-                        "--video-timestamp-interval --video-ffmpeg-dir",
     "agent and MCP tools": "--tools --mcp-servers-config --agent -ag --ui-mcp-proxy "
                            "--webui-mcp-proxy --no-ui-mcp-proxy --no-webui-mcp-proxy "
                            "--tools-runtime --mcp-servers-json",
@@ -342,6 +338,11 @@ def _finish(s: Settings) -> Settings:
             raise FlagError(f'error while handling argument "--media-path": not a directory: {s.media_path}')
         if not s.media_path.endswith(os.sep):
             changes["media_path"] = s.media_path + os.sep
+    if s.mmproj_device and s.mmproj_device != "none" and "," in s.mmproj_device.strip(","):
+        # arg.cpp's -mmdev handler: parse_device_list, one device at most
+        raise FlagError('error while handling argument "-mmdev": only one device may be specified for mmproj')
+    if s.mmproj_device:
+        changes["mmproj_device"] = s.mmproj_device.strip(",")
     if s.path and s.webui and not os.path.isdir(s.path):  # server_http_context::init
         raise FlagError(f"static assets path not found: {s.path}")
     if s.log_prompts_dir:  # arg.cpp creates the folder, and only warns when it cannot

@@ -45,7 +45,8 @@ class Llama:
             model=self.model, n_slots=self.engine.n_slots, n_ctx_slot=self.engine.n_ctx_slot,
             defaults=Defaults(), chat=self.chat, model_name=self.model_name, fingerprint="pyllama",
             embeddings=self.engine.embeddings,
-            pooling=self.engine.embedder.pooling_name if self.engine.embeddings else "")
+            pooling=self.engine.embedder.pooling_name if self.engine.embeddings else "",
+            media=self.engine.media)
 
     def close(self) -> None:
         self.engine.close()

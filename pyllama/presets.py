@@ -4,7 +4,7 @@ Each preset is what its handler in upstream's common/arg.cpp ("// presets") sets
 Settings field values; flags.py applies them where the flag stands on the command line, so
 later flags override a preset and a preset overrides earlier flags and LLAMA_ARG_* variables,
 as upstream's handlers do. What a preset sets that pyllama does not have (a draft model for
-speculative decoding, vision input) is listed in `unapplied` and
+speculative decoding) is listed in `unapplied` and
 logged at start-up (downloads.prepare_model) instead of failing.
 Imports: stdlib only.
 """
@@ -25,7 +25,6 @@ class Preset:
 # the Qwen 2.5 Coder 0.5B draft of the *-spec presets (-hfd with -md as its file, as upstream sets
 # draft.mparams); upstream sets no --spec-type, so it drafts only with --spec-type draft-simple
 _DRAFT = dict(spec_draft_hf="ggml-org/Qwen2.5-Coder-0.5B-Q8_0-GGUF", spec_draft_model="qwen2.5-coder-0.5b-q8_0.gguf")
-_VISION = "vision input through the repository's mmproj (pyllama has no multimodal input)"
 
 
 def _fim(repo: str, file: str, draft: dict | None = None) -> Preset:
@@ -42,7 +41,7 @@ def _gpt_oss(repo: str, file: str = "") -> Preset:
 
 
 def _vision(repo: str) -> Preset:
-    return Preset(dict(hf_repo=repo, port=8014, ctx_size=0, jinja=True), (_VISION,))
+    return Preset(dict(hf_repo=repo, port=8014, ctx_size=0, jinja=True))  # -hf takes the mmproj
 
 
 # NOTE(downloads): the order and values of common/arg.cpp's preset handlers; upstream's

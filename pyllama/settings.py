@@ -359,9 +359,32 @@ class Settings:
     ui_config_file: str = _flag("", ["--ui-config-file", "--webui-config-file"], "file with the UI defaults", env="LLAMA_ARG_UI_CONFIG_FILE")
     path: str = _flag("", ["--path"], "folder of static files served at / instead of the built-in UI (UI on)",
                       env="LLAMA_ARG_STATIC_PATH", metavar="PATH")
-    media_path: str = _flag("", ["--media-path"], "folder for file:// media URLs (validated; pyllama takes "
-                            "no media input yet)", metavar="PATH")
+    media_path: str = _flag("", ["--media-path"], "folder for local media files, read through file:// URLs "
+                            "with relative paths (default: disabled)", metavar="PATH")
     max_body_mb: int = _flag(64, ["--max-body-mb"], "pyllama: largest request body in MiB (413 beyond)")
+    # --- multimodal input (libmtmd) ----------------------------------------------------------
+    mmproj: str = _flag("", ["-mm", "--mmproj"], "path to a multimodal projector file; with -hf it can be "
+                        "omitted", env="LLAMA_ARG_MMPROJ", metavar="FILE")
+    mmproj_url: str = _flag("", ["-mmu", "--mmproj-url"], "URL to a multimodal projector file",
+                            env="LLAMA_ARG_MMPROJ_URL", metavar="URL")
+    mmproj_auto: bool = _flag(True, ["--mmproj-auto"], "with -hf, use the repository's multimodal projector "
+                              "if it has one", env="LLAMA_ARG_MMPROJ_AUTO", neg=["--no-mmproj", "--no-mmproj-auto"])
+    mmproj_offload: bool = _flag(True, ["--mmproj-offload"], "offload the multimodal projector to the GPU",
+                                 env="LLAMA_ARG_MMPROJ_OFFLOAD", neg=["--no-mmproj-offload"])
+    mmproj_device: str = _flag("", ["-mmdev", "--mmproj-device"], "device for the multimodal projector (none = "
+                               "don't offload; default: follows --device)", env="MTMD_BACKEND_DEVICE",
+                               metavar="DEVICE")
+    image_min_tokens: int = _flag(-1, ["--image-min-tokens"], "minimum tokens per image, for vision models with "
+                                  "dynamic resolution (default: read from model)", env="LLAMA_ARG_IMAGE_MIN_TOKENS")
+    image_max_tokens: int = _flag(-1, ["--image-max-tokens"], "maximum tokens per image, for vision models with "
+                                  "dynamic resolution (default: read from model)", env="LLAMA_ARG_IMAGE_MAX_TOKENS")
+    mtmd_batch_max_tokens: int = _flag(1024, ["--mtmd-batch-max-tokens"], "maximum image tokens per batch when "
+                                       "encoding images", env="LLAMA_ARG_MTMD_BATCH_MAX_TOKENS")
+    video_fps: float = _flag(4.0, ["--video-fps"], "target video frame rate", env="LLAMA_ARG_VIDEO_FPS")
+    video_timestamp_interval: int = _flag(5000, ["--video-timestamp-interval"], "interval in milliseconds "
+                                          "between text timestamps", env="LLAMA_ARG_VIDEO_TIMESTAMP_INTERVAL")
+    video_ffmpeg_dir: str = _flag("", ["--video-ffmpeg-dir"], "directory containing ffmpeg and ffprobe "
+                                  "(default: search in PATH)", env="LLAMA_ARG_VIDEO_FFMPEG_DIR", metavar="DIR")
     # --- features -------------------------------------------------------------------------
     embedding: bool = _flag(False, ["--embedding", "--embeddings"], "embedding endpoints only",
                             env="LLAMA_ARG_EMBEDDINGS", kind="flag")

@@ -120,8 +120,7 @@ def test_environment_variables_and_precedence():
 @pytest.mark.parametrize("argv,message", [
     (["--frobnicate"], "invalid argument: --frobnicate"),
     (["--lora", "/nonexistent/x.gguf"], "LoRA adapter not found"),
-    (["--mmproj", "x.gguf"], "--mmproj is a llama-server flag that pyllama does not support yet "
-                             "(multimodal input)"),
+    (["-mmdev", "A,B"], 'error while handling argument "-mmdev": only one device may be specified for mmproj'),
     (["--draft-max", "8"], 'error while handling argument "--draft-max": the argument has been removed. '
                            "use --spec-draft-n-max or --spec-ngram-mod-n-max"),
     (["--spec-type", "ngram-fancy"], 'error while handling argument "--spec-type": unknown speculative type: '
@@ -168,8 +167,8 @@ def test_process_help_version_and_exit_codes():
         assert out.returncode == 0 and "--ctx-size" in out.stdout and "LLAMA_ARG_CTX_SIZE" in out.stdout
     out = subprocess.run([SERVER, "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and "pyllama" in out.stdout and "0c1e57098" in out.stdout
-    out = subprocess.run([SERVER, "--mmproj", "x"], capture_output=True, text=True)
-    assert out.returncode == 1 and "--mmproj" in out.stderr and "does not support" in out.stderr
+    out = subprocess.run([SERVER, "--tools", "all"], capture_output=True, text=True)
+    assert out.returncode == 1 and "--tools" in out.stderr and "does not support" in out.stderr
 
 
 def test_logging_flags_from_the_environment():
@@ -224,3 +223,36 @@ def test_tensor_overrides_and_fit_reach_the_engine_config():
     assert cfg.n_gpu_layers == -2  # "all": not for --fit to lower (upstream's -2)
     off = engine_config(parse_server_args(["-fit", "off", "--no-warmup"], environ={}))
     assert not off.fit and not off.warmup and off.n_gpu_layers == -1
+
+
+def test_multimodal_flags_reach_the_engine_config():
+    from pyllama.server.app import engine_config
+
+    cfg = engine_config(parse_server_args(
+        ["-mm", "p.gguf", "--no-mmproj-offload", "--image-min-tokens", "64", "--image-max-tokens", "256",
+         "--mtmd-batch-max-tokens", "300", "--video-fps", "2.5", "--video-timestamp-interval", "1000",
+         "--video-ffmpeg-dir", "/opt/ffmpeg"], environ={}))
+    assert (cfg.mmproj, cfg.mmproj_use_gpu, cfg.mmproj_device) == ("p.gguf", False, None)
+    assert (cfg.image_min_tokens, cfg.image_max_tokens, cfg.mtmd_batch_max_tokens) == (64, 256, 300)
+    assert (cfg.video_fps, cfg.video_timestamp_interval_ms, cfg.video_ffmpeg_dir) == (2.5, 1000, "/opt/ffmpeg")
+    assert cfg.media_marker.startswith("<__media_")  # the marker /props reports
+    default = engine_config(parse_server_args([], environ={}))
+    assert (default.mmproj, default.mmproj_use_gpu, default.mtmd_batch_max_tokens) == ("", True, 1024)
+    assert (default.image_min_tokens, default.video_fps, default.video_timestamp_interval_ms) == (-1, 4.0, 5000)
+    # -mmdev: "none" keeps it on the CPU, a device offloads it there whatever --mmproj-offload says
+    off = engine_config(parse_server_args(["-mm", "p", "-mmdev", "none"], environ={}))
+    assert (off.mmproj_use_gpu, off.mmproj_device) == (False, "none")
+    on = engine_config(parse_server_args(["-mm", "p", "--no-mmproj-offload", "--mmproj-device", "CUDA0"],
+                                         environ={}))
+    assert (on.mmproj_use_gpu, on.mmproj_device) == (True, "CUDA0")
+    with pytest.raises(FlagError, match="only one device"):
+        parse_server_args(["-mmdev", "CUDA0,CUDA1"], environ={})
+    # the variables upstream reads (MTMD_BACKEND_DEVICE has no LLAMA_ARG_ prefix)
+    env = engine_config(parse_server_args([], environ={
+        "LLAMA_ARG_MMPROJ": "e.gguf", "MTMD_BACKEND_DEVICE": "none", "LLAMA_ARG_IMAGE_MAX_TOKENS": "9",
+        "LLAMA_ARG_MTMD_BATCH_MAX_TOKENS": "7", "LLAMA_ARG_MMPROJ_OFFLOAD": "0"}))
+    assert (env.mmproj, env.mmproj_device, env.image_max_tokens, env.mtmd_batch_max_tokens) == ("e.gguf", "none", 9, 7)
+    assert not env.mmproj_use_gpu
+    s = parse_server_args(["--no-mmproj", "-mmu", "http://x/p.gguf"], environ={})
+    assert (s.mmproj_auto, s.mmproj_url) == (False, "http://x/p.gguf")
+    assert parse_server_args(["--mmproj-auto"], environ={}).mmproj_auto

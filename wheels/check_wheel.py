@@ -48,7 +48,7 @@ CPU_LEVELS = {
     "aarch64": ["armv8.0_1", "armv8.2_1", "armv8.2_2", "armv8.2_3", "armv8.6_1", "armv8.6_2",
                 "armv9.2_1", "armv9.2_2"],
 }
-CORE_LIBS = ["libllama.so", "libllama-common.so", "libggml.so", "libggml-base.so"]
+CORE_LIBS = ["libllama.so", "libllama-common.so", "libmtmd.so", "libggml.so", "libggml-base.so"]
 
 
 def _arch(wheel_name: str) -> str | None:

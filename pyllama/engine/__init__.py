@@ -6,6 +6,7 @@ Imports: the compiled engine modules and `errors`; never falcon or the server.
 from pyllama.engine._context import Context, ContextParams, default_threads, fit_params
 from pyllama.engine.client import Engine, RequestHandle, Retry
 from pyllama.engine.config import CpuPlacement, EngineConfig, SpecConfig
+from pyllama.engine._media import MediaChunk, MediaContext, default_marker, image_size, mmproj_caps
 from pyllama.engine._model import (
     RPC_PROTO_VERSION,
     LoraAdapter,
@@ -60,12 +61,17 @@ __all__ = [
     "TokenEvent",
     "TokenProb",
     "LoraAdapter",
+    "MediaChunk",
+    "MediaContext",
     "Model",
     "ModelParams",
     "SamplerChain",
+    "default_marker",
     "default_threads",
     "fit_params",
     "format_device_list",
+    "image_size",
+    "mmproj_caps",
     "list_backends",
     "list_devices",
     "llama_build_commit",

@@ -37,6 +37,7 @@ from pyllama._bridge cimport (
     common_context_seq_rm_type,
 )
 from pyllama.engine._context cimport Context, check_decode
+from pyllama.engine._media cimport MediaChunk, MediaContext
 from pyllama.engine._model cimport Model
 from pyllama.engine._prompt_cache cimport Checkpoint, PromptCache
 from pyllama.engine._sampling cimport SamplerChain, SamplerState, sampler_accept, sampler_sample
@@ -95,6 +96,7 @@ cdef struct SlotC:
     int n_draft_total       # draft tokens proposed for the request
     int n_draft_accepted    # of those, accepted by the target
     uint64_t rng            # synthetic acceptance (--spec-synth-*): the slot's xorshift state
+    bint media_done         # a media chunk went into the KV cache this step (no checkpoint)
 
 
 cdef int utf8_complete_len(bytes data):
@@ -250,6 +252,7 @@ cdef class EngineCore:
     cdef readonly int64_t n_draft_accepted_total
     cdef readonly int64_t n_draft_verif_steps
     cdef bint spec_synth
+    cdef public MediaContext media   # libmtmd (--mmproj), None without a projector
 
     def __cinit__(self, Context context, *, int n_predict=-1, bint ctx_shift=False,
                   double slot_prompt_similarity=0.1, int n_threads_sampling=1,
@@ -317,6 +320,7 @@ cdef class EngineCore:
         self.lora_scales = ()
         self.lora_applied = ()
         self.lora_turn = 0
+        self.media = None
         self.slots_c = <SlotC *> malloc(sizeof(SlotC) * self.n_slots)
         self.cpu_slots = <int *> malloc(sizeof(int) * self.n_slots)
         self.slots = []
@@ -332,6 +336,7 @@ cdef class EngineCore:
             self.slots_c[i].prefilled = False
             self.slots_c[i].n_in_batch = 0
             self.slots_c[i].prefill_stop = -1
+            self.slots_c[i].media_done = False
             slot = Slot(i)
             # the C loop reaches the Slot's vectors through these (the Slot lives as long)
             self.slots_c[i].cache = &slot.cache_tokens
@@ -471,8 +476,12 @@ cdef class EngineCore:
         cdef int n_prompt = len(request.prompt)
         if n_prompt == 0:
             raise InvalidRequestError("the prompt is empty", param="prompt")
-        for t in request.prompt:
-            self.model.check_token(t)
+        media = request.media
+        if media:
+            self._check_media(request)
+        else:
+            for t in request.prompt:
+                self.model.check_token(t)
         if n_prompt >= self.n_ctx_slot:
             raise ContextLengthExceededError(
                 f"request ({n_prompt} tokens) exceeds the available context size "
@@ -496,7 +505,7 @@ cdef class EngineCore:
         if request.cache_prompt and slot.cache_lora == lora:  # another LoRA set: no reuse
             keep = _common_prefix(slot.cache_tokens, request.prompt)
             if n_cache_reuse > 0:
-                if L.llama_memory_can_shift(mem):
+                if L.llama_memory_can_shift(mem) and self.media is None:
                     keep = self._reuse_chunks(slot, request.prompt, keep, n_cache_reuse)
                 else:
                     logger.warning("slot %d: cache reuse is not supported - ignoring n_cache_reuse = %d",
@@ -504,6 +513,9 @@ cdef class EngineCore:
             keep = self._restore_checkpoint(slot, keep, keep < n_prompt)
         self._erase_checkpoints_after(slot, keep)
         keep = min(keep, n_prompt - 1)  # at least one token is evaluated, for its logits
+        if media and keep < n_prompt and request.prompt[keep] < 0:
+            # a media chunk is evaluated whole (server_tokens::get_common_prefix never splits one)
+            keep = max([start for start in media if start <= keep], default=0)
         if not L.llama_memory_seq_rm(mem, slot.id, keep, -1):
             keep = 0
             L.llama_memory_seq_rm(mem, slot.id, -1, -1)
@@ -536,7 +548,11 @@ cdef class EngineCore:
         sc.on_backend = False
         # NOTE(pyllama): a request asking for token probabilities does not draft: upstream sends
         # none for accepted draft tokens ("TODO: set result.probs"); we keep them exact.
-        sc.can_spec = self.spec != NULL and request.spec_n_max != 0 and request.sampling.n_probs == 0
+        # TODO(pyllama): a request with media does not draft: the draft would need the media's
+        # embeddings too (upstream's process_mtmd_chunk feeds them through common_speculative_process);
+        # issue 16.
+        sc.can_spec = self.spec != NULL and request.spec_n_max != 0 and request.sampling.n_probs == 0 \
+            and not media
         sc.spec_n_max = request.spec_n_max
         sc.spec_n_min = max(0, request.spec_n_min)
         sc.n_draft = 0
@@ -565,6 +581,78 @@ cdef class EngineCore:
                      n_prompt, keep)
         if self.cache_idle_slots:
             self._cache_idle_slots()
+
+    cdef int _check_media(self, request) except -1:
+        # A prompt with media chunks (MediaContext.tokenize): text tokens in the vocabulary,
+        # each chunk's run of placeholders where its start says, nothing else negative, and
+        # text after the last chunk (its logits start the generation). Engine thread.
+        cdef MediaChunk chunk
+        cdef int i = 0, k, n = len(request.prompt)
+        prompt = request.prompt
+        media = request.media
+        if self.media is None:
+            raise InvalidRequestError("image input is not supported - hint: if this is unexpected, "
+                                      "you may need to provide the mmproj", param="prompt")
+        while i < n:
+            t = prompt[i]
+            if t >= 0:
+                self.model.check_token(t)
+                i += 1
+                continue
+            chunk = media.get(i)
+            if chunk is None or i + chunk.n_tokens > n:
+                raise InvalidRequestError(f"invalid token at position {i}: no media chunk starts there",
+                                          param="prompt")
+            for k in range(i, i + chunk.n_tokens):
+                if prompt[k] != chunk.placeholder:
+                    raise InvalidRequestError(f"media chunk at position {i} is broken at {k}", param="prompt")
+            if chunk.n_pos != chunk.n_tokens:
+                # TODO(pyllama): M-RoPE positions (Qwen2-VL and kin) need positions apart from
+                # token counts in the slots (upstream's server_tokens::pos_next); issue 16.
+                raise InvalidRequestError("media for M-RoPE models is not supported yet", param="prompt")
+            i += chunk.n_tokens
+        if prompt[n - 1] < 0:
+            raise InvalidRequestError("the prompt must not end with a media chunk", param="prompt")
+        return 0
+
+    cdef void _eval_media(self) except *:
+        # Media chunks at the head of a filling slot's prompt go into its sequence before the
+        # batch is filled: encoded and decoded on this thread, the GIL released, as upstream's
+        # update_slots runs process_mtmd_chunk before it adds the slot's text. A slot whose
+        # chunk fails ends with an error; the others go on. Engine thread.
+        cdef int j, sid, rc, k, n_tok
+        cdef L.llama_pos new_n_past = 0
+        cdef SlotC * sc
+        cdef Slot slot
+        cdef MediaChunk chunk
+        cdef L.llama_context * cptr = self.context.ptr
+        cdef MediaContext mctx = self.media
+        cdef list failed = []
+        for j in range(<int>self.prefill_ids.size()):
+            sid = self.prefill_ids[j]
+            sc = &self.slots_c[sid]
+            sc.media_done = False
+            if sc.held:
+                continue
+            slot = <Slot>self.slots[sid]
+            while sc.n_prompt_done < <int>slot.prompt.size() and slot.prompt[sc.n_prompt_done] < 0:
+                chunk = slot.request.media[sc.n_prompt_done]
+                with nogil:
+                    rc = mctx.eval_chunk(cptr, chunk, sc.n_past, sid, self.n_batch, &new_n_past)
+                if rc != 0:
+                    logger.error("slot %d: failed to process mtmd chunk, res = %d", sid, rc)
+                    failed.append(slot)
+                    break
+                n_tok = chunk.n_tokens
+                for k in range(n_tok):
+                    slot.cache_tokens.push_back(chunk.placeholder)
+                sc.n_past += n_tok
+                sc.n_prompt_done += n_tok
+                sc.prefilled = True
+                sc.media_done = True
+                logger.debug("slot %d: processed %s chunk of %d tokens", sid, chunk.kind, n_tok)
+        for slot in failed:
+            self._release_error(slot, EngineError("failed to process mtmd chunk"))
 
     cdef int _restore_checkpoint(self, Slot slot, int n_past, bint has_new_tokens) except -1:
         # server_context::update_slots: a sequence whose memory no longer covers the window
@@ -676,7 +764,7 @@ cdef class EngineCore:
         for j in range(<int>self.prefill_ids.size()):
             sid = self.prefill_ids[j]
             sc = &self.slots_c[sid]
-            if sc.n_in_batch == 0:
+            if sc.n_in_batch == 0 or sc.media_done:  # upstream: no checkpoint after mtmd chunks
                 continue
             slot = <Slot>self.slots[sid]
             start = sc.n_prompt_done
@@ -871,6 +959,8 @@ cdef class EngineCore:
         if self.spec != NULL:
             self._draft_all()
 
+        if self.media is not None and self.prefill_ids.size() > 0:
+            self._eval_media()
         checkpointing = self.do_checkpoints and self.prefill_ids.size() > 0
         if checkpointing:
             self._plan_prefill()
@@ -1030,6 +1120,9 @@ cdef class EngineCore:
             if sc.prefill_stop > sc.n_prompt_done:
                 take = min(take, sc.prefill_stop - sc.n_prompt_done)
             for k in range(take):
+                if sc.prompt[0][sc.n_prompt_done + k] < 0:
+                    take = k  # a media chunk: the next step's _eval_media puts it in
+                    break
                 _batch_put(batch, n, sc.prompt[0][sc.n_prompt_done + k], sc.n_past + k, sid,
                            sc.n_prompt_done + k == n_prompt - 1)
                 n += 1
@@ -1552,6 +1645,8 @@ cdef class EngineCore:
             self._drop_cache(slot)
             raise InvalidRequestError(f"Unable to restore slot: no valid slot state in {path}")
         for i in range(n_tokens):
+            if tokens[i] <= -2 and self.media is not None:
+                continue  # a media chunk's placeholder (MediaContext): matched by its hash later
             if tokens[i] < 0 or tokens[i] >= self.model.n_vocab:  # server_tokens::validate
                 self._drop_cache(slot)
                 raise InvalidRequestError("Unable to restore slot: Invalid tokens in slot save file")

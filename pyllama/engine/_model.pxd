@@ -6,6 +6,10 @@ from libcpp.vector cimport vector
 from pyllama cimport _llama as L
 
 
+# libllama's log callback (logs into the `pyllama.llama_cpp` logger); libmtmd logs through it too
+cdef void _log_callback(L.ggml_log_level level, const char * text, void * user_data) noexcept nogil
+
+
 cdef class ModelParams:
     cdef L.llama_model_params params
     # storage the params point into: it lives as long as the params

@@ -24,6 +24,7 @@ from typing import Iterator
 from pyllama.engine._context import Context, ContextParams, fit_params
 from pyllama.engine._core import EngineCore
 from pyllama.engine._embed import EmbeddingCore
+from pyllama.engine._media import MediaContext
 from pyllama.engine._model import Model, ModelParams, set_abort_hook
 from pyllama.engine import rpc
 from pyllama.engine._sampling import SamplerChain, json_schema_to_grammar
@@ -178,6 +179,7 @@ class Engine:
         self.lora_paths: list[str] = []
         self.model: Model | None = None
         self.core: EngineCore | None = None
+        self.media: MediaContext | None = None  # --mmproj: libmtmd; tokenize() is thread-safe
         self.embedder: EmbeddingCore | None = None
         self.t_busy = 0.0  # engine-thread seconds not spent waiting for work
         self._busy_since = 0.0  # perf_counter() when the running step began; 0 between steps
@@ -586,6 +588,8 @@ class Engine:
             self._close_draft()  # common_speculative_init refused it (server_context::init)
         if cfg.n_ctx_slot_max > 0:
             self.core.n_ctx_slot = min(self.core.n_ctx_slot, cfg.n_ctx_slot_max)
+        if cfg.mmproj:
+            self._load_media(context)
         self.core.lora_adapters = [self.model.load_lora(path) for path, _ in cfg.lora]
         self.core.lora_scales = tuple(0.0 if cfg.lora_init_without_apply else scale
                                       for _, scale in cfg.lora)
@@ -620,6 +624,32 @@ class Engine:
             self._draft_model.close()
             self._draft_model = None
 
+    def _load_media(self, context: Context) -> None:
+        # Engine thread: libmtmd over the loaded model (server_context::load_model). Context
+        # shift and cache reuse are off with it, as upstream turns them off.
+        cfg = self.config
+        device = cfg.mmproj_device
+        if cfg.mmproj_use_gpu and device is None and cfg.devices and cfg.devices[0] != "none":
+            device = cfg.devices[0]  # -mmdev defaults to the first --device (common_params_parse_ex)
+        self.media = MediaContext(
+            cfg.mmproj, self.model, use_gpu=cfg.mmproj_use_gpu and device != "none",
+            device=device if device not in (None, "none") else None, n_threads=context.n_threads,
+            flash_attn=cfg.flash_attn, warmup=cfg.warmup, image_min_tokens=cfg.image_min_tokens,
+            image_max_tokens=cfg.image_max_tokens, batch_max_tokens=cfg.mtmd_batch_max_tokens,
+            media_marker=cfg.media_marker or None, video_fps=cfg.video_fps,
+            video_timestamp_interval_ms=cfg.video_timestamp_interval_ms,
+            video_ffmpeg_dir=cfg.video_ffmpeg_dir or None)
+        self.core.media = self.media
+        if self.media.use_mrope:
+            logger.warning("this projector takes M-RoPE positions (Qwen2-VL and kin): pyllama does not "
+                           "place media for them yet, requests with media are refused")
+        if self.core.ctx_shift:
+            self.core.ctx_shift = False
+            logger.warning("ctx_shift is not supported by multimodal, it will be disabled")
+        if self.core.n_cache_reuse:
+            self.core.n_cache_reuse = 0
+            logger.warning("cache_reuse is not supported by multimodal, it will be disabled")
+
     def _on_backend_abort(self, message: str) -> None:
         # The ggml-abort thread (_model.set_abort_hook), the process about to abort: an RPC
         # server died or answered garbage mid-computation (ggml-rpc's RPC_STATUS_ASSERT). The
@@ -648,6 +678,11 @@ class Engine:
         # may outlive this (a caller's handle); their libllama memory does not.
         core, self.core = self.core, None
         self.embedder = None
+        if core is not None:
+            core.media = None
+        if self.media is not None:  # before the model it was made from
+            self.media.close()
+            self.media = None
         if core is not None:
             self._asleep["lora_scales"] = core.lora_scales
             core.lora_adapters = []

@@ -147,6 +147,16 @@ class EngineConfig:
             tensor split, overrides, n_ctx = 0) to free device memory before loading, leaving
             that many MiB free per device, with n_ctx no lower than fit_ctx_min (--fit,
             --fit-target, --fit-ctx).
+        mmproj: the multimodal projector GGUF (--mmproj); "" none. Loaded after the model
+            with libmtmd (MediaContext): images / audio in prompts (Request.media).
+        mmproj_use_gpu, mmproj_device: offload the projector (--mmproj-offload), and to
+            which device (-mmdev; None follows the model's first device).
+        image_min_tokens, image_max_tokens: tokens per image for dynamic-resolution vision
+            models (-1: the model's; --image-min-tokens / --image-max-tokens).
+        mtmd_batch_max_tokens: media tokens per encode batch (--mtmd-batch-max-tokens).
+        media_marker: the text that stands for one media file in a prompt ("" libmtmd's).
+        video_fps, video_timestamp_interval_ms, video_ffmpeg_dir: video decoding through
+            ffmpeg (--video-*; -1 / "" the defaults).
         sleep_idle_seconds: unload the model, context, KV and prompt cache after that many
             seconds without work and load them again on the next use; -1 never
             (--sleep-idle-seconds; see Engine.acquire).
@@ -207,6 +217,17 @@ class EngineConfig:
     fit_ctx_min: int = _to(_ENGINE, 4096)
     sleep_idle_seconds: int = _to(_ENGINE, -1)
     speculative: SpecConfig | None = _to(_ENGINE, None)
+    # --- the multimodal projector (libmtmd) ---
+    mmproj: str = _to(_ENGINE, "")
+    mmproj_use_gpu: bool = _to(_ENGINE, True)
+    mmproj_device: str | None = _to(_ENGINE, None)
+    image_min_tokens: int = _to(_ENGINE, -1)
+    image_max_tokens: int = _to(_ENGINE, -1)
+    mtmd_batch_max_tokens: int = _to(_ENGINE, 1024)
+    media_marker: str = _to(_ENGINE, "")
+    video_fps: float = _to(_ENGINE, -1.0)
+    video_timestamp_interval_ms: int = _to(_ENGINE, -1)
+    video_ffmpeg_dir: str = _to(_ENGINE, "")
     # --- the model ---
     n_gpu_layers: int = _to(_MODEL, -1)
     use_mmap: bool = _to(_MODEL, True)

@@ -180,6 +180,9 @@ class Request:
     spec_n_max: int = -1
     spec_n_min: int = 0
     spec_types: str = "none"  # the server's speculative types, as the request's params report them
+    # media chunks (MediaContext.tokenize) by the prompt position where each starts; their
+    # positions in `prompt` hold the chunk's placeholder (a negative value from the media hash)
+    media: dict | None = None
     id: int = field(default_factory=lambda: next(_request_ids))
 
 

@@ -191,7 +191,14 @@ def engine_config(s: Settings) -> EngineConfig:
         yarn_orig_ctx=s.yarn_orig_ctx, yarn_ext_factor=s.yarn_ext_factor,
         yarn_attn_factor=s.yarn_attn_factor, yarn_beta_slow=s.yarn_beta_slow,
         yarn_beta_fast=s.yarn_beta_fast, offload_kqv=s.kv_offload, op_offload=s.op_offload,
-        speculative=spec_config(s))
+        speculative=spec_config(s),
+        # -mmdev wins over --mmproj-offload: "none" keeps the projector on the CPU, a device
+        # name offloads it there (arg.cpp's -mmdev handler)
+        mmproj=s.mmproj, mmproj_use_gpu=s.mmproj_offload if not s.mmproj_device else s.mmproj_device != "none",
+        mmproj_device=s.mmproj_device or None, image_min_tokens=s.image_min_tokens,
+        image_max_tokens=s.image_max_tokens, mtmd_batch_max_tokens=s.mtmd_batch_max_tokens,
+        media_marker=info_json.media_marker(), video_fps=s.video_fps,
+        video_timestamp_interval_ms=s.video_timestamp_interval, video_ffmpeg_dir=s.video_ffmpeg_dir)
 
 
 class ServerState:
@@ -305,7 +312,8 @@ class ServerState:
             defaults=self.defaults, chat=self.chat, model_name=self.model_name,
             fingerprint=self.build_info, n_batch=s.batch_size, spm_infill=s.spm_infill,
             embd_normalize=s.embd_normalize, embeddings=engine.embeddings,
-            pooling=engine.embedder.pooling_name if engine.embeddings else "")
+            pooling=engine.embedder.pooling_name if engine.embeddings else "",
+            media=engine.media, media_path=s.media_path)
 
     def load(self) -> None:
         """Load the model and start the engine (worker process, background thread)."""
@@ -385,6 +393,7 @@ def create_app(state: ServerState) -> falcon.App:
     """The WSGI app over a ServerState (the model may still be loading)."""
     from pyllama.server.resources import (anthropic, chat, completions, embeddings, features, info, responses,
                                           streams, tokenize, vertex)
+    from pyllama.server.resources import transcriptions as transcriptions_resource
 
     s = state.settings
     static = [StaticFiles(s.path, s.api_prefix)] if s.path and s.webui else []  # --path, UI on
@@ -435,7 +444,7 @@ def create_app(state: ServerState) -> falcon.App:
         ("/v1/embeddings", embeddings.OAIEmbeddingResource(state)),
         ("/rerank", rerank), ("/reranking", rerank), ("/v1/rerank", rerank), ("/v1/reranking", rerank),
     ]
-    transcriptions = features.TranscriptionsResource()  # no audio model: 501
+    transcriptions = transcriptions_resource.TranscriptionsResource(state)  # 501 without an audio projector
     routes += [
         ("/v1/audio/transcriptions", transcriptions), ("/audio/transcriptions", transcriptions),
         ("/v1/stream", streams.StreamResource(state)),  # GET replays, DELETE stops

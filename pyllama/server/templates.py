@@ -71,7 +71,7 @@ class ChatFormatter:
             if isinstance(content, list):
                 for part in content:
                     kind = part.get("type") if isinstance(part, dict) else None
-                    if kind != "text":
+                    if kind not in ("text", "media_marker"):
                         if kind in ("image_url", "input_audio", "input_video", "video_url"):
                             raise InvalidRequestError(
                                 "image input is not supported - hint: if this is unexpected, you may "

@@ -15,7 +15,11 @@ def test_every_field_reaches_model_context_or_the_loop():
     loop = {"n_parallel", "n_predict", "ctx_shift", "slot_prompt_similarity", "n_threads_sampling",
             "lora", "lora_init_without_apply", "n_ctx_slot_max", "warmup", "fit", "fit_target_mib", "fit_ctx_min",
             "cache_ram_mib", "cache_idle_slots", "n_cache_reuse", "sleep_idle_seconds",
-            "n_ctx_checkpoints", "checkpoint_min_step", "rpc_servers", "speculative"}
+            "n_ctx_checkpoints", "checkpoint_min_step", "rpc_servers", "speculative",
+            # the projector (MediaContext)
+            "mmproj", "mmproj_use_gpu", "mmproj_device", "image_min_tokens", "image_max_tokens",
+            "mtmd_batch_max_tokens", "media_marker", "video_fps", "video_timestamp_interval_ms",
+            "video_ffmpeg_dir"}
     assert set(model) | (set(context) - {"n_seq_max"}) | loop == EngineConfig.field_names()
     assert not set(model) & set(context)
     assert context["n_seq_max"] == config.n_parallel

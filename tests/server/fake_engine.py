@@ -121,6 +121,7 @@ class FakeEngine:
     """
 
     embeddings = False
+    media = None  # no projector (Engine.media)
 
     def __init__(self, model, script: Sequence | Callable = (), *, release: str = "all",
                  n_slots: int = 4, n_ctx_slot: int = 4096, lora_paths: Sequence[str] = ()) -> None:

@@ -48,6 +48,8 @@ def hub(monkeypatch, tmp_path, ggufs):
         monkeypatch.setenv("LLAMA_CACHE", str(tmp_path / "cache"))
         monkeypatch.setenv("HF_ENDPOINT", standin.url)
         monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # huggingface_hub's own files
+        # the stand-in's projector is not a real one: --no-mmproj, but where a test says otherwise
+        monkeypatch.setenv("LLAMA_ARG_MMPROJ_AUTO", "0")
         standin.add_repo("user/tiny", {f"tiny-{q}.gguf": ggufs[q] for q in ("Q8_0", "Q4_K_M", "F16")}
                          | {"mmproj-tiny-F16.gguf": b"projector", "README.md": b"# tiny\n"})
         standin.cache = tmp_path / "cache"
@@ -103,6 +105,33 @@ def test_hf_downloads_once_then_serves_from_the_cache(hub, ggufs, monkeypatch):
 
     listed = run_cli("-cl")
     assert (listed.returncode, listed.stdout) == (0, "number of models in cache: 1\n   1. user/tiny:Q4_K_M\n")
+
+
+def test_hf_takes_the_repos_projector_with_mmproj_auto(hub, monkeypatch):
+    # --mmproj-auto (the default): the projector beside the model is downloaded and loaded;
+    # the stand-in's is a few bytes, so loading it fails, naming the downloaded file
+    monkeypatch.delenv("LLAMA_ARG_MMPROJ_AUTO")
+    done = run_cli("-hf", "user/tiny", "--port", "0")
+    projector = snapshot(hub, "user/tiny", "mmproj-tiny-F16.gguf")
+    assert projector.read_bytes() == b"projector"
+    assert f"failed to load multimodal model, '{projector}'" in done.stdout + done.stderr
+    # --no-mmproj, or a projector of one's own: not downloaded
+    projector.unlink()
+    hub.clear()
+    props, _, _, out = serve(["-hf", "user/tiny", "--no-mmproj"])
+    assert not projector.exists() and props["modalities"]["vision"] is False
+    assert "mmproj-tiny-F16.gguf): not downloaded" in out
+
+
+def test_mmproj_url_downloads_to_the_llama_cache(hub, ggufs, tmp_path):
+    hub.plain["mmproj-tiny-F16.gguf"] = b"projector"
+    url = f"{hub.url}/files/mmproj-tiny-F16.gguf"
+    model = tmp_path / "m.gguf"
+    model.write_bytes(ggufs["Q8_0"])
+    done = run_cli("-m", str(model), "-mmu", url, "--port", "0")
+    cached = hub.cache / "mmproj-tiny-F16.gguf"
+    assert cached.read_bytes() == b"projector"
+    assert f"failed to load multimodal model, '{cached}'" in done.stdout + done.stderr
 
 
 def test_the_quant_tag_picks_the_file(hub, ggufs):

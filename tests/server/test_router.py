@@ -414,7 +414,7 @@ def test_preset_keys_and_rendering(tmp_path):
     assert merged.to_args() == ["--no-jinja", "--no-mmap", "--temperature", "0.5", "--ctx-size", "512",
                                 "--n-gpu-layers", "3"]
     with pytest.raises(p.PresetError, match="does not support yet"):
-        ini.write_text("[m]\nmmproj = x.gguf\n")
+        ini.write_text("[m]\ntools = all\n")
         p.load_from_ini(str(ini))
 
 
@@ -426,3 +426,14 @@ def test_router_build_info_matches_the_pin():
         pytest.skip("no source tree")
     text = pin.read_text()
     assert f'commit = "{LLAMA_BUILD_COMMIT}"' in text and f"build_number = {LLAMA_BUILD_NUMBER}" in text
+
+
+def test_a_models_dir_subfolder_passes_its_projector(tmp_path):
+    from pyllama.server.router import preset as p
+
+    (tmp_path / "vlm").mkdir()
+    (tmp_path / "vlm" / "vlm-Q4_K_M.gguf").write_bytes(b"model")
+    (tmp_path / "vlm" / "mmproj-vlm-F16.gguf").write_bytes(b"projector")
+    presets = p.load_from_models_dir(str(tmp_path))
+    assert presets["vlm"].get_option("LLAMA_ARG_MMPROJ") == str(tmp_path / "vlm" / "mmproj-vlm-F16.gguf")
+    assert "--mmproj" in presets["vlm"].to_args()

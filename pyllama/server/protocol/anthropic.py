@@ -87,11 +87,12 @@ def to_chat(body: dict) -> dict:
         if isinstance(content, str):
             messages.append({"role": role, "content": content})
             continue
-        text, reasoning, calls = [], [], []
+        text, reasoning, calls, parts = [], [], [], []
         for block in content or []:
             kind = block.get("type")
             if kind == "text":
                 text.append(block.get("text", ""))
+                parts.append({"type": "text", "text": block.get("text", "")})
             elif kind == "thinking":
                 reasoning.append(block.get("thinking", ""))
             elif kind == "tool_use":
@@ -103,9 +104,11 @@ def to_chat(body: dict) -> dict:
                 messages.append({"role": "tool", "tool_call_id": block.get("tool_use_id", ""),
                                  "content": _text_of(result) if not isinstance(result, str) else result})
             elif kind == "image":
-                messages.append({"role": role, "content": [{"type": "image_url", "image_url": {"url": ""}}]})
-        if text or reasoning or calls:
-            out = {"role": role, "content": "".join(text)}
+                # convert_anthropic_to_oai: a base64 source as a data: URL, a url source as is
+                parts.append({"type": "image_url", "image_url": {"url": _image_url(block.get("source"))}})
+        if text or reasoning or calls or parts:
+            has_image = any(p["type"] == "image_url" for p in parts)
+            out = {"role": role, "content": parts if has_image else "".join(text)}
             if reasoning:
                 out["reasoning_content"] = "".join(reasoning)
             if calls:
@@ -138,6 +141,16 @@ def _tool_input(arguments: str) -> dict:
         return orjson.loads(arguments or "{}")
     except orjson.JSONDecodeError:
         return {}
+
+
+def _image_url(source) -> str:
+    if not isinstance(source, dict):
+        return ""
+    if source.get("type") == "base64":
+        return f"data:{source.get('media_type') or 'image/jpeg'};base64,{source.get('data', '')}"
+    if source.get("type") == "url":
+        return source.get("url", "") or ""
+    return ""
 
 
 def _blocks(msg: dict) -> list[dict]:

@@ -49,6 +49,8 @@ class ProtocolContext:
     embd_normalize: int = 2
     embeddings: bool = False
     pooling: str = ""  # the embedding engine's pooling type name
+    media: Any = None  # engine.MediaContext with --mmproj (tokenize() is thread-safe), else None
+    media_path: str = ""  # --media-path: the folder file:// media URLs are read from
 
 
 @dataclass

@@ -18,6 +18,7 @@ from pyllama.engine import FinishEvent, FinishReason, ProgressEvent, TokenEvent
 from pyllama.errors import InvalidRequestError
 from pyllama.server import sse
 from pyllama.server.protocol.base import Call, ProtocolContext, Task
+from pyllama.server.protocol.media import load_content_media
 from pyllama.server.protocol.params import check_fits, generation_prompt_tokens, parses_body
 from pyllama.server.protocol.completions import (
     completion_id,
@@ -39,6 +40,8 @@ class ChatPrompt:
     native: dict  # the completion fields of the request (sampling, stop, grammar, ...)
     parser: dict  # ChatParser parameters
     prefill: tuple  # the generation prompt's tokens, for a grammar (common_sampler_init)
+    files: list = None  # media files' bytes, one per marker in `prompt`
+    names: list = None  # what each file's part is called in errors
 
 
 def reasoning_budget_fields(body: dict, params: dict, ctx: ProtocolContext) -> dict:
@@ -106,6 +109,10 @@ def render(body: dict, ctx: ProtocolContext) -> ChatPrompt:
         raise InvalidRequestError("top_logprobs requires logprobs to be set to true", param="top_logprobs")
 
     check_schemas(body, "json_schema" if response_format is None else "response_format")
+    files: list = []
+    names: list = []
+    if isinstance(body.get("messages"), list):
+        body["messages"], files, names = load_content_media(body["messages"], ctx.media, ctx.media_path)
     params = ctx.chat.apply(body)
     native = {k: v for k, v in body.items() if k not in ("messages", "tools", "response_format")}
     stop = body.get("stop")
@@ -130,14 +137,18 @@ def render(body: dict, ctx: ProtocolContext) -> ChatPrompt:
               "generation_prompt": params.get("generation_prompt", ""),
               "parse_tool_calls": bool(body.get("tools")) and body.get("tool_choice", "auto") != "none",
               "parser": params.get("parser", "")}
-    return ChatPrompt(params["prompt"], native, parser, prefill)
+    return ChatPrompt(params["prompt"], native, parser, prefill, files, names)
 
 
 def chat_tasks(chat: ChatPrompt, ctx: ProtocolContext) -> list[Task]:
     """The engine requests of a rendered chat, each with its own output parser."""
     check_fits(ctx.model, chat.prompt, ctx.n_ctx_slot, add_special=True)
-    tokens = ctx.model.tokenize(chat.prompt, add_special=True, parse_special=True)
-    tasks = completion_tasks(chat.native, ctx, prompt=tokens, grammar_prefill=chat.prefill)
+    media = None
+    if chat.files:
+        tokens, media = ctx.media.tokenize(chat.prompt, chat.files, chat.names)
+    else:
+        tokens = ctx.model.tokenize(chat.prompt, add_special=True, parse_special=True)
+    tasks = completion_tasks(chat.native, ctx, prompt=tokens, grammar_prefill=chat.prefill, media=media)
     for task in tasks:
         task.state = ChatStream(ctx.chat.parser(chat.parser))
         task.source_prompt = chat.prompt
@@ -346,4 +357,7 @@ def apply_template(body: dict, ctx: ProtocolContext) -> dict:
 @parses_body
 def count_tokens(body: dict, ctx: ProtocolContext) -> int:
     """Tokens of the rendered chat prompt, as the completion would tokenize it."""
-    return len(ctx.model.tokenize(render(body, ctx).prompt, add_special=True, parse_special=True))
+    chat = render(body, ctx)
+    if chat.files:  # media tokens count as the completion counts them
+        return len(ctx.media.tokenize(chat.prompt, chat.files, chat.names)[0])
+    return len(ctx.model.tokenize(chat.prompt, add_special=True, parse_special=True))

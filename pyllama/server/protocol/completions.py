@@ -16,6 +16,7 @@ from dataclasses import replace
 from pyllama.engine import FinishEvent, FinishReason, ProgressEvent, Request, Timings, TokenEvent
 from pyllama.errors import InvalidRequestError
 from pyllama.server import sse
+from pyllama.server.protocol.media import tokenize_multimodal
 from pyllama.server.protocol.base import Call, ProtocolContext, Task, random_id
 from pyllama.server.protocol.params import (
     build_request,
@@ -248,11 +249,13 @@ def probs_list(task: Task, probs) -> list | None:
     return [prob_element(chosen, top, post) for chosen, top in probs]
 
 
-def completion_tasks(body: dict, ctx: ProtocolContext, prompt=None, grammar_prefill: tuple = ()) -> list[Task]:
+def completion_tasks(body: dict, ctx: ProtocolContext, prompt=None, grammar_prefill: tuple = (),
+                     media: dict | None = None) -> list[Task]:
     """One Task per prompt and per `n_cmpl` child (§3.1, §3.2). HTTP thread.
 
     `prompt` replaces the body's prompt (e.g. tokens rendered by chat or infill);
-    `grammar_prefill` are tokens the grammar accepts before the first generated one.
+    `grammar_prefill` are tokens the grammar accepts before the first generated one;
+    `media` the media chunks in `prompt` (MediaContext.tokenize).
     """
     model = ctx.model
     if prompt is None:
@@ -269,9 +272,16 @@ def completion_tasks(body: dict, ctx: ProtocolContext, prompt=None, grammar_pref
     tasks = []
     n_vocab = model.n_vocab
     source = body["prompt"] if prompt is None else prompt
-    for p in prompts:
-        tokens = p if prompt is not None and isinstance(p, list) else tokenize_prompt(model, p, ctx.n_ctx_slot)
-        if any(t < 0 or t >= n_vocab for t in tokens):
+    for index, p in enumerate(prompts):
+        p_media = media if prompt is not None else None
+        if prompt is None and isinstance(p, dict) and "multimodal_data" in p:
+            tokens, p_media = tokenize_multimodal(p, ctx.media, index)
+        else:
+            tokens = p if prompt is not None and isinstance(p, list) else tokenize_prompt(model, p, ctx.n_ctx_slot)
+        if p_media:
+            if any(t >= n_vocab or (t < 0 and not _in_media(p_media, i)) for i, t in enumerate(tokens)):
+                raise InvalidRequestError("Prompt contains invalid tokens", param="prompt")
+        elif any(t < 0 or t >= n_vocab for t in tokens):
             raise InvalidRequestError("Prompt contains invalid tokens", param="prompt")
         user_starts = user_message_starts(model, body.get("message_delimiters"), tokens)
         for child in range(n_cmpl):
@@ -279,8 +289,13 @@ def completion_tasks(body: dict, ctx: ProtocolContext, prompt=None, grammar_pref
             if child and sampling.seed != 0xFFFFFFFF:
                 child_sampling = replace(sampling, seed=(sampling.seed + child) & 0xFFFFFFFF)
             request = build_request(body, tokens, child_sampling, ctx.defaults, stop, user_starts)
+            request.media = p_media or None
             tasks.append(Task(index=len(tasks), request=request, source_prompt=source))
     return tasks
+
+
+def _in_media(media: dict, i: int) -> bool:
+    return any(start <= i < start + chunk.n_tokens for start, chunk in media.items())
 
 
 class NativeCompletionCall(Call):
@@ -294,7 +309,9 @@ class NativeCompletionCall(Call):
         self.model_name = ctx.model_name
         self.eog = tuple(ctx.model.eog_tokens)  # ignore_eos' logit biases in generation_settings
         for t in tasks:
-            t.prompt_text = ctx.model.detokenize(t.request.prompt, unparse_special=True)
+            # media positions are left out, as server_tokens::detokenize
+            text_tokens = [tok for tok in t.request.prompt if tok >= 0] if t.request.media else t.request.prompt
+            t.prompt_text = ctx.model.detokenize(text_tokens, unparse_special=True)
 
     def _final(self, task: Task) -> dict:
         out = native_final(task.index, task.result, task.request, self.model_name, task.prompt_text,

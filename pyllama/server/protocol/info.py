@@ -69,6 +69,8 @@ def models(engine, ctx: ProtocolContext, aliases: list, tags: str) -> dict:
             "n_embd": model.n_embd, "n_params": model.n_params, "size": model.size,
             "ftype": model_ftype(model)}
     capabilities = ["embedding"] if ctx.embeddings else ["completion"]
+    if ctx.media is not None:
+        capabilities.append("multimodal")
     return {
         "models": [{"name": name, "model": name, "modified_at": "", "size": "", "digest": "",
                     "type": "model", "description": "", "tags": [""], "capabilities": capabilities,
@@ -96,8 +98,10 @@ def props(ctx: ProtocolContext, settings, model_path: str) -> dict:
         "model_alias": ctx.model_name,
         "model_ftype": model_ftype(model),
         "model_path": settings.model or model_path,
-        "modalities": {"vision": False, "video": False, "audio": False},
-        "media_marker": media_marker(),
+        "modalities": {"vision": bool(ctx.media is not None and ctx.media.vision),
+                       "video": bool(ctx.media is not None and ctx.media.video),
+                       "audio": bool(ctx.media is not None and ctx.media.audio)},
+        "media_marker": ctx.media.marker if ctx.media is not None else media_marker(),
         "endpoint_slots": settings.slots,
         "endpoint_props": settings.props,
         "endpoint_metrics": settings.metrics,

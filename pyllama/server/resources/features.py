@@ -1,10 +1,10 @@
 """Routes llama-server registers for features pyllama does not have, answered as upstream
 answers them when the feature is off: /cors-proxy and /tools (server.cpp's res_403 without
---ui-mcp-proxy, --tools or MCP servers), /v1/audio/transcriptions (no audio model loaded)."""
+--ui-mcp-proxy, --tools or MCP servers)."""
 
 from __future__ import annotations
 
-from pyllama.errors import FeatureDisabledError, NotSupportedError
+from pyllama.errors import FeatureDisabledError
 
 
 class DisabledFeatureResource:
@@ -17,12 +17,3 @@ class DisabledFeatureResource:
         raise FeatureDisabledError("this feature is disabled")
 
     on_post = on_get
-
-
-class TranscriptionsResource:
-    """POST /v1/audio/transcriptions, /audio/transcriptions (post_transcriptions_oai)."""
-
-    json_body = "raw"  # a multipart form upstream; the model check comes before it
-
-    def on_post(self, req, resp):
-        raise NotSupportedError("The current model does not support audio input.")

@@ -303,9 +303,8 @@ def _listdir(path: str) -> list:
 def load_from_models_dir(models_dir: str) -> dict:
     """One preset per model of a --models-dir folder (load_from_models_dir).
 
-    A subfolder's draft sidecar becomes the child's --spec-draft-model, as upstream.
-    NOTE(router): pyllama has no multimodal input, so a subfolder's mmproj is logged and not
-    passed to the child (upstream sets --mmproj from it).
+    A subfolder's draft sidecar becomes the child's --spec-draft-model, and its mmproj sidecar
+    the child's --mmproj, as upstream.
     Raises:
         PresetError: the folder does not exist.
     """
@@ -340,8 +339,7 @@ def load_from_models_dir(models_dir: str) -> dict:
         if draft:  # as upstream, the draft drafts once --spec-type draft-simple asks for it
             preset.set_option("LLAMA_ARG_SPEC_DRAFT_MODEL", draft)
         if mmproj:
-            logger.warning("model %s: multimodal projector %s not applied (pyllama does not support it yet)",
-                           name, mmproj)
+            preset.set_option("LLAMA_ARG_MMPROJ", mmproj)
         out[name] = preset
     return out
 

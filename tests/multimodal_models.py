@@ -1,0 +1,188 @@
+"""A tiny random-weight vision projector for the default model, made with transformers + torch.
+
+Test models cannot be downloaded, so the vision half of a Gemma 3 VLM is built here: a
+SigLIP tower (2 layers, 32 wide, 64x64 images in 16x16 patches) and Gemma 3's projector onto
+the text width of gemma-3-270m (640), 4 tokens per image (upstream's converter handles such
+"tinygemma3" test models: proj_scale_factor). It is saved as a Hugging Face folder and
+converted by the vendored convert_hf_to_gguf.py --mmproj; the text model is the real default
+model, whose vocabulary has Gemma 3's <start_of_image> / <end_of_image>. The weights are
+seeded, so the GGUF is the same every time; it is cached beside the embedding test models.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONVERTER = ROOT / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
+SEED = 20261202
+TEXT_WIDTH = 640  # gemma-3-270m's n_embd
+IMAGE_SIZE = 64
+PATCH_SIZE = 16
+TOKENS_PER_IMAGE = 4
+
+
+def _cache() -> Path:
+    from pyllama.models import cache_dir
+
+    path = cache_dir() / "test-models"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _hf_folder(folder: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    torch.manual_seed(SEED)
+    config = Gemma3Config(
+        text_config=dict(hidden_size=TEXT_WIDTH, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=1, num_key_value_heads=1, head_dim=32,
+                         vocab_size=262144),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
+                           vision_use_head=False),
+        mm_tokens_per_image=TOKENS_PER_IMAGE)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    tensors = {}
+    for name, value in model.state_dict().items():
+        # the checkpoint layout the converter reads (transformers 4's names)
+        for prefix in ("vision_tower.", "multi_modal_projector."):
+            at = name.find(prefix)
+            if at >= 0:
+                key = name[at:]
+                if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
+                    key = "vision_tower.vision_model." + key[len("vision_tower."):]  # transformers 5
+                tensors[key] = value.detach().clone().contiguous()
+    assert tensors, "no vision tensors in the state dict"
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    cfg = config.to_dict()
+    cfg["architectures"] = ["Gemma3ForConditionalGeneration"]
+    (folder / "config.json").write_text(json.dumps(cfg, indent=1))
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+        "image_seq_length": TOKENS_PER_IMAGE,
+        "size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}}))
+
+
+def tiny_gemma3_mmproj() -> Path:
+    """The mmproj GGUF (F32) of the tiny vision tower, built and converted once."""
+    out = _cache() / f"tiny-gemma3-mmproj-{SEED}-f32.gguf"
+    if out.exists():
+        return out
+    folder = _cache() / f"tiny-gemma3-vision-{SEED}"
+    shutil.rmtree(folder, ignore_errors=True)
+    _hf_folder(folder)
+    tmp = out.with_suffix(".tmp.gguf")
+    proc = subprocess.run([sys.executable, str(CONVERTER), str(folder), "--mmproj", "--outfile",
+                           str(tmp), "--outtype", "f32"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError("convert_hf_to_gguf.py --mmproj failed:\n" + proc.stderr[-4000:])
+    tmp.rename(out)
+    return out
+
+
+def _audio_folder(folder: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
+
+    torch.manual_seed(SEED)
+    config = Qwen2AudioConfig(
+        # 3 layers: the converter maps audio_tower.conv{1,2} through the block ids, which
+        # stop at the layer count
+        audio_config=dict(d_model=32, encoder_layers=3, encoder_attention_heads=2, encoder_ffn_dim=64,
+                          num_mel_bins=128, max_source_positions=1500),
+        text_config=dict(hidden_size=TEXT_WIDTH, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=1, num_key_value_heads=1, vocab_size=1024))
+    model = Qwen2AudioForConditionalGeneration(config).eval()
+    tensors = {}
+    for name, value in model.state_dict().items():
+        for prefix in ("audio_tower.", "multi_modal_projector."):
+            at = name.find(prefix)
+            if at >= 0:
+                tensors[name[at:]] = value.detach().clone().contiguous()
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    cfg = config.to_dict()
+    cfg["architectures"] = ["Qwen2AudioForConditionalGeneration"]
+    (folder / "config.json").write_text(json.dumps(cfg, indent=1))
+
+
+def _convert(make, name: str) -> Path:
+    out = _cache() / f"{name}-mmproj-{SEED}-f32.gguf"
+    if out.exists():
+        return out
+    folder = _cache() / f"{name}-{SEED}"
+    shutil.rmtree(folder, ignore_errors=True)
+    make(folder)
+    tmp = out.with_suffix(".tmp.gguf")
+    proc = subprocess.run([sys.executable, str(CONVERTER), str(folder), "--mmproj", "--outfile",
+                           str(tmp), "--outtype", "f32"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError("convert_hf_to_gguf.py --mmproj failed:\n" + proc.stderr[-4000:])
+    tmp.rename(out)
+    return out
+
+
+def tiny_qwen2_audio_mmproj() -> Path:
+    """The mmproj GGUF (F32) of a tiny random Qwen2-Audio (Whisper) encoder onto the default
+    model's width: audio in prompts, 16 kHz, as libmtmd's qwen2a takes it."""
+    return _convert(_audio_folder, "tiny-qwen2-audio")
+
+
+def wav(seconds: float = 1.0, rate: int = 16000, freq: float = 440.0) -> bytes:
+    """A mono 16-bit PCM WAV of a sine tone (the stdlib's wave module)."""
+    import io
+    import math
+    import struct
+    import wave
+
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(b"".join(struct.pack("<h", int(12000 * math.sin(2 * math.pi * freq * i / rate)))
+                               for i in range(int(seconds * rate))))
+    return buf.getvalue()
+
+
+def png(width: int, height: int, seed: int = 0) -> bytes:
+    """A real RGB PNG of random pixels (zlib + the PNG chunk layout, no imaging library)."""
+    import random
+    import struct
+    import zlib
+
+    rng = random.Random(seed)
+    rows = b"".join(b"\x00" + bytes(rng.getrandbits(8) for _ in range(width * 3)) for _ in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def huge_png(width: int, height: int) -> bytes:
+    """A PNG header and a little data claiming width x height (a decompression bomb's shape)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\x00" + b"\x00" * (width * 3)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(row * 4)) + chunk(b"IEND", b""))
+
+
+if __name__ == "__main__":
+    print(tiny_gemma3_mmproj())
+    print(tiny_qwen2_audio_mmproj())
