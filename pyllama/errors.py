@@ -43,6 +43,12 @@ class InvalidTokenError(InvalidRequestError):
     """A token id outside the model's vocabulary."""
 
 
+class RequestTimeoutError(InvalidRequestError):
+    """A client that stopped sending its request body for longer than the I/O timeout."""
+
+    status = 408
+
+
 class AuthenticationError(PyllamaError):
     """A missing or wrong API key."""
 

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import falcon
 import orjson
 
-from pyllama.errors import AuthenticationError, InvalidRequestError, UnavailableError
+from pyllama.errors import AuthenticationError, InvalidRequestError, RequestTimeoutError, UnavailableError
 from pyllama.server import ui
 
 HEALTH = {"/health", "/v1/health"}
@@ -101,7 +101,11 @@ class JSONBody:
         length = req.content_length
         if length is not None and length > self.limit:
             raise falcon.HTTPContentTooLarge(description=f"request body larger than {self.limit} bytes")
-        data = req.bounded_stream.read(self.limit + 1)
+        try:
+            data = req.bounded_stream.read(self.limit + 1)
+        except (BlockingIOError, TimeoutError):  # the worker's read deadline (server/worker.py)
+            resp.set_header("Connection", "close")  # the rest of the body may still come
+            raise RequestTimeoutError("timed out waiting for the request body") from None
         if len(data) > self.limit:
             raise falcon.HTTPContentTooLarge(description=f"request body larger than {self.limit} bytes")
         if getattr(resource, "json_body", "object") == "raw":  # the resource parses it itself

@@ -9,7 +9,12 @@ reads) gathers each connection's header and submits the connection to the pool o
 header is whole, so a thread is taken only by a request that can be answered. A connection
 that sends nothing is closed after the keep-alive timeout (5 s, cpp-httplib's
 keep_alive_timeout, as llama-server); one that has begun a header has gunicorn's timeout
-(max(30, --timeout) s; upstream's read timeout is --timeout) to finish it. The half-read headers
+(max(30, --timeout) s; upstream's read timeout is --timeout) to finish it. Once a thread has the
+connection, every read and write on it has --timeout as its deadline (SO_RCVTIMEO/SO_SNDTIMEO,
+as cpp-httplib's read and write timeouts): a body that stops arriving, or a client that stops
+reading its stream, gives the thread back instead of holding it forever. A connection closed after
+its response lingers (FIN sent, what the client still sends drained for up to 2 s) on the poller,
+not in a blocking wait on the main loop as gthread's util.close_graceful does. The half-read headers
 of all connections together hold at most HEAD_BUDGET bytes, and when the connections reach the
 worker's limit (also kept below the open-file limit, which the worker raises to its hard limit)
 the oldest connection that has sent no complete header yet is closed to make room, so a flood
@@ -37,10 +42,12 @@ import errno
 import logging
 import resource
 import selectors
+import socket
+import struct
 import time
 from functools import partial
 
-from gunicorn import http
+from gunicorn import http, util
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
 logger = logging.getLogger(__name__)
@@ -50,6 +57,11 @@ READ_CHUNK = 64 * 1024
 HEAD_BUDGET = 64 * 1024 * 1024  # the half-read headers of all connections together
 FD_RESERVE = 256  # open files kept for the model, logs, pipes and the engine
 OUT_OF_FILES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+# util.close_graceful's linger after a response that closes the connection: read (and drop) what
+# the client still sends for up to 2 s or 64 KiB, so the kernel does not answer it with a reset
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 64 * 1024
+LINGER_MAX = 1024  # connections lingering at once; past it the oldest is closed at once
 
 
 def raise_open_file_limit() -> int:
@@ -65,6 +77,24 @@ def raise_open_file_limit() -> int:
     return soft
 
 
+class LingeringConn(TConn):
+    """A plain-HTTP connection whose graceful close lingers on the worker's main loop instead
+    of blocking it: gthread's finish_request closes with util.close_graceful, which waits up
+    to 2 s for the client's FIN on the main loop, so eight clients that kept their sockets
+    open after a "Connection: close" answer stalled every other connection for 16 s."""
+
+    def __init__(self, worker, *args):
+        super().__init__(*args)
+        self.worker = worker
+        self.drained = 0
+
+    def close(self, graceful=False):
+        if graceful:
+            self.worker._linger(self)
+        else:
+            util.close(self.sock)
+
+
 class PyllamaWorker(ThreadWorker):
     """gthread that reads headers on its main loop and closes its listeners on SIGTERM."""
 
@@ -76,6 +106,7 @@ class PyllamaWorker(ThreadWorker):
         self.silent_conns: dict[TConn, float] = {}
         self.head_conns: dict[TConn, float] = {}
         self.head_bytes = 0
+        self.lingering: dict[TConn, float] = {}  # closed for writing, draining until the deadline
         # the most a whole header can be under gunicorn's limits (request line, fields, a PROXY
         # line): a longer one is handed to gunicorn's parser, which answers it with its error
         fields = self.cfg.limit_request_fields or 32768
@@ -109,7 +140,7 @@ class PyllamaWorker(ThreadWorker):
                 return None
             raise
         self.nr_conns += 1
-        conn = TConn(self.cfg, client_sock, client_addr, listener.getsockname())  # non-blocking
+        conn = LingeringConn(self, self.cfg, client_sock, client_addr, listener.getsockname())  # non-blocking
         self._wait_for_head(conn, time.monotonic() + self._silent_timeout())
         return None
 
@@ -183,6 +214,14 @@ class PyllamaWorker(ThreadWorker):
     def _head_timeout(self) -> float:
         return float(self.cfg.timeout or 600)
 
+    def _io_timeout(self) -> float:
+        """The read/write deadline of a served connection: --timeout, as cpp-httplib's
+        set_read_timeout / set_write_timeout (server_http_context::init). gunicorn's own
+        timeout (the worker heartbeat) is at least 30 s, so it is read from the settings."""
+        settings = getattr(self.app, "settings", None)
+        timeout = getattr(settings, "timeout", None)
+        return float(timeout) if timeout and timeout > 0 else self._head_timeout()
+
     def _hand_off(self, conn) -> None:
         """Main loop: the header is here; a pool thread parses it and serves the request."""
         self._forget(conn)
@@ -193,7 +232,19 @@ class PyllamaWorker(ThreadWorker):
             conn.initialized = True
         conn.parser.unreader.unread(data)
         conn.data_ready = True
+        self._set_io_deadline(conn)
         self.enqueue_req(conn)
+
+    def _set_io_deadline(self, conn) -> None:
+        """Bound each blocking read and write the thread makes on this connection. Python's
+        blocking sockets (timeout None) call recv/send directly, so the kernel's timeouts apply
+        and a stall raises BlockingIOError in the thread."""
+        deadline = struct.pack("ll", max(1, int(self._io_timeout())), 0)
+        try:
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, deadline)
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, deadline)
+        except OSError:
+            pass
 
     def _forget(self, conn) -> None:
         try:
@@ -229,12 +280,52 @@ class PyllamaWorker(ThreadWorker):
             return True
         return False
 
+    # -- closing ---------------------------------------------------------------------------------
+
+    def _linger(self, conn) -> None:
+        """Main loop: util.close_graceful without the wait: FIN now, then the poller drains what
+        the client still sends until it closes, LINGER_BYTES or LINGER_SECONDS."""
+        if len(self.lingering) >= LINGER_MAX:
+            self._end_linger(next(iter(self.lingering)))
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+            conn.sock.setblocking(False)
+            self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_linger_readable, conn))
+        except (OSError, KeyError, ValueError):
+            util.close(conn.sock)
+            return
+        self.lingering[conn] = time.monotonic() + LINGER_SECONDS
+
+    def _on_linger_readable(self, conn, _sock) -> None:
+        try:
+            data = conn.sock.recv(READ_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        conn.drained += len(data)
+        if not data or conn.drained >= LINGER_BYTES:
+            self._end_linger(conn)
+
+    def _end_linger(self, conn) -> None:
+        self.lingering.pop(conn, None)
+        try:
+            self.poller.unregister(conn.sock)
+        except (OSError, KeyError, ValueError):
+            pass
+        util.close(conn.sock)
+
     def murder_keepalived(self, *args, **kwargs):
         """Main loop, once a second (and at the end): close the kept-alive connections past
         their timeout, as gthread does, and those past their header deadline (all of them once
         the worker is stopping)."""
         super().murder_keepalived(*args, **kwargs)
         now = time.monotonic()
+        while self.lingering:
+            conn, deadline = next(iter(self.lingering.items()))
+            if deadline > now and self.alive:
+                break
+            self._end_linger(conn)
         for conns in (self.silent_conns, self.head_conns):
             while conns:
                 conn, deadline = next(iter(conns.items()))

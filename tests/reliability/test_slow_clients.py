@@ -180,3 +180,32 @@ def test_a_flood_beyond_the_connection_limit_makes_room_for_normal_requests(synt
         normal_requests(srv.base)
     finally:
         srv.stop()
+
+
+def test_a_body_that_stops_arriving_gives_its_thread_back_after_the_timeout(synthetic_path):
+    # --timeout is the read/write timeout of a connection being served (cpp-httplib's), so a
+    # body that stalls ends in a 408 and a closed connection instead of holding a thread forever.
+    # The clients keep their sockets open after the answer: closing them must not stall the
+    # worker's main loop (gthread's util.close_graceful waits 2 s for each client's FIN there,
+    # 16 s for these eight, and normal requests timed out meanwhile).
+    srv = ServerProcess(["-m", str(synthetic_path), "-np", "1", "-c", "512", "--timeout", "3"])
+    try:
+        srv.wait_ready()
+        head = (b"POST /completion HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(BODY))
+        stalled = [connect(srv.port, head + BODY[:10]) for _ in range(8)]
+        try:
+            for s in stalled:
+                response = read_response(s, timeout=CLIENT_TIMEOUT + 5)
+                assert response.startswith(b"HTTP/1.1 408"), response[:200]
+                assert b"Connection: close" in response
+                assert b'"code":408' in response and b"timed out waiting for the request body" in response
+            normal_requests(srv.base)
+            for s in stalled:
+                s.settimeout(CLIENT_TIMEOUT)
+                assert s.recv(1) == b"", "the connection was left open after its 408"
+        finally:
+            for s in stalled:
+                s.close()
+    finally:
+        srv.stop()
