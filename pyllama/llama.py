@@ -46,6 +46,7 @@ class Llama:
             defaults=Defaults(), chat=self.chat, model_name=self.model_name, fingerprint="pyllama",
             embeddings=self.engine.embeddings,
             pooling=self.engine.embedder.pooling_name if self.engine.embeddings else "",
+            n_ubatch=self.engine.embedder.n_ubatch if self.engine.embeddings else 0,
             media=self.engine.media)
 
     def close(self) -> None:

@@ -32,6 +32,19 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def peak_rss_kib(pid: int) -> int:
+    """A process's peak resident set (VmHWM) in KiB since its start or the last reset_peak_rss."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def reset_peak_rss(pid: int) -> None:
+    """Start VmHWM again from the current RSS (proc(5) clear_refs: 5)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
 def children(pid: int) -> list[int]:
     """The pids whose parent is `pid` (from /proc; no psutil needed)."""
     out = []

@@ -313,6 +313,7 @@ class ServerState:
             fingerprint=self.build_info, n_batch=s.batch_size, spm_infill=s.spm_infill,
             embd_normalize=s.embd_normalize, embeddings=engine.embeddings,
             pooling=engine.embedder.pooling_name if engine.embeddings else "",
+            n_ubatch=engine.embedder.n_ubatch if engine.embeddings else 0,
             media=engine.media, media_path=s.media_path)
 
     def load(self) -> None:

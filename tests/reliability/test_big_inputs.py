@@ -6,8 +6,10 @@ a 100,000-entry logit_bias (object and array forms), n_probs of 100,000, 10,000 
 and json_schemas whose grammar would explode (properties nested deep under long names, an
 object with too many optional properties; upstream answers a 280 KB schema of that kind with a
 750 MB response and 5.9 GB of RSS), through /completion, a chat's response_format and tools.
-Time is bounded by the client's timeout; memory by the worker's RSS, read from /proc after each
-request, staying under a generous bound.
+Also /infill with a 20 MB prefix, suffix and extra chunk (only their ends are tokenized: the
+same FIM prompt as from short ones) and 20 MB embedding and rerank inputs (refused by a count
+first). Time is bounded by the client's timeout; memory by the worker's RSS after each request
+and its peak during it (VmHWM, reset before the request), each under a generous bound.
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ import json
 
 import httpx
 import pytest
-from server_process import ServerProcess, rss_kib
+from server_process import ServerProcess, peak_rss_kib, reset_peak_rss, rss_kib
 
 N_VOCAB_EXTRA = 150_000
 TIMEOUT = 120  # seconds for any one request
-RSS_GROWTH_MAX_MB = 1024  # over the worker's RSS once warmed up
+RSS_GROWTH_MAX_MB = 400  # over the worker's RSS once warmed up, and its peak over its RSS before a request
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +44,26 @@ def server(big_vocab_model):
     srv.stop()
 
 
+PEAK_GROWTH_MAX_MB = 256  # the worker's peak RSS over its RSS before the request
+
+
+def peak_growth_mb(server, request) -> tuple:
+    """A request's response and how far above the worker's RSS before it its peak RSS went."""
+    pid = server.worker_pid()
+    reset_peak_rss(pid)
+    before = rss_kib(pid)
+    response = request()
+    return response, (peak_rss_kib(pid) - before) // 1024
+
+
 def post(server, path: str, body, raw: bytes | None = None) -> httpx.Response:
     content = raw if raw is not None else json.dumps(body).encode()
-    r = httpx.post(server.base + path, content=content, headers={"Content-Type": "application/json"},
-                   timeout=TIMEOUT)
+    r, peak = peak_growth_mb(server, lambda: httpx.post(server.base + path, content=content,
+                                                        headers={"Content-Type": "application/json"},
+                                                        timeout=TIMEOUT))
     grown = (rss_kib(server.worker_pid()) - server.baseline_kib) // 1024
     assert grown < RSS_GROWTH_MAX_MB, f"the worker grew by {grown} MB"
+    assert peak < RSS_GROWTH_MAX_MB, f"the worker's peak RSS grew by {peak} MB"
     return r
 
 
@@ -150,3 +166,56 @@ def test_a_deep_schema_within_bounds_is_served(server):
     r = post(server, "/completion", None, raw)
     assert r.status_code == 200, r.text[:500]
     assert r.json()["content"].startswith("{")
+
+
+# --- /infill and the embedding routes: only what fits is tokenized ------------------------------
+@pytest.fixture(scope="module")
+def fim_server(fim_model):
+    # -n 8: format_infill leaves 2 * n_predict of the context free, so the extra chunks fit
+    srv = ServerProcess(["-m", str(fim_model), "-np", "1", "-c", "2048", "-b", "512", "-n", "8"])
+    srv.wait_ready()
+    yield srv
+    srv.stop()
+
+
+def test_an_infill_prefix_and_suffix_of_megabytes_keep_their_ends(fim_server):
+    # only the prefix's last and the suffix's first tokens make the FIM prompt (format_infill):
+    # the prompt from 20 MB on each side is the one from a short piece of each
+    end = "".join(f"line {i} of the end\n" for i in range(400))
+    start = "".join(f"line {i} of the start\n" for i in range(400))
+    filler = "hello " * ((20 << 20) // 6)
+    base = {"n_predict": 4, "temperature": 0, "cache_prompt": False}
+    short = httpx.post(fim_server.base + "/infill", json={**base, "input_prefix": end, "input_suffix": start,
+                                                          "input_extra": [{"filename": "a.txt", "text": end}]},
+                       timeout=TIMEOUT)
+    assert short.status_code == 200, short.text[:300]
+    big, grown = peak_growth_mb(fim_server, lambda: httpx.post(
+        fim_server.base + "/infill", json={**base, "input_prefix": filler + end, "input_suffix": start + filler,
+                                           "input_extra": [{"filename": "a.txt", "text": filler + end}]},
+        timeout=TIMEOUT))
+    assert big.status_code == 200, big.text[:300]
+    assert grown < PEAK_GROWTH_MAX_MB, f"the worker's peak RSS grew by {grown} MB"
+    assert big.json()["prompt"] == short.json()["prompt"]
+    assert big.json()["content"] == short.json()["content"]
+    assert big.json()["tokens_evaluated"] == short.json()["tokens_evaluated"]
+
+
+@pytest.mark.parametrize("path,field", [("/v1/embeddings", "input"), ("/embedding", "content")])
+def test_an_embedding_input_of_megabytes_is_too_large(embed_server, path, field):
+    r, grown = peak_growth_mb(embed_server, lambda: httpx.post(
+        embed_server.base + path, json={field: "hello " * ((20 << 20) // 6)}, timeout=TIMEOUT))
+    error = assert_error(r, 400, "invalid_request_error")
+    assert "is too large to process" in error["message"]
+    assert grown < PEAK_GROWTH_MAX_MB, f"the worker's peak RSS grew by {grown} MB"
+
+
+def test_a_rerank_document_of_megabytes_is_too_large(embed_server):
+    ok = httpx.post(embed_server.base + "/v1/rerank", json={"query": "q", "documents": ["short", "text"]},
+                    timeout=TIMEOUT)
+    assert ok.status_code == 200, ok.text[:300]
+    r, grown = peak_growth_mb(embed_server, lambda: httpx.post(
+        embed_server.base + "/v1/rerank", json={"query": "q", "documents": ["short", "hello " * ((20 << 20) // 6)]},
+        timeout=TIMEOUT))
+    error = assert_error(r, 400, "invalid_request_error")
+    assert "is too large to process" in error["message"]
+    assert grown < PEAK_GROWTH_MAX_MB, f"the worker's peak RSS grew by {grown} MB"

@@ -49,6 +49,7 @@ class ProtocolContext:
     embd_normalize: int = 2
     embeddings: bool = False
     pooling: str = ""  # the embedding engine's pooling type name
+    n_ubatch: int = 0  # the embedding engine's largest input in tokens (its physical batch)
     media: Any = None  # engine.MediaContext with --mmproj (tokenize() is thread-safe), else None
     media_path: str = ""  # --media-path: the folder file:// media URLs are read from
 

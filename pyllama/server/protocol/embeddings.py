@@ -15,7 +15,7 @@ from typing import Callable
 from pyllama.engine import EmbeddingResult
 from pyllama.errors import InvalidRequestError, NotSupportedError
 from pyllama.server.protocol.base import ProtocolContext
-from pyllama.server.protocol.params import get_int, parses_body, tokenize_prompt
+from pyllama.server.protocol.params import check_embedding_input, get_int, parses_body, tokenize_prompt
 
 
 @dataclass
@@ -30,7 +30,7 @@ class EmbeddingJob:
         return self.respond(result)
 
 
-def _inputs(model, value) -> list[list[int]]:
+def _inputs(model, value, n_ubatch: int = 0) -> list[list[int]]:
     if isinstance(value, list) and value and all(isinstance(v, (str, list, dict)) for v in value) \
             and not all(isinstance(v, int) for v in value):
         items = value
@@ -44,6 +44,8 @@ def _inputs(model, value) -> list[list[int]]:
             item = item["content"]
         if item == "" or item == []:
             raise InvalidRequestError("Input content cannot be empty", param="input")
+        if isinstance(item, str):
+            check_embedding_input(model, item, n_ubatch)
         tokens = tokenize_prompt(model, item)
         if not tokens:
             raise InvalidRequestError("Input content cannot be empty", param="input")
@@ -70,7 +72,7 @@ def parse_native(body: dict, ctx: ProtocolContext) -> EmbeddingJob:
     if value is None:
         raise InvalidRequestError("\"input\" or \"content\" must be provided", param="input")
     normalize = get_int(body, "embd_normalize", ctx.embd_normalize)
-    return EmbeddingJob(_inputs(ctx.model, value), -1 if ctx.pooling == "none" else normalize, _native_data)
+    return EmbeddingJob(_inputs(ctx.model, value, ctx.n_ubatch), -1 if ctx.pooling == "none" else normalize, _native_data)
 
 
 @parses_body
@@ -78,7 +80,7 @@ def parse_oai(body: dict, ctx: ProtocolContext) -> EmbeddingJob:
     """POST /v1/embeddings: the OpenAI list format (a `content` body answers natively)."""
     if "input" not in body and "content" in body:
         _require_embeddings(ctx)
-        return EmbeddingJob(_inputs(ctx.model, body["content"]), ctx.embd_normalize, _native_data)
+        return EmbeddingJob(_inputs(ctx.model, body["content"], ctx.n_ubatch), ctx.embd_normalize, _native_data)
     _require_embeddings(ctx)
     if ctx.pooling == "none":
         raise InvalidRequestError("Pooling type 'none' is not OAI compatible. Please use a different pooling type")
@@ -103,7 +105,7 @@ def parse_oai(body: dict, ctx: ProtocolContext) -> EmbeddingJob:
         return {"model": model_name, "object": "list",
                 "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}, "data": data}
 
-    return EmbeddingJob(_inputs(ctx.model, body["input"]), normalize, respond)
+    return EmbeddingJob(_inputs(ctx.model, body["input"], ctx.n_ubatch), normalize, respond)
 
 
 def rerank_tokens(model, query: str, doc: str) -> list[int]:
@@ -152,4 +154,6 @@ def parse_rerank(body: dict, ctx: ProtocolContext) -> EmbeddingJob:
                 "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
                 "results": [{"index": i, "relevance_score": s} for s, i in scored]}
 
+    for text in (query, *docs):
+        check_embedding_input(ctx.model, text, ctx.n_ubatch, add_special=False, parse_special=False)
     return EmbeddingJob([rerank_tokens(ctx.model, query, d) for d in docs], -1, respond)

@@ -10,14 +10,14 @@ from __future__ import annotations
 from pyllama.errors import InvalidRequestError, NotSupportedError
 from pyllama.server.protocol.base import ProtocolContext
 from pyllama.server.protocol.completions import NativeCompletionCall, completion_tasks
-from pyllama.server.protocol.params import parses_body
+from pyllama.server.protocol.params import parses_body, tokenize_end
 
 _SNIPPET = "\n\n--- snippet ---\n\n"
 
 
-def _mixed(model, value) -> list[int]:
+def _mixed(model, value, n_keep: int, tail: bool) -> list[int]:
     if isinstance(value, str):
-        return model.tokenize(value, add_special=False, parse_special=False)
+        return tokenize_end(model, value, n_keep, tail=tail)
     if isinstance(value, list):
         out = []
         for part in value:
@@ -38,8 +38,9 @@ def infill_tokens(model, body: dict, n_batch: int, n_predict: int, n_ctx: int, s
         raise InvalidRequestError("\"input_extra\" must be an array of {\"filename\": string, \"text\": string}")
     prompt = body.get("prompt")
     prompt_tokens = model.tokenize(prompt, add_special=False, parse_special=False) if isinstance(prompt, str) else []
-    prefix = _mixed(model, body["input_prefix"])
-    suffix = _mixed(model, body["input_suffix"])
+    # only the prefix's last and the suffix's first tokens are used, and the extra chunks' last
+    prefix = _mixed(model, body["input_prefix"], 3 * (n_batch // 4), tail=True)
+    suffix = _mixed(model, body["input_suffix"], n_batch // 4, tail=False)
     extra = []
     if fim["rep"] is not None:
         extra += [fim["rep"]] + model.tokenize("myproject\n", add_special=False, parse_special=False)
@@ -49,7 +50,7 @@ def infill_tokens(model, body: dict, n_batch: int, n_predict: int, n_ctx: int, s
                                                    parse_special=False)
         else:
             extra += model.tokenize(_SNIPPET, add_special=False, parse_special=False)
-        extra += model.tokenize(chunk["text"], add_special=False, parse_special=False)
+        extra += tokenize_end(model, chunk["text"], n_ctx, tail=True)
     if fim["sep"] is not None:
         extra += [fim["sep"]] + model.tokenize("filename\n", add_special=False, parse_special=False)
     n_prefix = min(len(prefix), 3 * (n_batch // 4))

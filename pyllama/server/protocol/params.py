@@ -117,6 +117,33 @@ class Defaults:
 COUNT_FIRST = 1 << 20
 
 
+COUNT_PIECE = 1 << 18  # characters counted at a time
+
+
+def count_tokens_in_pieces(model, text: str, near: int, *, add_special: bool, parse_special: bool) -> int:
+    """The tokens a text of megabytes makes, counted a piece at a time: llama.cpp's tokenizer
+    holds state for the whole text it is given (about 45 bytes a character: 900 MB at once for
+    20 MB), a piece holds a few MB. Pieces end at whitespace, but a piece boundary can still
+    change the count by a token or two, so the sum is exact only where it matters: when it
+    comes within that margin of `near` (the limit the caller compares with), the text is
+    counted again whole. Thread-safe (the vocabulary is read-only).
+    """
+    n = pieces = start = 0
+    end_all = len(text)
+    while start < end_all:
+        end = min(end_all, start + COUNT_PIECE)
+        if end < end_all:
+            cut = max(text.rfind(" ", start + COUNT_PIECE // 2, end), text.rfind("\n", start + COUNT_PIECE // 2, end))
+            if cut > start:
+                end = cut
+        n += model.count_tokens(text[start:end], add_special=add_special and start == 0, parse_special=parse_special)
+        pieces += 1
+        start = end
+    if abs(n - near) <= 4 * pieces:
+        n = model.count_tokens(text, add_special=add_special, parse_special=parse_special)
+    return n
+
+
 def check_fits(model, text: str, n_ctx: int | None, add_special: bool, parse_special: bool = True) -> None:
     """Refuse a text of megabytes that makes n_ctx tokens or more, before its tokens are listed.
 
@@ -126,11 +153,38 @@ def check_fits(model, text: str, n_ctx: int | None, add_special: bool, parse_spe
     """
     if not n_ctx or len(text) <= COUNT_FIRST:
         return
-    n = model.count_tokens(text, add_special=add_special, parse_special=parse_special)
+    n = count_tokens_in_pieces(model, text, n_ctx, add_special=add_special, parse_special=parse_special)
     if n >= n_ctx:
         raise ContextLengthExceededError(
             f"request ({n} tokens) exceeds the available context size ({n_ctx} tokens), try increasing it",
             n_prompt_tokens=n, n_ctx=n_ctx)
+
+
+def check_embedding_input(model, text: str, n_ubatch: int, add_special: bool = True,
+                          parse_special: bool = True) -> None:
+    """Refuse an embedding input of megabytes that makes more than n_ubatch tokens, before its
+    tokens are listed, in the embedding engine's words (EmbeddingCore's check).
+
+    Raises:
+        InvalidRequestError: the input is too large for one physical batch.
+    """
+    if not n_ubatch or len(text) <= COUNT_FIRST:
+        return
+    n = count_tokens_in_pieces(model, text, n_ubatch, add_special=add_special, parse_special=parse_special)
+    if n > n_ubatch:
+        raise InvalidRequestError(f"input ({n} tokens) is too large to process. increase the physical batch "
+                                  f"size (current batch size: {n_ubatch})", param="input")
+
+
+def tokenize_end(model, text: str, n_keep: int, *, tail: bool) -> list[int]:
+    """The tokens of `text` (no specials) where only its last (tail) or first n_keep tokens are
+    used: a text of megabytes is cut to a window that still makes far more than n_keep tokens
+    (128 characters a token, past any vocabulary's longest token), so what is kept is what the
+    whole text gives, without listing the tokens of all of it. HTTP thread."""
+    window = max(COUNT_FIRST, 128 * max(0, n_keep))
+    if len(text) > window:
+        text = text[-window:] if tail else text[:window]
+    return model.tokenize(text, add_special=False, parse_special=False)
 
 
 def tokenize_prompt(model, prompt, n_ctx: int | None = None) -> list[int]:
