@@ -264,7 +264,8 @@ def main() -> None:
     parser.add_argument("--upstream", type=Path, help="folder with upstream's llama-server")
     parser.add_argument("--np", type=int, default=2)
     parser.add_argument("--ctx", type=int, default=4096)
-    parser.add_argument("--holds", type=lambda s: [float(x) for x in s.split(",")], default=[20.0, 120.0])
+    parser.add_argument("--holds", type=lambda s: [float(x) for x in s.split(",") if x], default=[20.0, 120.0],
+                        help="seconds each flood holds on (\"\": no flood, the soak only)")
     parser.add_argument("--connections", type=lambda s: [int(x) for x in s.split(",")], default=[300, 2000])
     parser.add_argument("--kinds", type=lambda s: s.split(","), default=["half", "idle"])
     parser.add_argument("--soak", type=float, default=180.0, help="seconds (0: no soak)")
@@ -274,11 +275,12 @@ def main() -> None:
                              "thread pool), run as `gunicorn -c python:pyllama.server.wsgi -k gthread`")
     parser.add_argument("--no-pyllama", action="store_true", help="leave this environment's pyllama-server out")
     parser.add_argument("--md", help="also write the tables to this file")
+    parser.add_argument("--server-args", default="", help="more flags for every server, e.g. '--cache-ram 0'")
     args = parser.parse_args()
     from pyllama.models import default_model_path
 
     model = str(args.model or default_model_path())
-    flags = ["-m", model, "-np", str(args.np), "-c", str(args.ctx), "--metrics"]
+    flags = ["-m", model, "-np", str(args.np), "-c", str(args.ctx), "--metrics", *args.server_args.split()]
     ours = shutil.which("pyllama-server") or str(Path(sys.executable).parent / "pyllama-server")
     contenders = [] if args.no_pyllama else [("pyllama-server", [ours, *flags])]
     if args.stock_gthread:

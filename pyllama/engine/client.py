@@ -670,7 +670,7 @@ class Engine:
         while time.monotonic() < deadline and not all(
                 (h._sink if h._sink is not None else h._events).empty() for h in handles):
             time.sleep(0.02)
-        time.sleep(0.3 if handles else 0)  # the last error frame on its way out
+        time.sleep(1.0 if handles else 0)  # the last error frames on their way out (a loaded machine)
 
     def _unload(self) -> None:
         # Engine thread: free the core (slots, samplers, prompt cache), the context (KV cache),
