@@ -38,6 +38,9 @@ class SyntheticSpec:
     # a sliding attention window: the gemma3 architecture then (its layers are SWA but every
     # sixth, as gemma-3's), whose memory cannot be cut back inside the window
     sliding_window: int = 0
+    # M-RoPE (the qwen2vl architecture): the rotary dimensions per position axis (time,
+    # height, width, extra), summing to half the head size, as Qwen2-VL's text model
+    mrope_sections: tuple = ()
 
 
 def _vocab(extra: int) -> tuple[list[str], list[float], list[int]]:
@@ -69,6 +72,8 @@ def add_llama_shape(writer, spec: SyntheticSpec) -> None:
     writer.add_layer_norm_rms_eps(1e-5)
     if spec.sliding_window:
         writer.add_sliding_window(spec.sliding_window)
+    if spec.mrope_sections:
+        writer.add_rope_dimension_sections(list(spec.mrope_sections))
 
 
 def add_llama_blocks(writer, spec: SyntheticSpec, weight, norm) -> None:
@@ -80,6 +85,10 @@ def add_llama_blocks(writer, spec: SyntheticSpec, weight, norm) -> None:
         writer.add_tensor(f"blk.{i}.attn_k.weight", weight(n_embd_kv, spec.n_embd))
         writer.add_tensor(f"blk.{i}.attn_v.weight", weight(n_embd_kv, spec.n_embd))
         writer.add_tensor(f"blk.{i}.attn_output.weight", weight(spec.n_embd, spec.n_embd))
+        if spec.mrope_sections:  # qwen2's q/k/v biases
+            writer.add_tensor(f"blk.{i}.attn_q.bias", weight(spec.n_embd))
+            writer.add_tensor(f"blk.{i}.attn_k.bias", weight(n_embd_kv))
+            writer.add_tensor(f"blk.{i}.attn_v.bias", weight(n_embd_kv))
         writer.add_tensor(f"blk.{i}.ffn_norm.weight", norm(spec.n_embd))
         writer.add_tensor(f"blk.{i}.ffn_gate.weight", weight(spec.n_ff, spec.n_embd))
         writer.add_tensor(f"blk.{i}.ffn_up.weight", weight(spec.n_ff, spec.n_embd))
@@ -114,7 +123,7 @@ def write_synthetic_model(path: str | Path, spec: SyntheticSpec = SyntheticSpec(
         types.append(4)  # USER_DEFINED
     n_vocab = len(tokens)
 
-    writer = GGUFWriter(str(path), "gemma3" if spec.sliding_window else "llama")
+    writer = GGUFWriter(str(path), "gemma3" if spec.sliding_window else "qwen2vl" if spec.mrope_sections else "llama")
     add_llama_shape(writer, spec)
     writer.add_file_type(LlamaFileType.MOSTLY_F16 if spec.f16 else LlamaFileType.ALL_F32)
     writer.add_tokenizer_model("llama")

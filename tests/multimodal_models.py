@@ -137,6 +137,55 @@ def tiny_qwen2_audio_mmproj() -> Path:
     return _convert(_audio_folder, "tiny-qwen2-audio")
 
 
+MROPE_TEXT_WIDTH = 64  # the synthetic qwen2vl text model's n_embd (SyntheticSpec's default)
+
+
+def _qwen2vl_folder(folder: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(SEED)
+    config = Qwen2VLConfig(
+        text_config=dict(hidden_size=MROPE_TEXT_WIDTH, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=1024,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
+        # depth 3: the converter maps merger.mlp.{0,2} through the block ids, which stop at the depth
+        vision_config=dict(depth=3, embed_dim=32, hidden_size=MROPE_TEXT_WIDTH, num_heads=2, mlp_ratio=2,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3))
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    tensors = {}
+    for name, value in model.state_dict().items():
+        at = name.find("visual.")
+        if at >= 0:
+            tensors[name[at:]] = value.detach().clone().contiguous()
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    cfg = config.to_dict()
+    cfg["architectures"] = ["Qwen2VLForConditionalGeneration"]
+    (folder / "config.json").write_text(json.dumps(cfg, indent=1))
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "merge_size": 2,
+        "temporal_patch_size": 2}))
+
+
+def tiny_qwen2vl() -> tuple[Path, Path]:
+    """A Qwen2-VL pair whose media take M-RoPE positions: (text model, mmproj), both F32. The text
+    model is synthetic (pyllama.synthetic, the qwen2vl architecture: M-RoPE sections 2/3/3); the
+    projector a tiny random Qwen2-VL vision tower (3 blocks, 14 px patches merged 2x2) converted
+    by convert_hf_to_gguf.py --mmproj. An image of W x H pixels is (W/28)*(H/28) tokens at
+    max(W/28, H/28) positions."""
+    from pyllama.synthetic import SyntheticSpec, write_synthetic_model
+
+    text = _cache() / f"tiny-qwen2vl-text-{SEED}-f32.gguf"
+    if not text.exists():
+        tmp = text.with_suffix(".tmp.gguf")
+        write_synthetic_model(tmp, SyntheticSpec(n_embd=MROPE_TEXT_WIDTH, mrope_sections=(2, 3, 3, 0)))
+        tmp.rename(text)
+    return text, _convert(_qwen2vl_folder, "tiny-qwen2vl")
+
+
 def wav(seconds: float = 1.0, rate: int = 16000, freq: float = 440.0) -> bytes:
     """A mono 16-bit PCM WAV of a sine tone (the stdlib's wave module)."""
     import io

@@ -97,6 +97,10 @@ cdef struct SlotC:
     int n_draft_accepted    # of those, accepted by the target
     uint64_t rng            # synthetic acceptance (--spec-synth-*): the slot's xorshift state
     bint media_done         # a media chunk went into the KV cache this step (no checkpoint)
+    # the next token's position minus n_past: an M-RoPE media chunk (Qwen2-VL and kin) takes
+    # fewer positions than KV cells, so positions run behind token counts after one
+    # (upstream's server_tokens::pos_next); 0 without such media
+    int32_t pos_delta
 
 
 cdef int utf8_complete_len(bytes data):
@@ -225,7 +229,7 @@ cdef class EngineCore:
     cdef public int n_cache_reuse
     cdef readonly int n_ctx_checkpoints
     cdef readonly int checkpoint_min_step
-    cdef readonly bint do_checkpoints  # the memory needs them and n_ctx_checkpoints > 0
+    cdef public bint do_checkpoints  # the memory needs them and n_ctx_checkpoints > 0
     cdef bint swa_only  # SWA layers but no recurrent state: any cut is fine inside the window
     cdef int n_ubatch
     cdef vector[int] prefill_ids  # slots filling their prompt, in admission order
@@ -337,6 +341,7 @@ cdef class EngineCore:
             self.slots_c[i].n_in_batch = 0
             self.slots_c[i].prefill_stop = -1
             self.slots_c[i].media_done = False
+            self.slots_c[i].pos_delta = 0
             slot = Slot(i)
             # the C loop reaches the Slot's vectors through these (the Slot lives as long)
             self.slots_c[i].cache = &slot.cache_tokens
@@ -516,8 +521,12 @@ cdef class EngineCore:
         if media and keep < n_prompt and request.prompt[keep] < 0:
             # a media chunk is evaluated whole (server_tokens::get_common_prefix never splits one)
             keep = max([start for start in media if start <= keep], default=0)
-        if not L.llama_memory_seq_rm(mem, slot.id, keep, -1):
+        # the cells from the keep-th token on go: by position, which M-RoPE media before it
+        # moved back (the cached prefix's media are the request's, matched by hash)
+        cdef int pos_delta = _media_pos_delta(media, keep) if media else 0
+        if not L.llama_memory_seq_rm(mem, slot.id, keep + pos_delta, -1):
             keep = 0
+            pos_delta = 0
             L.llama_memory_seq_rm(mem, slot.id, -1, -1)
             slot.checkpoints = []
         slot.cache_tokens.resize(keep)
@@ -572,6 +581,7 @@ cdef class EngineCore:
             sc.on_backend = L.llama_set_sampler(self.context.ptr, slot.id, sampler.state.chain)
         sc.state = SLOT_PREFILL
         sc.n_past = keep
+        sc.pos_delta = pos_delta
         sc.i_batch = -1
         sc.sampler = sampler.state
         self.prefill_ids.push_back(slot.id)
@@ -606,10 +616,6 @@ cdef class EngineCore:
             for k in range(i, i + chunk.n_tokens):
                 if prompt[k] != chunk.placeholder:
                     raise InvalidRequestError(f"media chunk at position {i} is broken at {k}", param="prompt")
-            if chunk.n_pos != chunk.n_tokens:
-                # TODO(pyllama): M-RoPE positions (Qwen2-VL and kin) need positions apart from
-                # token counts in the slots (upstream's server_tokens::pos_next); issue 16.
-                raise InvalidRequestError("media for M-RoPE models is not supported yet", param="prompt")
             i += chunk.n_tokens
         if prompt[n - 1] < 0:
             raise InvalidRequestError("the prompt must not end with a media chunk", param="prompt")
@@ -638,7 +644,7 @@ cdef class EngineCore:
             while sc.n_prompt_done < <int>slot.prompt.size() and slot.prompt[sc.n_prompt_done] < 0:
                 chunk = slot.request.media[sc.n_prompt_done]
                 with nogil:
-                    rc = mctx.eval_chunk(cptr, chunk, sc.n_past, sid, self.n_batch, &new_n_past)
+                    rc = mctx.eval_chunk(cptr, chunk, sc.n_past + sc.pos_delta, sid, self.n_batch, &new_n_past)
                 if rc != 0:
                     logger.error("slot %d: failed to process mtmd chunk, res = %d", sid, rc)
                     failed.append(slot)
@@ -646,6 +652,8 @@ cdef class EngineCore:
                 n_tok = chunk.n_tokens
                 for k in range(n_tok):
                     slot.cache_tokens.push_back(chunk.placeholder)
+                # the chunk took n_pos positions for its n_tok cells (libmtmd's new_n_past)
+                sc.pos_delta = new_n_past - (sc.n_past + n_tok)
                 sc.n_past += n_tok
                 sc.n_prompt_done += n_tok
                 sc.prefilled = True
@@ -1096,7 +1104,7 @@ cdef class EngineCore:
             if sc.state != SLOT_GENERATING or sc.held or n >= n_max:
                 sc.n_draft = 0
                 continue
-            _batch_put(batch, n, sc.sampled, sc.n_past, i, True)
+            _batch_put(batch, n, sc.sampled, sc.n_past + sc.pos_delta, i, True)
             sc.i_batch = n
             n += 1
             # the draft follows the sampled token, each with its logits (handle_last_sampled_token);
@@ -1105,7 +1113,7 @@ cdef class EngineCore:
                 sc.draft.resize(n_max - n)
             sc.n_draft = <int>sc.draft.size()
             for k in range(sc.n_draft):
-                _batch_put(batch, n, sc.draft[0][k], sc.n_past + 1 + k, i, True)
+                _batch_put(batch, n, sc.draft[0][k], sc.n_past + sc.pos_delta + 1 + k, i, True)
                 n += 1
             sc.n_in_batch = 1 + sc.n_draft
         for j in range(<int>self.prefill_ids.size()):
@@ -1123,7 +1131,7 @@ cdef class EngineCore:
                 if sc.prompt[0][sc.n_prompt_done + k] < 0:
                     take = k  # a media chunk: the next step's _eval_media puts it in
                     break
-                _batch_put(batch, n, sc.prompt[0][sc.n_prompt_done + k], sc.n_past + k, sid,
+                _batch_put(batch, n, sc.prompt[0][sc.n_prompt_done + k], sc.n_past + sc.pos_delta + k, sid,
                            sc.n_prompt_done + k == n_prompt - 1)
                 n += 1
             sc.n_in_batch = take
@@ -1260,7 +1268,7 @@ cdef class EngineCore:
             n_acc = <int>sc.accepted.size() - 1
             sc.n_past -= sc.n_draft - n_acc
             sc.cache.resize(sc.n_past)
-            L.llama_memory_seq_rm(mem, i, sc.n_past, -1)
+            L.llama_memory_seq_rm(mem, i, sc.n_past + sc.pos_delta, -1)
             sc.n_draft_accepted += n_acc
             self.n_draft_accepted_total += n_acc
             self.n_draft_verif_steps += 1
@@ -1575,6 +1583,7 @@ cdef class EngineCore:
         slot.cache_tokens.clear()
         slot.checkpoints = []
         self.slots_c[slot.id].n_past = 0
+        self.slots_c[slot.id].pos_delta = 0
 
     cdef void _abort_all(self, exc) except *:
         # A failed decode: every busy request ends with the error, every slot's KV is dropped.
@@ -1738,6 +1747,16 @@ cdef void _top_from_candidates(L.llama_token_data_array * cur_p, int k, L.llama_
         if cur_p.data[i].p > 0.0:
             cand.push_back(pair[float, L.llama_token](-cur_p.data[i].p, cur_p.data[i].id))
     _take_top(cand, k, ids, ps)
+
+
+cdef int _media_pos_delta(dict media, int upto) except? -1:
+    # Positions minus tokens of the media chunks that end by token `upto`: what M-RoPE chunks
+    # (n_pos < n_tokens) moved the next position back by. 0 for every other projector.
+    cdef int delta = 0
+    for start, chunk in media.items():
+        if start + (<MediaChunk>chunk).n_tokens <= upto:
+            delta += (<MediaChunk>chunk).n_pos - (<MediaChunk>chunk).n_tokens
+    return delta
 
 
 cdef inline void _batch_put(L.llama_batch * batch, int i, L.llama_token token, L.llama_pos pos,

@@ -640,9 +640,13 @@ class Engine:
             video_timestamp_interval_ms=cfg.video_timestamp_interval_ms,
             video_ffmpeg_dir=cfg.video_ffmpeg_dir or None)
         self.core.media = self.media
-        if self.media.use_mrope:
-            logger.warning("this projector takes M-RoPE positions (Qwen2-VL and kin): pyllama does not "
-                           "place media for them yet, requests with media are refused")
+        if self.media.use_mrope and self.core.do_checkpoints:
+            # NOTE(pyllama): checkpoints are matched by token counts here, which M-RoPE media
+            # (fewer positions than tokens) set apart from positions; without them a recurrent
+            # or SWA memory re-evaluates the prompt instead of restoring part of it
+            self.core.do_checkpoints = False
+            logger.warning("context checkpoints are not supported with an M-RoPE projector yet, "
+                           "they will be disabled")
         if self.core.ctx_shift:
             self.core.ctx_shift = False
             logger.warning("ctx_shift is not supported by multimodal, it will be disabled")
