@@ -1516,19 +1516,21 @@ cdef class EngineCore:
                           predicted_n=slot.n_decoded,
                           predicted_ms=(now - t_prompt_done) * 1e3 if slot.t_prompt_done else 0.0,
                           cache_n=sc.n_cached, draft_n=sc.n_draft_total, draft_n_accepted=sc.n_draft_accepted)
-        if slot.pending_bytes:
-            slot.unsent += slot.pending_bytes.decode("utf-8", "replace")
-            slot.pending_bytes = b""
+        # a generation that stopped inside a UTF-8 character: upstream never streams the partial
+        # character (process_token sends only complete text), and a whole response's JSON
+        # writes it as U+FFFD (nlohmann's error_handler_t::replace)
+        tail = slot.pending_bytes.decode("utf-8", "replace") if slot.pending_bytes else ""
+        slot.pending_bytes = b""
         if slot.unsent and reason != FinishReason.CANCELLED:
             slot.channel.put(TokenEvent(slot.unsent, []))
-        text = self._full_text(slot)
+        text = self._full_text(slot) + tail
         slot.sent_parts = None
         slot.unsent = ""
         slot.channel.put(FinishEvent(
             reason=reason, text=text, tokens=slot.generated_tokens,
             stopping_word=stopping_word, truncated=slot.truncated,
             n_prompt_tokens=<int>slot.prompt.size(), tokens_evaluated=<int>slot.prompt.size(),
-            tokens_cached=sc.n_past, timings=timings, id_slot=slot.id))
+            tokens_cached=sc.n_past, timings=timings, id_slot=slot.id, partial_tail=len(tail)))
         logger.debug("slot %d: request %d done (%s), %d tokens", slot.id, request.id,
                      reason.value, slot.n_decoded)
         slot.request = None

@@ -262,6 +262,15 @@ class FinishEvent:
     tokens_cached: int
     timings: Timings
     id_slot: int
+    # characters at the end of `text` (U+FFFD) that stand for an incomplete UTF-8 character the
+    # generation stopped inside: never streamed, and left out of a chat message (see chat_text)
+    partial_tail: int = 0
+
+    @property
+    def chat_text(self) -> str:
+        """The text a chat parser reads: without a trailing incomplete character, as common's
+        PEG parser stops before one (upstream's chat content and deltas never carry it)."""
+        return self.text[:len(self.text) - self.partial_tail] if self.partial_tail else self.text
 
 
 @dataclass

@@ -206,7 +206,7 @@ class MessagesCall(ChatCall):
     def response(self):
         task = self.tasks[0]
         stream: ChatStream = task.state
-        stream.finish(task.result.text)
+        stream.finish(task.result.chat_text, task.result.text)
         msg, event = stream.message, task.result
         return {"id": self.id, "type": "message", "role": "assistant", "model": self.model_name,
                 "content": _blocks(msg), "stop_reason": _stop_reason(event, msg),
@@ -230,7 +230,7 @@ class MessagesCall(ChatCall):
             if event.text:
                 self._deltas(blocks, stream.update(event.text), out)
         elif isinstance(event, FinishEvent):
-            self._deltas(blocks, stream.finish(event.text), out)
+            self._deltas(blocks, stream.finish(event.chat_text, event.text), out)
             if blocks.open is not None:
                 out.append(_event("content_block_stop", {"type": "content_block_stop", "index": blocks.index}))
             out.append(_event("message_delta", {"type": "message_delta",

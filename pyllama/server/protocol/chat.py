@@ -186,12 +186,17 @@ class ChatStream:
         """The deltas that new output text adds to the message."""
         return [orjson.loads(d) for d in self.update_json(text)]
 
-    def finish(self, text: str) -> list[dict]:
-        """The last deltas, parsing the whole output as complete; sets `message`."""
+    def finish(self, text: str, raw: str = "") -> list[dict]:
+        """The last deltas, parsing the whole output as complete; sets `message`.
+
+        `text` is what the parser reads (FinishEvent.chat_text); `raw` the whole output, the
+        message's content where the parse leaves the message empty (upstream's
+        to_json_oaicompat_chat falls back to the raw content then).
+        """
         if self.pure:
             prev = "".join(self.pieces)
             self.pieces = [text or prev]  # an empty output parses as no message: keep the last
-            self.message = {"role": "assistant", "content": text or prev}
+            self.message = {"role": "assistant", "content": text or prev or raw}
             if not text or text == prev:
                 return []
             if text.startswith(prev):
@@ -199,6 +204,9 @@ class ChatStream:
             return [{}] if prev.startswith(text) else []
         out = self.parser.update(text, False, True)
         self.message = orjson.loads(self.parser.message_json())
+        if raw and not (self.message.get("content") or self.message.get("reasoning_content")
+                        or self.message.get("tool_calls")):
+            self.message = {"role": "assistant", "content": raw}
         return [orjson.loads(d) for d in out.split(b"\n")] if out else []
 
 
@@ -237,7 +245,7 @@ class ChatCall(Call):
         choices = []
         for task in self.tasks:
             stream: ChatStream = task.state
-            stream.finish(task.result.text)
+            stream.finish(task.result.chat_text, task.result.text)
             choice = {"index": task.index, "finish_reason": finish_reason(task.result, stream.message),
                       "message": assistant_message(stream.message)}
             if task.request.sampling.n_probs:
@@ -300,7 +308,7 @@ class ChatCall(Call):
                 out[-1]["timings"] = timings_dict(event.timings)
         elif isinstance(event, FinishEvent):
             start = len(out)
-            for delta in stream.finish(event.text):
+            for delta in stream.finish(event.chat_text, event.text):
                 out.append(self._chunk(task.index, delta))
             final = self._chunk(task.index, {}, finish_reason(event, stream.message))
             timings = timings_dict(event.timings)

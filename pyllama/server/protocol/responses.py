@@ -261,7 +261,7 @@ class ResponsesCall(ChatCall):
         # to_json_oaicompat_resp
         task = self.tasks[0]
         stream: ChatStream = task.state
-        stream.finish(task.result.text)
+        stream.finish(task.result.chat_text, task.result.text)
         msg = stream.message or {}
         if not (msg.get("content") or msg.get("reasoning_content") or msg.get("tool_calls")):
             msg = {"content": task.result.text}  # an empty parse: the raw text, as upstream
@@ -308,7 +308,7 @@ class ResponsesCall(ChatCall):
                 out[-1]["data"]["timings"] = timings_dict(event.timings)
         elif isinstance(event, FinishEvent):
             # the last diffs are not streamed: the done events carry the whole message
-            stream.finish(event.text)
+            stream.finish(event.chat_text, event.text)
             out += self._final(stream.message or {}, event)
         return out
 

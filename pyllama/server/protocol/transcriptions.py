@@ -48,7 +48,7 @@ class TranscriptionCall(ChatCall):
     def response(self):
         task = self.tasks[0]
         stream: ChatStream = task.state
-        stream.finish(task.result.text)
+        stream.finish(task.result.chat_text, task.result.text)
         return self._done(task)
 
     def _done(self, task: Task) -> dict:
@@ -71,7 +71,7 @@ class TranscriptionCall(ChatCall):
                     for d in (stream.update(event.text) if event.text else []) if d.get("content")]
         if isinstance(event, FinishEvent):
             out = [{"type": "transcript.text.delta", "delta": d["content"]}
-                   for d in stream.finish(event.text) if d.get("content")]
+                   for d in stream.finish(event.chat_text, event.text) if d.get("content")]
             return out + [self._done(task)]
         return []
 
