@@ -98,7 +98,9 @@ def test_ten_times_more_streams_than_slots_with_a_third_leaving(server):
         if i in leavers:
             continue
         assert res["finished"], (i, res)
-        assert res["text"] == alone[i], (i, res["text"], alone[i])
+        # a whole response writes a partial last character as U+FFFD; a stream leaves it out (as upstream)
+        assert res["text"] in (alone[i], alone[i][:-1] if alone[i].endswith("\ufffd") else None), \
+            (i, res["text"], alone[i])
         assert res["done"] == (paths[i] != "/completion")  # the OpenAI stream ends with [DONE]
     # every slot free again, nothing left processing or deferred
     with httpx.Client(base_url=server.base, timeout=30) as client:

@@ -165,6 +165,8 @@ def test_files_under_media_path(client):
     assert ok.status_code == 200, ok.text
     ok = chat(client, [{"type": "text", "text": "x"}, image_part("file://sub/dog.png")])
     assert ok.status_code == 200, ok.text
+    ok = chat(client, [{"type": "text", "text": "x"}, image_part("file:////sub//dog.png")])  # the same file there
+    assert ok.status_code == 200, ok.text
     for url in ("file://../etc/passwd", "file:///etc/passwd", "file://missing.png"):
         res = chat(client, [{"type": "text", "text": "x"}, image_part(url)])
         assert res.status_code == 400, url

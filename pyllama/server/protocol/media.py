@@ -34,11 +34,17 @@ def _b64(data: str, name: str) -> bytes:
     return out
 
 
+_FORBIDDEN = set(':*?"<>|') | {"\uff0e", "\u2215", "\u2216", "\ufffd", "\ufeff"}
+
+
 def _safe_relative(path: str) -> bool:
-    # fs_validate_filename(path, allow_subdirs=true): a relative path, no "..", no odd names
-    if not path or path.startswith(("/", "\\")) or "\\" in path or "\x00" in path or ":" in path:
+    # fs_validate_filename(path, allow_subdirs=true): under --media-path whatever its slashes
+    # ("file:////a//b.png" is a/b.png there), no "..", no control or reserved characters
+    if not path or len(path.encode("utf-8", "surrogatepass")) > 255 or path == ".":
         return False
-    return all(part not in ("", ".", "..") for part in path.split("/"))
+    if any(ord(c) <= 0x1F or 0x7F <= ord(c) <= 0x9F or 0xD800 <= ord(c) <= 0xDFFF or c in _FORBIDDEN for c in path):
+        return False
+    return not (path[0] == " " or path[-1] in " ." or ".." in path)
 
 
 def load_url(url, media_path: str, name: str) -> bytes:
@@ -62,7 +68,7 @@ def load_url(url, media_path: str, name: str) -> bytes:
         rel = url[7:]
         if not _safe_relative(rel):
             raise InvalidRequestError(f"{name}: file path is not allowed: {rel}", param=name)
-        full = os.path.join(media_path, rel)
+        full = media_path + rel  # media_path ends with the separator (flags.py), as upstream joins them
         # a symlink out of the folder is not followed out of it
         if not os.path.realpath(full).startswith(os.path.realpath(media_path) + os.sep):
             raise InvalidRequestError(f"{name}: file path is not allowed: {rel}", param=name)
