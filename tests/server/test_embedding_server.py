@@ -42,7 +42,17 @@ def test_native_embeddings_and_errors(embed_server):
     assert len(r) == 1 and len(r[0]["embedding"]) == 1 and len(r[0]["embedding"][0]) == 384
     raw = httpx.post(embed_server.base + "/embeddings", json={"input": "The cat sat.", "embd_normalize": -1}).json()
     assert not math.isclose(sum(x * x for x in raw[0]["embedding"][0]), 1.0, rel_tol=1e-3)
-    assert httpx.post(embed_server.base + "/v1/embeddings", json={"input": ""}).status_code == 400
+    # an empty text is its special tokens alone, as upstream ("do not crash on empty input")
+    empty = httpx.post(embed_server.base + "/v1/embeddings", json={"input": ""})
+    assert empty.status_code == 200 and empty.json()["usage"]["prompt_tokens"] == 2  # [CLS] [SEP]
+    assert httpx.post(embed_server.base + "/v1/embeddings", json={"input": []}).status_code == 400
+    # OAI content parts: the text parts joined (tokenize_oai_content_array); media is not embedded
+    parts = httpx.post(embed_server.base + "/v1/embeddings", json={"input": [
+        "The cat sat.", {"content": [{"type": "text", "text": "The cat "}, {"type": "text", "text": "sat."}]}]}).json()
+    assert max(abs(a - b) for a, b in zip(parts["data"][0]["embedding"], parts["data"][1]["embedding"])) < 1e-6
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    assert httpx.post(embed_server.base + "/v1/embeddings",
+                      json={"input": {"content": [image]}}).status_code == 501
     assert httpx.post(embed_server.base + "/v1/embeddings", json={}).status_code == 400
     assert httpx.post(embed_server.base + "/completion", json={"prompt": "x"}).status_code == 501
     assert httpx.post(embed_server.base + "/v1/embeddings",

@@ -41,9 +41,7 @@ def _inputs(model, value, n_ubatch: int = 0) -> list[list[int]]:
     out = []
     for item in items:
         if isinstance(item, dict) and "content" in item:
-            item = item["content"]
-        if item == "" or item == []:
-            raise InvalidRequestError("Input content cannot be empty", param="input")
+            item = _content_text(item["content"])
         if isinstance(item, str):
             check_embedding_input(model, item, n_ubatch)
         tokens = tokenize_prompt(model, item)
@@ -51,6 +49,30 @@ def _inputs(model, value, n_ubatch: int = 0) -> list[list[int]]:
             raise InvalidRequestError("Input content cannot be empty", param="input")
         out.append(tokens)
     return out
+
+
+def _content_text(content):
+    """An input's OAI content (tokenize_oai_content_array): its text parts joined as they are.
+
+    Raises:
+        NotSupportedError: an image, audio or video part (multimodal embeddings).
+    """
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise InvalidRequestError("\"content\" must be an array", param="input")
+    text = []
+    for part in content:
+        if not isinstance(part, dict):
+            raise InvalidRequestError("\"content\" must be an array of objects", param="input")
+        if part.get("type", "text") not in ("text", "media_marker"):
+            # NOTE(pyllama): upstream embeds media through libmtmd; the embedding engine does not
+            raise NotSupportedError("multimodal embeddings are not supported by pyllama yet")
+        value = part.get("text", "")
+        if not isinstance(value, str):
+            raise InvalidRequestError("a content part's \"text\" must be a string", param="input")
+        text.append(value)
+    return "".join(text)
 
 
 def _require_embeddings(ctx: ProtocolContext) -> None:
