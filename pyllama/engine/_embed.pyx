@@ -9,6 +9,8 @@ common_embd_normalize (common/common.cpp).
 Engine thread only. Imports: `_llama`, `_context`, `_model`, `errors`.
 """
 
+import time
+
 from libc.math cimport fabs, pow, sqrt
 from libc.stdint cimport int32_t
 
@@ -53,6 +55,10 @@ cdef class EmbeddingCore:
     cdef readonly int n_embd
     cdef readonly int pooling
     cdef readonly bint causal
+    # upstream's llamacpp:* metrics count embedding work too: prompt tokens, decodes, seconds
+    cdef readonly long long n_decode_calls
+    cdef readonly long long n_prompt_tokens
+    cdef readonly double t_decode
 
     def __cinit__(self, Context context):
         if not context.embeddings:
@@ -121,7 +127,11 @@ cdef class EmbeddingCore:
                     ctx._batch_set(j, tokens[i], i, seq, True)
                     j += 1
             try:
+                t0 = time.perf_counter()
                 ctx.decode_c(j)
+                self.t_decode += time.perf_counter() - t0
+                self.n_decode_calls += 1
+                self.n_prompt_tokens += j
                 for seq in range(n):
                     results[start + seq] = self._read(seq, offsets[seq], len(inputs[start + seq]), normalize)
             finally:
@@ -129,6 +139,11 @@ cdef class EmbeddingCore:
                     L.llama_memory_seq_rm(mem, seq, -1, -1)
             start += n
         return results
+
+    def stats(self):
+        """Counters since start: decodes, prompt tokens embedded, seconds in decode."""
+        return dict(n_decode_calls=self.n_decode_calls, n_embd_prompt_tokens=self.n_prompt_tokens,
+                    t_embd_prompt=self.t_decode, t_decode=self.t_decode)
 
     cdef object _read(self, int seq, int offset, int n_tokens, int normalize):
         cdef const float * v

@@ -473,7 +473,7 @@ class Engine:
             if self._sleeping:
                 stats = dict(self._asleep["stats"])
             else:
-                stats = self.core.stats() if self.core else {}
+                stats = self.core.stats() if self.core else self.embedder.stats() if self.embedder else {}
         stats["n_pending"] = len(self._pending)
         # a step still running counts too, so busy time never lags the decode time inside it
         since = self._busy_since

@@ -17,7 +17,7 @@ from .conftest import ServerProcess
 @pytest.fixture(scope="module")
 def embed_server():
     srv = ServerProcess(["-m", str(minilm_gguf()), "--embeddings", "-np", "2", "-c", "1024",
-                         "-b", "512", "-ub", "512"])
+                         "-b", "512", "-ub", "512", "--metrics"])
     srv.wait_ready()
     yield srv
     srv.stop()
@@ -78,3 +78,19 @@ def test_rerank_server():
         assert httpx.post(srv.base + "/rerank", json={"query": "q", "documents": []}).status_code == 400
     finally:
         srv.stop()
+
+
+def test_embedding_work_counts_in_the_metrics(embed_server):
+    # upstream counts every task's prompt: embedding inputs are prompt tokens and decodes too
+    def counters():
+        text = httpx.get(embed_server.base + "/metrics").text
+        return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+                if line.startswith("llamacpp:") and not line.startswith("#")}
+
+    before = counters()
+    r = httpx.post(embed_server.base + "/v1/embeddings", json={"input": ["hello world", "goodbye world"]}).json()
+    after = counters()
+    assert after["llamacpp:prompt_tokens_total"] - before["llamacpp:prompt_tokens_total"] == r["usage"]["prompt_tokens"]
+    assert after["llamacpp:n_decode_total"] > before["llamacpp:n_decode_total"]
+    assert after["llamacpp:prompt_seconds_total"] > before["llamacpp:prompt_seconds_total"]
+    assert after["llamacpp:tokens_predicted_total"] == 0

@@ -187,10 +187,12 @@ def metrics_text(metrics, stats: dict) -> str:
         m.window_prompt_seconds = m.window_predicted_seconds = 0.0
         n_decode = stats.get("n_decode_calls", 0)
         counters = [
-            ("prompt_tokens_total", "Number of prompt tokens processed.", m.prompt_tokens_total),
+            # embedding inputs are prompt tokens too (upstream counts every task's prompt)
+            ("prompt_tokens_total", "Number of prompt tokens processed.",
+             m.prompt_tokens_total + stats.get("n_embd_prompt_tokens", 0)),
             ("prompt_tokens_cached_total", "Number of prompt tokens reused from the cache.",
              m.prompt_tokens_cached_total),
-            ("prompt_seconds_total", "Prompt process time", m.prompt_seconds_total),
+            ("prompt_seconds_total", "Prompt process time", m.prompt_seconds_total + stats.get("t_embd_prompt", 0.0)),
             ("tokens_predicted_total", "Number of generation tokens processed.", m.tokens_predicted_total),
             ("tokens_predicted_seconds_total", "Predict process time", m.tokens_predicted_seconds_total),
             ("n_decode_total", "Total number of llama_decode() calls", n_decode),
