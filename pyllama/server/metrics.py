@@ -11,7 +11,8 @@ and meanings. These are ours, with the `pyllama:` prefix and vLLM's names and bu
     pyllama:request_prompt_tokens         prompt tokens per request (cached ones too)
     pyllama:request_generation_tokens     generated tokens per request
     pyllama:request_success_total         {finished_reason}: stop, length, abort, error
-    pyllama:http_requests_total           {method, route, status}: every HTTP answer
+    pyllama:http_requests_total           {method, route, status}: every HTTP answer but the
+                                          GETs of /metrics, /health, /props and /slots
 
 Times are taken on the HTTP thread as events arrive (Run.next), so they are what a client
 sees; the engine thread gains nothing but two timestamps per request (queued, admitted).
@@ -184,6 +185,12 @@ class MeasuredRun(Run):
                 self._rec.success[reason].inc()
 
 
+# Scrapes, probes and status polls are not counted: a /metrics text must not change while the
+# server is idle (upstream's test_server_sleep_read_only_endpoints compares two scrapes whole),
+# and Kubernetes probes would otherwise outnumber every other request.
+UNCOUNTED_GETS = frozenset({"/metrics", "/health", "/v1/health", "/props", "/slots"})
+
+
 class HttpMetrics:
     """Falcon middleware, first in the chain: stamps each request's arrival and counts its answer."""
 
@@ -198,4 +205,7 @@ class HttpMetrics:
             status = str(falcon.http_status_to_code(resp.status))
         except ValueError:
             status = str(resp.status)
-        self.recorder.http.labels(req.method, req.uri_template or "unmatched", status).inc()
+        route = req.uri_template or "unmatched"
+        if req.method == "GET" and route in UNCOUNTED_GETS:
+            return
+        self.recorder.http.labels(req.method, route, status).inc()
