@@ -173,7 +173,7 @@ def native_partial(index: int, text: str, tokens: list[int], n_predicted: int, n
 
 def progress_dict(event) -> dict:
     return {"total": event.total, "cache": event.cache, "processed": event.processed,
-            "time_ms": event.time_ms}
+            "time_ms": int(event.time_ms)}  # whole milliseconds, as t_elapsed_us() / 1000
 
 
 def progress_timings(event) -> dict:
