@@ -131,3 +131,28 @@ def test_infill(http, tmp_path):
         assert bad.status_code == 400
     finally:
         srv.stop()
+
+
+def test_tool_results_follow_their_message_and_keep_images(synthetic_server):
+    # convert_anthropic_to_oai: a user message's text comes before the tool results it carries,
+    # and a tool_result with an image becomes OAI content parts (here, with no projector, the
+    # image is refused in upstream's words instead of being dropped)
+    from pyllama.server.protocol.anthropic import to_chat
+
+    pixel = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}
+    body = {"model": "m", "max_tokens": 4, "messages": [
+        {"role": "user", "content": "look"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "read", "input": {}}]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "t1", "content": [{"type": "text", "text": "File: a.png"}, pixel]},
+            {"type": "text", "text": "and now?"}]}]}
+    messages = to_chat(body)["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "tool"]
+    assert messages[2]["content"] == "and now?"
+    assert messages[3]["content"] == [{"type": "text", "text": "File: a.png"},
+                                      {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]
+    text_only = to_chat({**body, "messages": body["messages"][:2] + [{"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "t1", "content": [{"type": "text", "text": "File: a.png"}]}]}]})
+    assert text_only["messages"][-1]["content"] == "File: a.png"
+    r = httpx.post(synthetic_server.base + "/v1/messages", json=body, timeout=60)
+    assert r.status_code == 400 and "image input is not supported" in r.json()["error"]["message"]

@@ -87,7 +87,7 @@ def to_chat(body: dict) -> dict:
         if isinstance(content, str):
             messages.append({"role": role, "content": content})
             continue
-        text, reasoning, calls, parts = [], [], [], []
+        text, reasoning, calls, parts, results = [], [], [], [], []
         for block in content or []:
             kind = block.get("type")
             if kind == "text":
@@ -100,9 +100,8 @@ def to_chat(body: dict) -> dict:
                               "function": {"name": block.get("name", ""),
                                            "arguments": orjson.dumps(block.get("input", {})).decode()}})
             elif kind == "tool_result":
-                result = block.get("content")
-                messages.append({"role": "tool", "tool_call_id": block.get("tool_use_id", ""),
-                                 "content": _text_of(result) if not isinstance(result, str) else result})
+                results.append({"role": "tool", "tool_call_id": block.get("tool_use_id", ""),
+                                "content": _tool_result_content(block.get("content"))})
             elif kind == "image":
                 # convert_anthropic_to_oai: a base64 source as a data: URL, a url source as is
                 parts.append({"type": "image_url", "image_url": {"url": _image_url(block.get("source"))}})
@@ -114,6 +113,7 @@ def to_chat(body: dict) -> dict:
             if calls:
                 out["tool_calls"] = calls
             messages.append(out)
+        messages += results  # after the message they came in (convert_anthropic_to_oai)
     chat = {"messages": messages, "max_tokens": body.get("max_tokens", 4096)}
     for key in ("temperature", "top_p", "top_k", "stream", "chat_template_kwargs"):
         if key in body:
@@ -141,6 +141,26 @@ def _tool_input(arguments: str) -> dict:
         return orjson.loads(arguments or "{}")
     except orjson.JSONDecodeError:
         return {}
+
+
+def _tool_result_content(result):
+    # convert_anthropic_to_oai: text alone collapses to a string; with images, OAI content parts
+    if isinstance(result, str):
+        return result
+    if not isinstance(result, list):
+        return ""
+    if not any(isinstance(b, dict) and b.get("type") == "image" for b in result):
+        return _text_of(result)
+    parts = []
+    for b in result:
+        if not isinstance(b, dict):
+            continue
+        if b.get("type") == "text":
+            parts.append({"type": "text", "text": b.get("text", "")})
+        elif b.get("type") == "image" and isinstance(b.get("source"), dict) \
+                and b["source"].get("type") in ("base64", "url"):
+            parts.append({"type": "image_url", "image_url": {"url": _image_url(b["source"])}})
+    return parts
 
 
 def _image_url(source) -> str:
