@@ -20,7 +20,7 @@ import orjson
 
 from cython.parallel cimport prange
 from libc.math cimport exp
-from libc.stdint cimport int32_t, int64_t, uint16_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libcpp.algorithm cimport partial_sort
 from libcpp.utility cimport pair
@@ -1647,7 +1647,8 @@ cdef class EngineCore:
         cdef L.llama_context * cptr = self.context.ptr
         cdef vector[L.llama_token] tokens
         cdef size_t n_tokens = 0, n, i
-        tokens.resize(self.n_ctx_slot)  # capacity: a longer state does not fit the slot
+        # capacity: a longer state does not fit the slot (the header of llama-server's format too)
+        tokens.resize(self.n_ctx_slot + 16)
         self._drop_cache(slot)
         with nogil:
             n = L.llama_state_seq_load_file(cptr, c_path, slot_id, tokens.data(), tokens.size(),
@@ -1655,6 +1656,13 @@ cdef class EngineCore:
         if n == 0:
             self._drop_cache(slot)
             raise InvalidRequestError(f"Unable to restore slot: no valid slot state in {path}")
+        if n_tokens > 0 and tokens[0] == -1:
+            try:
+                tokens = _upstream_slot_tokens(tokens, n_tokens, self.media is not None)
+            except InvalidRequestError:
+                self._drop_cache(slot)
+                raise
+            n_tokens = tokens.size()
         for i in range(n_tokens):
             if tokens[i] <= -2 and self.media is not None:
                 continue  # a media chunk's placeholder (MediaContext): matched by its hash later
@@ -1749,6 +1757,29 @@ cdef void _top_from_candidates(L.llama_token_data_array * cur_p, int k, L.llama_
         if cur_p.data[i].p > 0.0:
             cand.push_back(pair[float, L.llama_token](-cur_p.data[i].p, cur_p.data[i].id))
     _take_top(cand, k, ids, ps)
+
+
+cdef vector[L.llama_token] _upstream_slot_tokens(vector[L.llama_token] & packed, size_t n_packed,
+                                                 bint has_media) except *:
+    # The token list of a slot file llama-server wrote (server_tokens::serialize, state version
+    # 1): LLAMA_TOKEN_NULL, the version, the token count and tokens, then the media chunks' start
+    # indices and data. Text only: the media chunks of upstream's files are not read here.
+    cdef vector[L.llama_token] out
+    cdef size_t i, n
+    if n_packed < 4 or <uint32_t>packed[1] != 1:
+        raise InvalidRequestError("Unable to restore slot: Unsupported server tokens state version")
+    n = <uint32_t>packed[2]
+    if 3 + n >= n_packed:
+        raise InvalidRequestError("Unable to restore slot: Unexpected end of server tokens state")
+    if <uint32_t>packed[3 + n] != 0:
+        if not has_media:
+            raise InvalidRequestError("Unable to restore slot: Cannot restore media tokens without an mmproj")
+        raise InvalidRequestError("Unable to restore slot: media in a llama-server slot file is not supported "
+                                  "by pyllama yet")
+    out.reserve(n)
+    for i in range(n):
+        out.push_back(packed[3 + i])
+    return out
 
 
 cdef int _media_pos_delta(dict media, int upto) except? -1:

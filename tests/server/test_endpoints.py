@@ -323,3 +323,35 @@ def test_return_progress(http):
         chunks = [e for e in sse_events(r) if e != "[DONE]"]
     with_progress = [c for c in chunks if "prompt_progress" in c]
     assert with_progress and with_progress[0]["choices"][0]["delta"] == {"role": "assistant", "content": None}
+
+
+def _as_llama_server_slot_file(data: bytes, media_keys: int = 0) -> bytes:
+    # llama_state_seq_save_file: magic, version, token count, tokens, state. llama-server (this pin)
+    # writes server_tokens::serialize() as the "tokens": LLAMA_TOKEN_NULL, state version 1, the
+    # token count and tokens, the media start indices (and their chunks), padded to 4 bytes
+    import struct
+
+    magic, version, n = struct.unpack_from("<III", data)
+    tokens = data[12:12 + 4 * n]
+    packed = struct.pack("<iII", -1, 1, n) + tokens + struct.pack("<I", media_keys)
+    if media_keys:
+        packed += struct.pack("<I", 0) + struct.pack("<I", 0)  # one start index, an empty chunk
+    return struct.pack("<III", magic, version, len(packed) // 4) + packed + data[12 + 4 * n:]
+
+
+def test_a_slot_file_saved_by_llama_server_restores(http, slot_dir):
+    http.post("/completion", json={"prompt": "A slot written in llama-server's format.", "n_predict": 2,
+                                   "temperature": 0, "id_slot": 2})
+    saved = http.post("/slots/2?action=save", json={"filename": "ours.bin"}).json()
+    (slot_dir / "theirs.bin").write_bytes(_as_llama_server_slot_file((slot_dir / "ours.bin").read_bytes()))
+    restored = http.post("/slots/2?action=restore", json={"filename": "theirs.bin"}).json()
+    assert restored["n_restored"] == saved["n_saved"]
+    r = http.post("/completion", json={"prompt": "A slot written in llama-server's format. Yes", "n_predict": 1,
+                                       "id_slot": 2}).json()
+    assert r["timings"]["cache_n"] >= saved["n_saved"] - 2
+    # with media in it, on a server without a projector: upstream's words, and the slot stays usable
+    (slot_dir / "media.bin").write_bytes(_as_llama_server_slot_file((slot_dir / "ours.bin").read_bytes(), 1))
+    refused = http.post("/slots/2?action=restore", json={"filename": "media.bin"})
+    assert refused.status_code == 400
+    assert "Cannot restore media tokens without an mmproj" in refused.json()["error"]["message"]
+    assert http.post("/completion", json={"prompt": "still here", "n_predict": 1, "id_slot": 2}).status_code == 200
