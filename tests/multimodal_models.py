@@ -73,19 +73,7 @@ def _hf_folder(folder: Path) -> None:
 
 def tiny_gemma3_mmproj() -> Path:
     """The mmproj GGUF (F32) of the tiny vision tower, built and converted once."""
-    out = _cache() / f"tiny-gemma3-mmproj-{SEED}-f32.gguf"
-    if out.exists():
-        return out
-    folder = _cache() / f"tiny-gemma3-vision-{SEED}"
-    shutil.rmtree(folder, ignore_errors=True)
-    _hf_folder(folder)
-    tmp = out.with_suffix(".tmp.gguf")
-    proc = subprocess.run([sys.executable, str(CONVERTER), str(folder), "--mmproj", "--outfile",
-                           str(tmp), "--outtype", "f32"], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError("convert_hf_to_gguf.py --mmproj failed:\n" + proc.stderr[-4000:])
-    tmp.rename(out)
-    return out
+    return _convert(_hf_folder, "tiny-gemma3")
 
 
 def _audio_folder(folder: Path) -> None:

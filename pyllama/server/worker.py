@@ -177,13 +177,20 @@ class PyllamaWorker(ThreadWorker):
     def _on_head_readable(self, conn, _sock) -> None:
         self._read_head(conn)
 
-    def _read_head(self, conn) -> None:
+    @staticmethod
+    def _recv(conn) -> bytes | None:
+        """Main loop: what a readable connection has (b"": closed or failed; None: nothing yet)."""
         try:
-            data = conn.sock.recv(READ_CHUNK)
+            return conn.sock.recv(READ_CHUNK)
         except (BlockingIOError, InterruptedError):
-            return
+            return None
         except OSError:
-            data = b""
+            return b""
+
+    def _read_head(self, conn) -> None:
+        data = self._recv(conn)
+        if data is None:
+            return
         if not data:  # the client went away
             self._drop(conn)
             return
@@ -297,12 +304,9 @@ class PyllamaWorker(ThreadWorker):
         self.lingering[conn] = time.monotonic() + LINGER_SECONDS
 
     def _on_linger_readable(self, conn, _sock) -> None:
-        try:
-            data = conn.sock.recv(READ_CHUNK)
-        except (BlockingIOError, InterruptedError):
+        data = self._recv(conn)
+        if data is None:
             return
-        except OSError:
-            data = b""
         conn.drained += len(data)
         if not data or conn.drained >= LINGER_BYTES:
             self._end_linger(conn)
