@@ -136,26 +136,20 @@ def test_a_killed_worker_fails_its_requests_and_the_server_recovers(synthetic_pa
     pair = [RpcWorker(), RpcWorker()]
     srv = _server(["-m", str(synthetic_path), "-c", "8192", "-ts", "1,1"], pair)
     try:
-        for attempt in range(2):
-            lines = []
-            with httpx.stream("POST", srv.base + "/completion", timeout=60,
-                              json={"prompt": PROMPT, "n_predict": 6000, "stream": True, "temperature": 0}) as r:
-                assert r.status_code == 200
-                for line in r.iter_lines():
-                    if line:
-                        lines.append(line)
-                    if len(lines) == 10:
-                        pair[1].kill()
-            assert len(lines) < 6000  # it did not run to its end
-            errors = [line for line in lines if "Remote RPC server crashed" in line]
-            if errors or attempt:
-                break
-            # NOTE(tests): in 2 of 4 full-suite runs (never alone) the stream ended without its
-            # error frame; the log of such a run is printed, and the scenario is run once more
-            print("no error frame; the server's log:", lines[-2:],
-                  [x for x in _log(srv).splitlines() if "abort" in x.lower() or "rpc" in x.lower()][-20:])
-            pair[1] = RpcWorker(pair[1].port)
-            srv.wait_ready(timeout=60)
+        lines = []
+        # ignore_eos: the synthetic model's greedy text ends at its 19th token, a few ms after the
+        # kill, so without it the request sometimes finished before the RPC server was gone
+        with httpx.stream("POST", srv.base + "/completion", timeout=60,
+                          json={"prompt": PROMPT, "n_predict": 6000, "stream": True, "temperature": 0,
+                                "ignore_eos": True}) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line:
+                    lines.append(line)
+                if len(lines) == 10:
+                    pair[1].kill()
+        assert len(lines) < 6000  # it did not run to its end
+        errors = [line for line in lines if "Remote RPC server crashed" in line]
         assert errors and '"code":500' in errors[0] and "restarts its worker" in errors[0], \
             (lines[-3:], [line for line in _log(srv).splitlines() if "abort" in line.lower() or "rpc" in line.lower()][-20:])
         statuses = []
