@@ -25,7 +25,7 @@ HOLD = 15.0  # seconds the flood holds on at least (until every normal request i
 CLIENT_TIMEOUT = 10.0
 THREADS = 2 + 1024  # --threads-http 2 plus upstream's 1024 on-demand threads
 HALF = b"POST /completion HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: applic"
-BODY = b'{"prompt": "Hello", "n_predict": 4}'
+BODY = b'{"prompt": "Hello", "n_predict": 4, "ignore_eos": true}'
 
 
 def raise_fd_limit(need: int) -> None:
@@ -82,15 +82,15 @@ def normal_requests(base: str) -> None:
     """A round of ordinary requests, each on a fresh connection, none allowed to wait long."""
     with httpx.Client(base_url=base, timeout=CLIENT_TIMEOUT) as client:
         assert client.get("/health").status_code == 200
-        done = client.post("/completion", json={"prompt": "Hello", "n_predict": 4})
+        done = client.post("/completion", json={"prompt": "Hello", "n_predict": 4, "ignore_eos": True})
         assert done.status_code == 200, done.text
         assert done.headers.get("content-type", "").startswith("application/json"), (done.headers, done.content[:300])
         assert done.content.startswith(b"{"), (done.headers, done.content[:300])
         assert done.json()["tokens_predicted"] == 4
-        with client.stream("POST", "/completion", json={"prompt": "Hi", "n_predict": 4, "stream": True}) as r:
+        with client.stream("POST", "/completion", json={"prompt": "Hi", "n_predict": 4, "stream": True, "ignore_eos": True}) as r:
             assert r.status_code == 200
             assert any('"stop":true' in line for line in r.iter_lines())
-        oai = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 3})
+        oai = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 3, "ignore_eos": True})
         assert oai.status_code == 200 and oai.json()["usage"]["completion_tokens"] == 3
 
 

@@ -156,7 +156,7 @@ def test_the_worker_killed_mid_stream_ends_the_stream_and_is_replaced(synthetic_
             time.sleep(0.2)
         assert httpx.get(srv.base + "/health", timeout=5).status_code == 200
         assert srv.worker_pid() != worker
-        r = httpx.post(srv.base + "/completion", json={"prompt": "Hello", "n_predict": 4}, timeout=60)
+        r = httpx.post(srv.base + "/completion", json={"prompt": "Hello", "n_predict": 4, "ignore_eos": True}, timeout=60)
         assert r.status_code == 200 and r.json()["tokens_predicted"] == 4
     finally:
         srv.stop()

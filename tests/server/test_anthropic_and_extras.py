@@ -119,7 +119,7 @@ def test_infill(http, tmp_path):
         srv.wait_ready()
         body = {"input_prefix": "the ", "input_suffix": " end", "prompt": "a",
                 "input_extra": [{"filename": "x.txt", "text": "hello"}], "n_predict": 4,
-                "return_tokens": True}
+                "return_tokens": True, "ignore_eos": True}
         res = httpx.post(srv.base + "/infill", json=body).json()
         assert res["tokens_predicted"] == 4
         toks = httpx.post(srv.base + "/tokenize", json={"content": res["prompt"], "parse_special": True}).json()

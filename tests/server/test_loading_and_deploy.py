@@ -106,7 +106,7 @@ def test_host_binds_every_comma_separated_address(synthetic_path, tmp_path):
         for base in (srv.base, f"http://127.0.0.2:{srv.port}"):
             assert httpx.get(base + "/health", timeout=10).json() == {"status": "ok"}
         with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock))) as client:
-            r = client.post("http://localhost/completion", json={"prompt": "Hello", "n_predict": 2})
+            r = client.post("http://localhost/completion", json={"prompt": "Hello", "n_predict": 2, "ignore_eos": True})
             assert r.status_code == 200 and r.json()["tokens_predicted"] == 2
     finally:
         srv.stop()

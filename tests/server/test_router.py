@@ -146,7 +146,7 @@ def test_two_models_served_at_once(router, models_dir):
     a = _chat(router, "alpha")
     assert a.status_code == 200, a.text
     assert a.json()["model"] == "alpha" and a.json()["object"] == "chat.completion"
-    b = httpx.post(router.base + "/completion", json={"model": "beta", "prompt": "Hello", "n_predict": 3},
+    b = httpx.post(router.base + "/completion", json={"model": "beta", "prompt": "Hello", "n_predict": 3, "ignore_eos": True},
                    timeout=WAIT)
     assert b.status_code == 200, b.text
     assert b.json()["model"] == "beta" and b.json()["tokens_predicted"] == 3
@@ -350,7 +350,7 @@ tags = small, test
             "--ctx-size", "512", "--model", str(models_dir / "beta.gguf"), "--n-predict", "3"]
         props = httpx.get(srv.base + "/props", params={"model": "gamma"}).json()
         assert props["default_generation_settings"]["n_ctx"] == 512
-        r = httpx.post(srv.base + "/completion", json={"model": "d2", "prompt": "Hello"}, timeout=WAIT)  # an alias
+        r = httpx.post(srv.base + "/completion", json={"model": "d2", "prompt": "Hello", "ignore_eos": True}, timeout=WAIT)  # an alias
         assert r.status_code == 200 and r.json()["tokens_predicted"] == 3
         models = _models(srv)
         assert _status(models, "delta") == "loaded"

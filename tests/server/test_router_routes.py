@@ -94,7 +94,7 @@ def test_post_models_downloads_into_the_cache_and_delete_removes_it(router, hub,
 
         # the downloaded model serves requests like any other
         r = httpx.post(router.base + "/completion", json={"model": "user/tiny:Q4_K_M", "prompt": "Hi",
-                                                           "n_predict": 2}, timeout=WAIT)
+                                                           "n_predict": 2, "ignore_eos": True}, timeout=WAIT)
         assert r.status_code == 200 and r.json()["tokens_predicted"] == 2
 
         assert _error(httpx.delete(router.base + "/models")) == (400, "model must be a non-empty string")
@@ -289,7 +289,7 @@ def test_router_under_gunicorn_directly(ggufs, cache, tmp_path):
         srv.proc, srv.base = proc, f"http://127.0.0.1:{port}"
         srv.wait_ready()
         assert httpx.get(srv.base + "/props").json()["role"] == "router"
-        r = httpx.post(srv.base + "/completion", json={"model": "alpha", "prompt": "Hi", "n_predict": 2}, timeout=WAIT)
+        r = httpx.post(srv.base + "/completion", json={"model": "alpha", "prompt": "Hi", "n_predict": 2, "ignore_eos": True}, timeout=WAIT)
         assert r.status_code == 200 and r.json()["tokens_predicted"] == 2
         child = _port(_models(srv)["alpha"])
         assert httpx.get(f"http://127.0.0.1:{child}/health").status_code == 200
