@@ -16,10 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 FETCH = ROOT / "vendor" / "fetch.py"
 
 
-def _load_fetch():
+def _load_fetch(patches: Path | None = None):
+    """fetch.py as a module; its build-tree patches from `patches` (a folder; None: none, for
+    the made-up archives below; fetch.PATCHES for the real ones)."""
     spec = importlib.util.spec_from_file_location("pyllama_vendor_fetch", FETCH)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    module.PATCHES = patches if patches is not None else ROOT / "no-such-folder"
     return module
 
 
@@ -97,14 +100,40 @@ def test_wrong_prefix_is_an_error(tmp_path):
         fetch.extract(archive, pin, tmp_path / "llama.cpp", pin["build"])
 
 
+def test_patches_apply_exactly_or_not_at_all(tmp_path):
+    patches = tmp_path / "patches"
+    patches.mkdir()
+    (patches / "1-fix.patch").write_text(
+        "--- a/src/llama.cpp\n+++ b/src/llama.cpp\n@@ -1 +1,2 @@\n // source\n+// patched\n")
+    fetch = _load_fetch(patches)
+    archive = tmp_path / "x.tar.gz"
+    pin = _pin(_make_sdist(archive, "pkg/vendor/llama.cpp"))
+    dest = tmp_path / "out" / "llama.cpp"
+    fetch.extract(archive, pin, dest, pin["build"])
+    assert (dest / "src" / "llama.cpp").read_text() == "// source\n// patched\n"
+    assert fetch.up_to_date(dest, pin, pin["build"])
+    (patches / "1-fix.patch").write_text(
+        "--- a/src/llama.cpp\n+++ b/src/llama.cpp\n@@ -1 +1,2 @@\n // source\n+// patched again\n")
+    assert not fetch.up_to_date(dest, pin, pin["build"])  # a changed patch re-extracts
+    (patches / "2-stale.patch").write_text(
+        "--- a/src/llama.cpp\n+++ b/src/llama.cpp\n@@ -1 +1 @@\n-// not in the sources\n+// x\n")
+    with pytest.raises(fetch.FetchError, match="2-stale.patch does not apply"):
+        fetch.extract(archive, pin, dest, pin["build"])
+    assert (dest / "src" / "llama.cpp").read_text() == "// source\n// patched\n"  # the old tree stays
+    # the whole upstream tree (--all: reading, yardstick builds) is never patched
+    fetch.extract(archive, pin, tmp_path / "all", None)
+    assert (tmp_path / "all" / "src" / "llama.cpp").read_text() == "// source\n"
+
+
 def test_the_real_pin_is_extracted_here():
-    fetch = _load_fetch()
+    fetch = _load_fetch(ROOT / "vendor" / "patches")
     pin = fetch.load_pin()
     dest = ROOT / "vendor" / "llama.cpp"
     assert fetch.up_to_date(dest, pin, list(pin["build"]))
     assert (dest / "include" / "llama.h").exists()
     assert (dest / "tools" / "server" / "README.md").exists()
     assert not (dest / ".git").exists()
+    assert "common_chat_template_analysis" in (dest / "common" / "chat.cpp").read_text()  # patched
 
 
 def test_no_upstream_source_is_tracked():
@@ -147,7 +176,7 @@ def test_inside_an_isolated_build_the_sdist_comes_from_the_index(tmp_path):
         dest = tmp_path / "llama.cpp"
         code = (f"import sys, json; sys.argv[0] = {str(FETCH)!r}; "
                 f"import importlib.util as u; s = u.spec_from_file_location('f', {str(FETCH)!r}); "
-                "m = u.module_from_spec(s); s.loader.exec_module(m); "
+                "m = u.module_from_spec(s); s.loader.exec_module(m); m.PATCHES = m.HERE / 'no-such-folder'; "
                 f"pin = {_pin(sha)!r}; p = m.download(pin); m.check_hash(p, pin); "
                 f"m.extract(p, pin, __import__('pathlib').Path({str(dest)!r}), pin['build']); print(p)")
         env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache"),

@@ -7,6 +7,10 @@ and extracts only the folders our build needs. The extraction goes to a temporar
 beside the destination and is renamed into place at the end, so a failure never leaves a
 half-extracted tree.
 
+The build tree (not --all's) then gets vendor/patches/*.patch, unified diffs applied in name
+order: our few changes to upstream's code, each one a performance fix explained in its patch.
+A patch that no longer applies exactly (after a pin bump) is an error, never skipped.
+
 Two pitfalls of that sdist are handled here: its vendor/llama.cpp/.git is a file pointing at a
 .git folder that is not shipped (dropped), and its member mtimes make ninja re-run CMake
 forever ("build.ninja still dirty"), so every extracted file gets one fresh mtime.
@@ -49,6 +53,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 PIN_FILE = HERE / "pin.toml"
 STAMP_NAME = ".pyllama-pin.json"
+PATCHES = HERE / "patches"
 # Left out of --all: large, and nothing we build or run reads them.
 FULL_TREE_EXCLUDE = ("models", "docs", "media", "benches", ".github", ".devops", ".git")
 
@@ -182,6 +187,59 @@ def wanted(rel: str, include: list[str] | None) -> bool:
     return any(rel == inc or rel.startswith(inc + "/") for inc in include)
 
 
+def patch_files() -> list[Path]:
+    return sorted(PATCHES.glob("*.patch")) if PATCHES.is_dir() else []
+
+
+def patches_digest() -> str:
+    """What the build tree's patches are: their names and contents (the stamp keeps it)."""
+    digest = hashlib.sha256()
+    for path in patch_files():
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def apply_patch(root: Path, patch: Path) -> None:
+    """Apply one unified diff to the tree at `root`: each hunk's old lines must occur exactly
+    once in their file (context included), and become the hunk's new lines."""
+    files: dict[str, list[tuple[list[str], list[str]]]] = {}
+    target = None
+    hunk = None
+    for line in patch.read_text().splitlines(keepends=True):
+        if line.startswith("+++ "):
+            name = line[4:].split("\t")[0].strip()
+            target = name[2:] if name.startswith("b/") else name
+            files[target] = []
+            hunk = None
+        elif line.startswith("--- "):
+            hunk = None
+        elif line.startswith("@@"):
+            if target is None:
+                raise FetchError(f"{patch.name}: a hunk before any file name")
+            hunk = ([], [])
+            files[target].append(hunk)
+        elif hunk is not None and line[:1] in (" ", "-", "+"):
+            if line[0] != "+":
+                hunk[0].append(line[1:])
+            if line[0] != "-":
+                hunk[1].append(line[1:])
+        elif hunk is not None and line.startswith("\\"):
+            continue  # "\ No newline at end of file"
+    for name, hunks in files.items():
+        path = root / name
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise FetchError(f"{patch.name}: {name}: {exc}")
+        for old, new in hunks:
+            old_text, new_text = "".join(old), "".join(new)
+            if text.count(old_text) != 1:
+                raise FetchError(f"{patch.name} does not apply to {name} of the pinned sources: "
+                                 "update or drop the patch")
+            text = text.replace(old_text, new_text)
+        path.write_text(text)
+
+
 def extract(archive: Path, pin: dict, dest: Path, include: list[str] | None) -> None:
     prefix = pin["prefix"].rstrip("/") + "/"
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -209,12 +267,16 @@ def extract(archive: Path, pin: dict, dest: Path, include: list[str] | None) -> 
             missing = [inc for inc in include if not (tmp / inc).exists()]
             if missing:
                 raise FetchError(f"{pin['filename']} lacks {', '.join(missing)}; fix the pin")
+        if include is not None:  # the build tree; --all's is upstream's code as it is
+            for path in patch_files():
+                apply_patch(tmp, path)
         # NOTE: one mtime for every file, so ninja never sees inputs newer than its outputs.
         now = time.time()
         for root, _dirs, files in os.walk(tmp):
             for name in files:
                 os.utime(os.path.join(root, name), (now, now), follow_symlinks=False)
-        stamp = {"sha256": pin["sha256"], "version": pin["version"], "include": include}
+        stamp = {"sha256": pin["sha256"], "version": pin["version"], "include": include,
+                 "patches": patches_digest() if include is not None else None}
         (tmp / STAMP_NAME).write_text(json.dumps(stamp, indent=1) + "\n")
         if dest.exists():
             shutil.rmtree(dest)
@@ -229,7 +291,8 @@ def up_to_date(dest: Path, pin: dict, include: list[str] | None) -> bool:
         stamp = json.loads((dest / STAMP_NAME).read_text())
     except (OSError, ValueError):
         return False
-    return stamp.get("sha256") == pin["sha256"] and stamp.get("include") == include
+    return stamp.get("sha256") == pin["sha256"] and stamp.get("include") == include and \
+        stamp.get("patches") == (patches_digest() if include is not None else None)
 
 
 # --- the web UI (--ui) -----------------------------------------------------------------------

@@ -80,3 +80,24 @@ def test_tool_and_reasoning_templates_take_the_full_parse(synthetic_path):
     args = "".join(c.get("function", {}).get("arguments", "") for c in calls)
     assert orjson.loads(args) == {"city": "Paris"}
     assert stream.message["tool_calls"][0]["id"] == calls[0]["id"]
+
+
+def test_each_template_keeps_its_own_analysis(synthetic_path):
+    # common's template analysis is made once per template (vendor/patches): formatters of
+    # different templates in one process, used in turn, must each get their own parser, as
+    # on their first render
+    model = Model(str(synthetic_path), vocab_only=True)
+    data = Path(__file__).parents[1] / "data"
+    formatters = {"default": ChatFormatter(model), "tools": ChatFormatter(model, TOOLS_TEMPLATE),
+                  "thinking": ChatFormatter(model, (data / "thinking.jinja").read_text())}
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    bodies = {"default": body, "tools": {**body, "tools": tools}, "thinking": body}
+    first = {name: fmt.apply(bodies[name]) for name, fmt in formatters.items()}
+    assert len({p["parser"] for p in first.values()}) == 3
+    assert first["thinking"]["thinking_start_tag"] == "<think>" and not first["default"].get("thinking_start_tag")
+    assert first["tools"]["grammar"] and not first["default"].get("grammar")
+    for _ in range(2):
+        for name in ("thinking", "default", "tools"):
+            assert formatters[name].apply(bodies[name]) == first[name], name
