@@ -26,6 +26,7 @@ cdef class Model:
     cdef readonly int32_t n_vocab
     cdef readonly str path
     cdef vector[L.llama_token] eog_ids  # every end-of-generation token, found once at load
+    cdef dict special_texts  # special_text_tokens' cache: text -> tuple of token ids
 
     cdef int _require_open(self) except -1
     cdef int check_token(self, L.llama_token token) except -1

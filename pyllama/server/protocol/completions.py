@@ -281,7 +281,7 @@ def completion_tasks(body: dict, ctx: ProtocolContext, prompt=None, grammar_pref
         if p_media:
             if any(t >= n_vocab or (t < 0 and not _in_media(p_media, i)) for i, t in enumerate(tokens)):
                 raise InvalidRequestError("Prompt contains invalid tokens", param="prompt")
-        elif any(t < 0 or t >= n_vocab for t in tokens):
+        elif tokens and (min(tokens) < 0 or max(tokens) >= n_vocab):
             raise InvalidRequestError("Prompt contains invalid tokens", param="prompt")
         user_starts = user_message_starts(model, body.get("message_delimiters"), tokens)
         for child in range(n_cmpl):

@@ -262,7 +262,7 @@ def _logit_bias(model, value, n_vocab: int) -> tuple:
 def generation_prompt_tokens(model, generation_prompt: str) -> tuple:
     """The generation prompt as tokens, as common_sampler_init's prefill: what the template
     already placed after the last message (a grammar or the reasoning budget accepts it first)."""
-    tokens = model.tokenize(generation_prompt, add_special=False, parse_special=True) if generation_prompt else []
+    tokens = model.special_text_tokens(generation_prompt)
     if tokens and not generation_prompt[0].isspace():
         first = model.token_to_piece(tokens[0], special=True)
         if first[:1].isspace():  # some tokenizers put a space before the first special token
@@ -275,7 +275,7 @@ def _reasoning_budget(body: dict, defaults: Defaults, model) -> dict:
     the message goes before the first end tag, forced when the budget runs out)."""
     d = defaults.sampling
     budget = get_int(body, "reasoning_budget_tokens", d.reasoning_budget_tokens, lo=-1, hi=INT32_MAX)
-    tok = lambda text: tuple(model.tokenize(text, add_special=False, parse_special=True))  # noqa: E731
+    tok = model.special_text_tokens
     start = tok(get_str(body, "reasoning_budget_start_tag", ""))
     ends = body.get("reasoning_budget_end_tags")
     if ends is None and body.get("reasoning_budget_end_tag") is not None:
@@ -417,12 +417,17 @@ def user_message_starts(model, delimiters, tokens: list[int]) -> tuple[int, ...]
     for d in delimiters:
         if not isinstance(d, dict) or not isinstance(d.get("delimiter"), str):
             continue
-        delim = model.tokenize(d["delimiter"], add_special=False, parse_special=True)
+        delim = list(model.special_text_tokens(d["delimiter"]))
         if not delim:
             continue
         n, first, role = len(delim), delim[0], d.get("role")
-        for i, t in enumerate(tokens):
-            if t == first and i not in opened and tokens[i:i + n] == delim:
+        i = -1
+        while True:
+            try:
+                i = tokens.index(first, i + 1)
+            except ValueError:
+                break
+            if i not in opened and tokens[i:i + n] == delim:
                 opened[i] = role
     return tuple(sorted(i for i, role in opened.items() if role == "user"))
 
