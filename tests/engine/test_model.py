@@ -73,6 +73,14 @@ def test_special_tokens_are_parsed_only_when_asked(gemma):
     assert gemma.token_to_piece(gemma.token_eot, special=False) == b""
 
 
+def test_special_text_tokens_are_tokenize_with_specials_and_cached(gemma):
+    for text in ("<start_of_turn>user\n", "<end_of_turn>\n<start_of_turn>model\n", "plain", ""):
+        ids = gemma.special_text_tokens(text)
+        assert ids == tuple(gemma.tokenize(text, add_special=False, parse_special=True))
+        assert gemma.special_text_tokens(text) is ids  # cached
+    assert len(gemma.special_text_tokens("<start_of_turn>")) == 1
+
+
 def test_multibyte_character_split_across_tokens(gemma):
     # A rare CJK character falls back to byte tokens: its pieces are not valid UTF-8 alone.
     tokens = gemma.tokenize("𠜎", add_special=False)
