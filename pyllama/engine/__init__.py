@@ -3,6 +3,7 @@
 Imports: the compiled engine modules and `errors`; never falcon or the server.
 """
 
+from pyllama.engine._channel import EventChannel
 from pyllama.engine._context import Context, ContextParams, default_threads, fit_params
 from pyllama.engine.client import Engine, RequestHandle, Retry
 from pyllama.engine.config import CpuPlacement, EngineConfig, SpecConfig
@@ -46,6 +47,7 @@ __all__ = [
     "ContextParams",
     "EmbeddingResult",
     "Engine",
+    "EventChannel",
     "CpuPlacement",
     "EngineConfig",
     "ErrorEvent",

@@ -25,6 +25,7 @@ from libc.stdlib cimport free, malloc
 from libcpp.algorithm cimport partial_sort
 from libcpp.utility cimport pair
 from libcpp.vector cimport vector
+from cpython.pythread cimport PyThread_release_lock, PyThread_type_lock
 
 from pyllama cimport _llama as L
 from pyllama cimport _bridge as B
@@ -36,6 +37,7 @@ from pyllama._bridge cimport (
     common_context_can_seq_rm,
     common_context_seq_rm_type,
 )
+from pyllama.engine._channel cimport EventChannel
 from pyllama.engine._context cimport Context, check_decode
 from pyllama.engine._media cimport MediaChunk, MediaContext
 from pyllama.engine._model cimport Model
@@ -213,6 +215,9 @@ cdef class EngineCore:
     """
 
     cdef readonly Context context
+    # event channels owed a wake-up (_send), woken once the next decode lets go of the GIL
+    cdef list wakes
+    cdef vector[PyThread_type_lock] wake_locks  # their locks, released without the GIL
     cdef readonly Model model
     cdef SlotC * slots_c
     cdef readonly list slots
@@ -328,6 +333,7 @@ cdef class EngineCore:
         self.slots_c = <SlotC *> malloc(sizeof(SlotC) * self.n_slots)
         self.cpu_slots = <int *> malloc(sizeof(int) * self.n_slots)
         self.slots = []
+        self.wakes = []
         cdef int i
         cdef Slot slot
         for i in range(self.n_slots):
@@ -937,6 +943,30 @@ cdef class EngineCore:
         return sum(1 for s in self.slots if (<Slot>s).busy)
 
     # --- the step ------------------------------------------------------------------------------
+    cdef int _send(self, Slot slot, event) except -1:
+        # PERF(pyllama): a step's events are queued at once, but their consumers (the HTTP
+        # threads) are woken only once this thread lets go of the GIL, in the next step's
+        # decode (_wake_nogil): woken earlier, each would sleep again on the GIL (_channel.pyx).
+        handle = slot.channel
+        cdef EventChannel channel = <EventChannel>handle.queue
+        if channel.put_deferred((handle.tag, event) if handle.tagged else event):
+            self.wakes.append(channel)
+            self.wake_locks.push_back(channel.lock)
+        return 0
+
+    cdef void _wake_nogil(self) noexcept nogil:
+        # the channels stay referenced by self.wakes until the GIL is taken back
+        cdef size_t k
+        for k in range(self.wake_locks.size()):
+            PyThread_release_lock(self.wake_locks[k])
+        self.wake_locks.clear()
+
+    def flush_wakes(self):
+        """Wake every consumer still owed a wake-up: before the engine thread waits for work,
+        sleeps or fails, or runs something long before its next decode. Engine thread."""
+        self._wake_nogil()
+        self.wakes = []
+
     def step(self):
         """Run one decode over every busy slot. Returns False when there was nothing to do.
 
@@ -964,6 +994,8 @@ cdef class EngineCore:
 
         if self.lora_adapters:
             self._choose_lora_group()
+        if self.spec != NULL or (self.media is not None and self.prefill_ids.size() > 0):
+            self.flush_wakes()  # drafting and media encoding come first, and may take a while
         if self.spec != NULL:
             self._draft_all()
 
@@ -977,6 +1009,7 @@ cdef class EngineCore:
             # slot positions move only once the decode succeeded
             if checkpointing:  # checkpoints are made between the fill and the decode
                 with nogil:
+                    self._wake_nogil()
                     n = self._fill_batch(&ctx.batch, n_batch)
                 if n > 0:
                     self._make_checkpoints()
@@ -984,9 +1017,12 @@ cdef class EngineCore:
                         rc = self._decode_batch(n)
             else:
                 with nogil:
+                    self._wake_nogil()
                     n = self._fill_batch(&ctx.batch, n_batch)
                     if n > 0:
                         rc = self._decode_batch(n)
+            if self.wakes:
+                self.wakes = []  # woken above: their channels may go now
             if n == 0:
                 return rc != 0  # a retry that ended the last request still did work
             self.n_decode_calls += 1
@@ -1014,7 +1050,7 @@ cdef class EngineCore:
                 self.slots_c[i].prefilled = False
                 slot = <Slot>self.slots[i]
                 if slot.busy and slot.request.return_progress:
-                    slot.channel.put(ProgressEvent(<int>slot.prompt.size(), self.slots_c[i].n_cached,
+                    self._send(slot, ProgressEvent(<int>slot.prompt.size(), self.slots_c[i].n_cached,
                                                    self.slots_c[i].n_prompt_done,
                                                    (time.perf_counter() - slot.t_start) * 1e3))
         for j in range(<int>self.sample_slots.size()):
@@ -1423,7 +1459,7 @@ cdef class EngineCore:
                                   predicted_n=slot.n_decoded, predicted_ms=(now - slot.t_prompt_done) * 1e3,
                                   cache_n=sc.n_cached, draft_n=sc.n_draft_total,
                                   draft_n_accepted=sc.n_draft_accepted)
-            slot.channel.put(TokenEvent(text, [token], [probs] if probs is not None else None, timings))
+            self._send(slot, TokenEvent(text, [token], [probs] if probs is not None else None, timings))
         if reason is not None:
             self._release(slot, reason, stopping_word)
 
@@ -1522,11 +1558,11 @@ cdef class EngineCore:
         tail = slot.pending_bytes.decode("utf-8", "replace") if slot.pending_bytes else ""
         slot.pending_bytes = b""
         if slot.unsent and reason != FinishReason.CANCELLED:
-            slot.channel.put(TokenEvent(slot.unsent, []))
+            self._send(slot, TokenEvent(slot.unsent, []))
         text = self._full_text(slot) + tail
         slot.sent_parts = None
         slot.unsent = ""
-        slot.channel.put(FinishEvent(
+        self._send(slot, FinishEvent(
             reason=reason, text=text, tokens=slot.generated_tokens,
             stopping_word=stopping_word, truncated=slot.truncated,
             n_prompt_tokens=<int>slot.prompt.size(), tokens_evaluated=<int>slot.prompt.size(),
@@ -1558,7 +1594,7 @@ cdef class EngineCore:
             if self.prefill_ids[j] == slot.id:
                 self.prefill_ids.erase(self.prefill_ids.begin() + j)
                 break
-        slot.channel.put(ErrorEvent(exc))
+        self._send(slot, ErrorEvent(exc))
         slot.request = None
         slot.channel = None
         slot.sampler = None

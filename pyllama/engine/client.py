@@ -21,6 +21,7 @@ import threading
 import time
 from typing import Iterator
 
+from pyllama.engine._channel import EventChannel
 from pyllama.engine._context import Context, ContextParams, fit_params
 from pyllama.engine._core import EngineCore
 from pyllama.engine._embed import EmbeddingCore
@@ -80,14 +81,16 @@ class RequestHandle:
     Thread-safe: one consumer thread iterates, any thread may cancel.
     """
 
-    def __init__(self, engine: "Engine", request: Request, sink: queue.SimpleQueue | None = None,
+    def __init__(self, engine: "Engine", request: Request, sink: EventChannel | None = None,
                  tag: int = 0) -> None:
         self._engine = engine
         self.request = request
         self.id = request.id
         self.tag = tag
-        self._sink = sink
-        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        # where the engine puts this request's events: with a sink (several requests of one
+        # HTTP call share it) as (tag, event) pairs, else bare in the handle's own channel
+        self.tagged = sink is not None
+        self.queue: EventChannel = sink if sink is not None else EventChannel()
         self.result: FinishEvent | None = None
         self.sampler: SamplerChain | None = None  # built by submit(), owned by the engine once admitted
         # time.monotonic() when the engine queued it and when a slot took it (0.0 until then):
@@ -95,24 +98,20 @@ class RequestHandle:
         self.t_queued = 0.0
         self.t_admitted = 0.0
 
-    def put(self, event) -> None:  # engine thread
-        if self._sink is not None:
-            # several requests of one HTTP call share one queue: events come tagged
-            self._sink.put((self.tag, event))
-        else:
-            self._events.put(event)
+    def put(self, event) -> None:  # engine thread (EngineCore.step defers the wake-up instead)
+        self.queue.put((self.tag, event) if self.tagged else event)
 
     def get(self, timeout: float | None = None):
         """Return the next event, or None when `timeout` seconds pass without one."""
         try:
-            return self._events.get(timeout=timeout)
+            return self.queue.get(timeout=timeout)
         except queue.Empty:
             return None
 
     def __iter__(self) -> Iterator[TokenEvent | FinishEvent]:
         """Yield TokenEvents and then the FinishEvent; an ErrorEvent raises its error."""
         while True:
-            event = self._events.get()
+            event = self.queue.get()
             if isinstance(event, ErrorEvent):
                 raise event.error
             yield event
@@ -202,10 +201,10 @@ class Engine:
             raise self._startup_error
 
     # --- any thread --------------------------------------------------------------------------
-    def submit(self, request: Request, sink: queue.SimpleQueue | None = None, tag: int = 0) -> RequestHandle:
+    def submit(self, request: Request, sink: EventChannel | None = None, tag: int = 0) -> RequestHandle:
         """Queue a request; it starts when a slot is free (FIFO). Thread-safe.
 
-        With `sink`, events go to that queue as (tag, event) pairs instead of the handle.
+        With `sink`, events go to that channel as (tag, event) pairs instead of the handle.
 
         Raises:
             UnavailableError: the engine is shut down.
@@ -542,12 +541,16 @@ class Engine:
                 if fault is not None:
                     fault()
                 self.core.step()
+                if self.core.n_busy == 0:
+                    self.core.flush_wakes()  # no decode comes to wake the last events' readers
                 self.t_busy += clock() - t0
                 self._busy_since = 0.0
                 self._t_last_task = time.monotonic()  # a step is work: the idle period starts after it
         except BaseException as exc:  # never leave callers waiting
             logger.exception("engine thread failed")
             self.failure = exc
+            if self.core is not None:
+                self.core.flush_wakes()
             self._fail_all(EngineError(f"engine thread failed: {exc}"), deferred)
             return
         self._fail_all(UnavailableError("the engine is shutting down"), deferred)
@@ -672,7 +675,7 @@ class Engine:
             handle.put(ErrorEvent(error))
         deadline = time.monotonic() + 3.0
         while time.monotonic() < deadline and not all(
-                (h._sink if h._sink is not None else h._events).empty() for h in handles):
+                h.queue.empty() for h in handles):
             time.sleep(0.02)
         time.sleep(1.0 if handles else 0)  # the last error frames on their way out (a loaded machine)
 
@@ -848,6 +851,8 @@ class Engine:
                 handle.put(ErrorEvent(exc))
 
     def _fail_all(self, error: Exception, deferred: collections.deque) -> None:
+        if self.core is not None:
+            self.core.flush_wakes()  # a direct put() does not wake a reader owed a wake-up
         with self._lock:
             self._running = False
             deferred.extend(self._pending)

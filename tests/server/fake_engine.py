@@ -39,7 +39,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import falcon.testing
 
-from pyllama.engine import ErrorEvent, FinishEvent, FinishReason, Model, Request, RequestHandle, Timings, TokenEvent
+from pyllama.engine import ErrorEvent, EventChannel, FinishEvent, FinishReason, Model, Request, RequestHandle, Timings, TokenEvent
 from pyllama.errors import InvalidRequestError, NotSupportedError
 
 FIRST_TOKEN_ID = 260  # scripted token ids start here (inside the synthetic vocabulary)
@@ -144,7 +144,7 @@ class FakeEngine:
         self.core = _FakeCore(self)
 
     # --- Engine interface ------------------------------------------------------------------
-    def submit(self, request: Request, sink: queue.SimpleQueue | None = None, tag: int = 0) -> FakeHandle:
+    def submit(self, request: Request, sink: EventChannel | None = None, tag: int = 0) -> FakeHandle:
         """Record `request` and start replaying its script into `sink` as (tag, event)."""
         with self._lock:
             if self.submit_error is not None:

@@ -15,7 +15,7 @@ import string
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyllama.engine import ErrorEvent, FinishEvent, Request, TokenEvent
+from pyllama.engine import ErrorEvent, EventChannel, FinishEvent, Request, TokenEvent
 from pyllama.errors import error_json
 from pyllama.server import sse
 from pyllama.server.protocol.params import Defaults
@@ -130,7 +130,7 @@ class Run:
     def __init__(self, engine, call: Call, metrics=None) -> None:
         self.call = call
         self.metrics = metrics
-        self.events: queue.SimpleQueue = queue.SimpleQueue()
+        self.events = EventChannel()
         self.handles = []
         try:
             for task in call.tasks:
