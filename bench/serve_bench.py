@@ -83,11 +83,13 @@ def process_tree(pid: int) -> list[int]:
     return [pid] + [int(p) for p in out.split()]
 
 
-def engine_and_other_cpu(pid: int) -> tuple[float, float]:
+def engine_and_other_cpu(pid: int) -> tuple[float, float, int]:
     """CPU seconds of pyllama's engine threads (the engine thread and the compute threads it
-    started, which inherit its name) and of every other thread (HTTP, gunicorn), over the tree."""
+    started, which inherit its name) and of every other thread (HTTP, gunicorn), over the tree,
+    and the other threads' voluntary context switches (each a sleep and a wake-up)."""
     tick = os.sysconf("SC_CLK_TCK")
     engine = other = 0.0
+    other_switches = 0
     for p in process_tree(pid):
         for task in Path(f"/proc/{p}/task").glob("*"):
             try:
@@ -101,9 +103,14 @@ def engine_and_other_cpu(pid: int) -> tuple[float, float]:
                 cpu = (int(fields[11]) + int(fields[12])) / tick
             if name == "pyllama-engine":
                 engine += cpu
-            else:
-                other += cpu
-    return engine, other
+                continue
+            other += cpu
+            try:
+                status = (task / "status").read_text()
+                other_switches += int(status.split("voluntary_ctxt_switches:", 1)[1].split()[0])
+            except (OSError, IndexError, ValueError):
+                pass
+    return engine, other, other_switches
 
 
 def engine_counters(base: str) -> dict:
@@ -224,7 +231,8 @@ def run_level(server: Server, mode: str, concurrency: int, args) -> dict:
         n = max(1.0, counters1["engine_tokens_predicted_total"] - counters0["engine_tokens_predicted_total"])
         busy = counters1["engine_busy_seconds_total"] - counters0["engine_busy_seconds_total"]
         decode = counters1["engine_decode_seconds_total"] - counters0["engine_decode_seconds_total"]
-        overhead = {"engine_us": 1e6 * (busy - decode) / n, "http_cpu_us": 1e6 * (cpu1[1] - cpu0[1]) / n}
+        overhead = {"engine_us": 1e6 * (busy - decode) / n, "http_cpu_us": 1e6 * (cpu1[1] - cpu0[1]) / n,
+                    "http_switches": (cpu1[2] - cpu0[2]) / n}
     ok = [r for r in results if "error" not in r]
     itl = [g for r in ok for g in r["itl"]]
     timed = [r["server"] for r in ok if r["server"]]
@@ -436,10 +444,11 @@ def main() -> None:
             lines += ["", f"{ct.name} per generated token: engine thread time outside llama_decode "
                       "(admission, batch building, sampling, publishing) and CPU of every other thread "
                       "(HTTP, JSON, SSE):", "",
-                      "| c | engine µs/token outside decode | HTTP-side CPU µs/token |", "|---|---|---|"]
+                      "| c | engine µs/token outside decode | HTTP-side CPU µs/token | HTTP-side sleeps/token |",
+                      "|---|---|---|---|"]
             for c in args.concurrency:
                 r = table[(ct.name, mode, c)]
-                lines.append(f"| {c} | {r['engine_us']:.0f} | {r['http_cpu_us']:.0f} |")
+                lines.append(f"| {c} | {r['engine_us']:.0f} | {r['http_cpu_us']:.0f} | {r['http_switches']:.2f} |")
         lines.append("")
     if limit or raw == raw:
         lines += ["### the same build without a server (upstream tools)", ""]
