@@ -109,27 +109,30 @@ def test_patches_apply_exactly_or_not_at_all(tmp_path):
     archive = tmp_path / "x.tar.gz"
     pin = _pin(_make_sdist(archive, "pkg/vendor/llama.cpp"))
     dest = tmp_path / "out" / "llama.cpp"
-    fetch.extract(archive, pin, dest, pin["build"])
+    fetch.extract(archive, pin, dest, pin["build"], patched=True)
     assert (dest / "src" / "llama.cpp").read_text() == "// source\n// patched\n"
-    assert fetch.up_to_date(dest, pin, pin["build"])
+    assert fetch.up_to_date(dest, pin, pin["build"], patched=True)
+    assert not fetch.up_to_date(dest, pin, pin["build"])  # an unpatched tree is another tree
     (patches / "1-fix.patch").write_text(
         "--- a/src/llama.cpp\n+++ b/src/llama.cpp\n@@ -1 +1,2 @@\n // source\n+// patched again\n")
-    assert not fetch.up_to_date(dest, pin, pin["build"])  # a changed patch re-extracts
+    assert not fetch.up_to_date(dest, pin, pin["build"], patched=True)  # a changed patch re-extracts
     (patches / "2-stale.patch").write_text(
         "--- a/src/llama.cpp\n+++ b/src/llama.cpp\n@@ -1 +1 @@\n-// not in the sources\n+// x\n")
     with pytest.raises(fetch.FetchError, match="2-stale.patch does not apply"):
-        fetch.extract(archive, pin, dest, pin["build"])
+        fetch.extract(archive, pin, dest, pin["build"], patched=True)
     assert (dest / "src" / "llama.cpp").read_text() == "// source\n// patched\n"  # the old tree stays
-    # the whole upstream tree (--all: reading, yardstick builds) is never patched
+    # the whole upstream tree (--all: reading, yardstick builds) and the web UI's are never patched
     fetch.extract(archive, pin, tmp_path / "all", None)
     assert (tmp_path / "all" / "src" / "llama.cpp").read_text() == "// source\n"
+    fetch.extract(archive, pin, tmp_path / "ui", ["CMakeLists.txt"])  # build_ui: no src/ at all
+    assert fetch.up_to_date(tmp_path / "ui", pin, ["CMakeLists.txt"])
 
 
 def test_the_real_pin_is_extracted_here():
     fetch = _load_fetch(ROOT / "vendor" / "patches")
     pin = fetch.load_pin()
     dest = ROOT / "vendor" / "llama.cpp"
-    assert fetch.up_to_date(dest, pin, list(pin["build"]))
+    assert fetch.up_to_date(dest, pin, list(pin["build"]), patched=True)
     assert (dest / "include" / "llama.h").exists()
     assert (dest / "tools" / "server" / "README.md").exists()
     assert not (dest / ".git").exists()

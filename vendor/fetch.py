@@ -240,7 +240,9 @@ def apply_patch(root: Path, patch: Path) -> None:
         path.write_text(text)
 
 
-def extract(archive: Path, pin: dict, dest: Path, include: list[str] | None) -> None:
+def extract(archive: Path, pin: dict, dest: Path, include: list[str] | None, patched: bool = False) -> None:
+    """Extract the pin's `include` folders (None: the whole tree) into `dest`; `patched`: the
+    build tree, which gets vendor/patches."""
     prefix = pin["prefix"].rstrip("/") + "/"
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
@@ -267,7 +269,7 @@ def extract(archive: Path, pin: dict, dest: Path, include: list[str] | None) -> 
             missing = [inc for inc in include if not (tmp / inc).exists()]
             if missing:
                 raise FetchError(f"{pin['filename']} lacks {', '.join(missing)}; fix the pin")
-        if include is not None:  # the build tree; --all's is upstream's code as it is
+        if patched:  # the build tree; --all's and the web UI's are upstream's code as it is
             for path in patch_files():
                 apply_patch(tmp, path)
         # NOTE: one mtime for every file, so ninja never sees inputs newer than its outputs.
@@ -276,7 +278,7 @@ def extract(archive: Path, pin: dict, dest: Path, include: list[str] | None) -> 
             for name in files:
                 os.utime(os.path.join(root, name), (now, now), follow_symlinks=False)
         stamp = {"sha256": pin["sha256"], "version": pin["version"], "include": include,
-                 "patches": patches_digest() if include is not None else None}
+                 "patches": patches_digest() if patched else None}
         (tmp / STAMP_NAME).write_text(json.dumps(stamp, indent=1) + "\n")
         if dest.exists():
             shutil.rmtree(dest)
@@ -286,13 +288,13 @@ def extract(archive: Path, pin: dict, dest: Path, include: list[str] | None) -> 
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def up_to_date(dest: Path, pin: dict, include: list[str] | None) -> bool:
+def up_to_date(dest: Path, pin: dict, include: list[str] | None, patched: bool = False) -> bool:
     try:
         stamp = json.loads((dest / STAMP_NAME).read_text())
     except (OSError, ValueError):
         return False
     return stamp.get("sha256") == pin["sha256"] and stamp.get("include") == include and \
-        stamp.get("patches") == (patches_digest() if include is not None else None)
+        stamp.get("patches") == (patches_digest() if patched else None)
 
 
 # --- the web UI (--ui) -----------------------------------------------------------------------
@@ -521,12 +523,12 @@ def main(argv: list[str] | None = None) -> int:
     pin = load_pin()
     include = None if args.all else list(pin["build"])
     try:
-        if not args.force and args.archive is None and up_to_date(args.dest, pin, include):
+        if not args.force and args.archive is None and up_to_date(args.dest, pin, include, include is not None):
             print(f"vendor: {args.dest} is up to date with {pin_name(pin)}")
         else:
             archive = args.archive or download(pin)
             check_hash(archive, pin)
-            extract(archive, pin, args.dest, include)
+            extract(archive, pin, args.dest, include, patched=include is not None)
             print(f"vendor: extracted llama.cpp {pin['commit']} from {pin_name(pin)} into {args.dest}")
     except FetchError as exc:
         print(f"vendor: error: llama.cpp pin {pin_name(pin)}: {exc}", file=sys.stderr)
