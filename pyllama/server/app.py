@@ -7,6 +7,7 @@ Imports: public `engine` names, `errors`, `settings`, falcon, and the server mod
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -250,22 +251,12 @@ class ServerState:
             respond(resp, self.engine, call, self.metrics, self.settings.sse_ping_interval)
             return
         self.live_calls[cmpl_id] = call  # for /v1/chat/completions/control, until it ends
+        forget = functools.partial(self.live_calls.pop, cmpl_id, None)
         try:
-            respond(resp, self.engine, call, self.metrics, self.settings.sse_ping_interval)
+            respond(resp, self.engine, call, self.metrics, self.settings.sse_ping_interval, on_end=forget)
         finally:
             if resp.stream is None:
-                self.live_calls.pop(cmpl_id, None)
-        if resp.stream is not None:
-            resp.stream = self._forget_after(cmpl_id, resp.stream)
-
-    def _forget_after(self, cmpl_id: str, stream):
-        try:
-            yield from stream
-        finally:
-            self.live_calls.pop(cmpl_id, None)
-            close = getattr(stream, "close", None)
-            if close is not None:
-                close()
+                forget()
 
     def end_reasoning(self, cmpl_id: str) -> str:
         """Force the end of thinking in a live completion: the engine's answer for its first

@@ -23,13 +23,15 @@ from pyllama.server.protocol.base import Call, Run
 logger = logging.getLogger(__name__)
 
 
-def respond(resp: falcon.Response, engine, call: Call, metrics=None, ping_interval: int = 30) -> None:
+def respond(resp: falcon.Response, engine, call: Call, metrics=None, ping_interval: int = 30,
+            on_end=None) -> None:
     """Run `call` and write its JSON response or its SSE stream into `resp`.
 
     `resp.context.before_generation` (server/hooks.py: --log-prompts-dir, X-Conversation-Id)
     sees the call first and may hand back a tee (server.stream_store.Producer): it gets a copy
     of the stream and keeps it going when the client leaves; a call that fails before
-    streaming, or does not stream, abandons it.
+    streaming, or does not stream, abandons it. `on_end` is called once a stream's generation
+    is over (not for a call that does not stream).
     """
     hook = resp.context.get("before_generation")
     if hook is not None:
@@ -37,7 +39,7 @@ def respond(resp: falcon.Response, engine, call: Call, metrics=None, ping_interv
         tee = hook(call)
         if tee is not None:
             try:
-                respond(resp, engine, call, metrics, ping_interval)
+                respond(resp, engine, call, metrics, ping_interval, on_end)
             except BaseException:
                 tee.abandon()
                 raise
@@ -94,6 +96,8 @@ def respond(resp: falcon.Response, engine, call: Call, metrics=None, ping_interv
         finally:
             if run.open:
                 run.cancel()  # the client went away
+            if on_end is not None:
+                on_end()
 
     resp.status = falcon.HTTP_200
     resp.content_type = "text/event-stream"

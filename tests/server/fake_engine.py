@@ -250,7 +250,8 @@ def fake_app(model_path, script: Sequence | Callable = (), *, release: str = "al
         **settings: Settings fields to override after parsing (e.g. max_body_mb=1).
 
     Returns:
-        (TestClient over the app, the FakeEngine). `client.app` is the WSGI app.
+        (TestClient over the app, the FakeEngine). `client.app` is the WSGI app, `client.state`
+        its ServerState.
     """
     # NOTE: the only code that knows how ServerState is put together (ServerState.load's steps
     # with the engine swapped): when the server's construction changes, change this alone.
@@ -271,7 +272,9 @@ def fake_app(model_path, script: Sequence | Callable = (), *, release: str = "al
         state.chat = state.make_chat(model)
     state.protocol = state.make_protocol()
     state.ready.set()
-    return falcon.testing.TestClient(create_app(state)), fake
+    client = falcon.testing.TestClient(create_app(state))
+    client.state = state
+    return client, fake
 
 
 # --- reading streams --------------------------------------------------------------------------

@@ -206,6 +206,22 @@ def test_stream_completes(make, name):
         assert frames[-2].data["choices"][0]["finish_reason"] == "stop"
 
 
+def test_a_chat_stream_is_live_until_it_ends(make):
+    # /v1/chat/completions/control finds a completion by id while it streams, never after
+    client, fake, fam = make("chat", completion("Hello", " world", " again"), release="manual")
+    fake.release(1)
+    stream = open_stream(client, fam.path, {**fam.body, "stream": True}, fake=fake)
+    assert stream.next_chunk()
+    assert len(client.state.live_calls) == 1
+    fake.release_all()
+    stream.rest()
+    assert client.state.live_calls == {}
+    stream = open_stream(client, fam.path, {**fam.body, "stream": True}, fake=fake)
+    assert stream.next_chunk() and len(client.state.live_calls) == 1
+    stream.close()  # the client went away
+    assert client.state.live_calls == {}
+
+
 REASONS = {"eos": ("eos", "stop", "end_turn"), "limit": ("limit", "length", "max_tokens")}
 USAGE = {"completion_tokens": 2, "prompt_tokens": 7, "total_tokens": 9,
          "prompt_tokens_details": {"cached_tokens": 2}}

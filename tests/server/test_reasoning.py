@@ -146,6 +146,13 @@ def test_control_errors_are_upstreams(slow_thinker):
                 answer = httpx.post(url, json={"id": json.loads(line[6:])["id"], "action": "reasoning_end"}).json()
                 break
     assert answer == {"success": False, "message": "reasoning control not enabled for this completion"}
+    # a stream read to its end is no longer live
+    body = {**body, "max_tokens": 2, "reasoning_control": True}
+    with httpx.stream("POST", slow_thinker.base + "/v1/chat/completions", json=body, timeout=120) as r:
+        ids = {json.loads(line[6:])["id"] for line in r.iter_lines() if line.startswith("data: {")}
+    assert len(ids) == 1
+    assert httpx.post(url, json={"id": ids.pop(), "action": "reasoning_end"}).json() == \
+        {"success": False, "message": "no active completion for this id"}
 
 
 def test_server_budget_and_reasoning_off(thinking_model):
