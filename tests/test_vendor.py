@@ -129,7 +129,7 @@ def test_patches_apply_exactly_or_not_at_all(tmp_path):
 
 
 def test_the_real_pin_is_extracted_here():
-    fetch = _load_fetch(ROOT / "vendor" / "patches")
+    fetch = _load_fetch(ROOT / "patches")
     pin = fetch.load_pin()
     dest = ROOT / "vendor" / "llama.cpp"
     assert fetch.up_to_date(dest, pin, list(pin["build"]), patched=True)

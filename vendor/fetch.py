@@ -7,8 +7,9 @@ and extracts only the folders our build needs. The extraction goes to a temporar
 beside the destination and is renamed into place at the end, so a failure never leaves a
 half-extracted tree.
 
-The build tree (not --all's) then gets vendor/patches/*.patch, unified diffs applied in name
-order: our few changes to upstream's code, each one a performance fix explained in its patch.
+The build tree (not --all's) then gets the repository's patches/*.patch, unified diffs applied
+in name order: our few changes to upstream's code, each one a performance fix explained in its
+patch (kept outside vendor/, which holds no upstream file in git).
 A patch that no longer applies exactly (after a pin bump) is an error, never skipped.
 
 Two pitfalls of that sdist are handled here: its vendor/llama.cpp/.git is a file pointing at a
@@ -53,7 +54,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 PIN_FILE = HERE / "pin.toml"
 STAMP_NAME = ".pyllama-pin.json"
-PATCHES = HERE / "patches"
+PATCHES = HERE.parent / "patches"
 # Left out of --all: large, and nothing we build or run reads them.
 FULL_TREE_EXCLUDE = ("models", "docs", "media", "benches", ".github", ".devops", ".git")
 
@@ -242,7 +243,7 @@ def apply_patch(root: Path, patch: Path) -> None:
 
 def extract(archive: Path, pin: dict, dest: Path, include: list[str] | None, patched: bool = False) -> None:
     """Extract the pin's `include` folders (None: the whole tree) into `dest`; `patched`: the
-    build tree, which gets vendor/patches."""
+    build tree, which gets patches/."""
     prefix = pin["prefix"].rstrip("/") + "/"
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))

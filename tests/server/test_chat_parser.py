@@ -83,7 +83,7 @@ def test_tool_and_reasoning_templates_take_the_full_parse(synthetic_path):
 
 
 def test_each_template_keeps_its_own_analysis(synthetic_path):
-    # common's template analysis is made once per template (vendor/patches): formatters of
+    # common's template analysis is made once per template (patches/): formatters of
     # different templates in one process, used in turn, must each get their own parser, as
     # on their first render
     model = Model(str(synthetic_path), vocab_only=True)
