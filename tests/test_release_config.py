@@ -146,7 +146,7 @@ def test_workflow_triggers():
     on = _workflow()["on"]
     assert on["push"] == {"tags": ["v*"]}
     assert "workflow_dispatch" in on
-    assert {"wheels/**", "pyproject.toml", "CMakeLists.txt", "vendor/**"} <= set(
+    assert {"wheels/**", "pyproject.toml", "CMakeLists.txt", "vendor/**", "patches/**"} <= set(
         on["pull_request"]["paths"]
     )
 
