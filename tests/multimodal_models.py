@@ -34,9 +34,28 @@ def _cache() -> Path:
     return path
 
 
+def _save_folder(folder: Path, model, prefixes: tuple, rename=None) -> None:
+    """An HF checkpoint folder of `model`'s tensors under `prefixes` (the encoder and its
+    projector: what `convert_hf_to_gguf.py --mmproj` reads) and its config.json."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, value in model.state_dict().items():
+        for prefix in prefixes:
+            at = name.find(prefix)
+            if at >= 0:
+                key = name[at:]
+                tensors[rename(key) if rename else key] = value.detach().clone().contiguous()
+    assert tensors, f"no {prefixes} tensors in the state dict"
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    cfg = model.config.to_dict()
+    cfg["architectures"] = [type(model).__name__]
+    (folder / "config.json").write_text(json.dumps(cfg, indent=1))
+
+
 def _hf_folder(folder: Path) -> None:
     import torch
-    from safetensors.torch import save_file
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
     torch.manual_seed(SEED)
@@ -49,22 +68,13 @@ def _hf_folder(folder: Path) -> None:
                            vision_use_head=False),
         mm_tokens_per_image=TOKENS_PER_IMAGE)
     model = Gemma3ForConditionalGeneration(config).eval()
-    tensors = {}
-    for name, value in model.state_dict().items():
-        # the checkpoint layout the converter reads (transformers 4's names)
-        for prefix in ("vision_tower.", "multi_modal_projector."):
-            at = name.find(prefix)
-            if at >= 0:
-                key = name[at:]
-                if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
-                    key = "vision_tower.vision_model." + key[len("vision_tower."):]  # transformers 5
-                tensors[key] = value.detach().clone().contiguous()
-    assert tensors, "no vision tensors in the state dict"
-    folder.mkdir(parents=True)
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    cfg = config.to_dict()
-    cfg["architectures"] = ["Gemma3ForConditionalGeneration"]
-    (folder / "config.json").write_text(json.dumps(cfg, indent=1))
+
+    def transformers4_name(key: str) -> str:  # the checkpoint layout the converter reads
+        if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
+            return "vision_tower.vision_model." + key[len("vision_tower."):]  # transformers 5
+        return key
+
+    _save_folder(folder, model, ("vision_tower.", "multi_modal_projector."), transformers4_name)
     (folder / "preprocessor_config.json").write_text(json.dumps({
         "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
         "image_seq_length": TOKENS_PER_IMAGE,
@@ -78,7 +88,6 @@ def tiny_gemma3_mmproj() -> Path:
 
 def _audio_folder(folder: Path) -> None:
     import torch
-    from safetensors.torch import save_file
     from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
 
     torch.manual_seed(SEED)
@@ -90,17 +99,7 @@ def _audio_folder(folder: Path) -> None:
         text_config=dict(hidden_size=TEXT_WIDTH, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=1, num_key_value_heads=1, vocab_size=1024))
     model = Qwen2AudioForConditionalGeneration(config).eval()
-    tensors = {}
-    for name, value in model.state_dict().items():
-        for prefix in ("audio_tower.", "multi_modal_projector."):
-            at = name.find(prefix)
-            if at >= 0:
-                tensors[name[at:]] = value.detach().clone().contiguous()
-    folder.mkdir(parents=True)
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    cfg = config.to_dict()
-    cfg["architectures"] = ["Qwen2AudioForConditionalGeneration"]
-    (folder / "config.json").write_text(json.dumps(cfg, indent=1))
+    _save_folder(folder, model, ("audio_tower.", "multi_modal_projector."))
 
 
 def _convert(make, name: str) -> Path:
@@ -130,7 +129,6 @@ MROPE_TEXT_WIDTH = 64  # the synthetic qwen2vl text model's n_embd (SyntheticSpe
 
 def _qwen2vl_folder(folder: Path) -> None:
     import torch
-    from safetensors.torch import save_file
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     torch.manual_seed(SEED)
@@ -142,16 +140,7 @@ def _qwen2vl_folder(folder: Path) -> None:
         vision_config=dict(depth=3, embed_dim=32, hidden_size=MROPE_TEXT_WIDTH, num_heads=2, mlp_ratio=2,
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3))
     model = Qwen2VLForConditionalGeneration(config).eval()
-    tensors = {}
-    for name, value in model.state_dict().items():
-        at = name.find("visual.")
-        if at >= 0:
-            tensors[name[at:]] = value.detach().clone().contiguous()
-    folder.mkdir(parents=True)
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    cfg = config.to_dict()
-    cfg["architectures"] = ["Qwen2VLForConditionalGeneration"]
-    (folder / "config.json").write_text(json.dumps(cfg, indent=1))
+    _save_folder(folder, model, ("visual.",))
     (folder / "preprocessor_config.json").write_text(json.dumps({
         "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
         "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "merge_size": 2,
